@@ -1,0 +1,39 @@
+# Two entry points (see README): `make repro` runs the study, `make test` the tests.
+# Both create the environment first if it is missing or requirements changed.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: repro test bench env openblas clean-env
+
+repro: $(STAMP)
+	$(VENV)/bin/dvc repro
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) bench/bench.py
+
+env: $(STAMP)
+
+$(STAMP): requirements.txt
+	@$(MAKE) --no-print-directory openblas
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# MLX's Linux CPU wheel ships reference BLAS; toolcall loads OpenBLAS instead
+# (toolcall/blas.py). Install it where we can, warn in one line where we cannot.
+openblas:
+	@if [ "$$(uname -s)" != Linux ]; then exit 0; fi; \
+	if ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread >/dev/null; \
+	else \
+		echo "WARNING: libopenblas0-pthread missing and not root: MLX will run ~30-50x slower (apt-get install libopenblas0-pthread)"; \
+	fi
+
+clean-env:
+	rm -rf $(VENV)
