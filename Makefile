@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: repro test bench env openblas clean-env
 
 repro: $(STAMP)
-	$(VENV)/bin/dvc repro
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
@@ -17,11 +17,12 @@ bench: $(STAMP)
 
 env: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	@$(MAKE) --no-print-directory openblas
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 # MLX's Linux CPU wheel ships reference BLAS; toolcall loads OpenBLAS instead

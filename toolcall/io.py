@@ -12,7 +12,8 @@ def atomic_path(path):
     """Yield a temporary path beside ``path``; move it into place on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    # Keep the suffix: some writers (mx.save_safetensors) append theirs otherwise.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -52,3 +53,14 @@ def read_jsonl(path):
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+def read_params(section, path="params.yaml"):
+    """One section of params.yaml (stages read only their own)."""
+    import yaml
+
+    with open(path) as f:
+        params = yaml.safe_load(f) or {}
+    if section not in params:
+        raise KeyError(f"{path} has no [{section}] section")
+    return params[section]

@@ -1,0 +1,50 @@
+"""Greedy-decode the test split with one model variant and score it.
+
+    python stages/eval.py sft --model models/base --adapter models/sft
+
+Reads params [eval]. Writes metrics/eval/<variant>.json (overall and
+per-category accuracy with Wilson 95% intervals, error counts) and
+data/predictions/<variant>.jsonl (raw output, parsed calls, verdict per item).
+"""
+
+import argparse
+import time
+
+from toolcall.evaluation import score_output, summarize
+from toolcall.io import read_jsonl, read_params, write_json, write_jsonl
+from toolcall.prompts import PromptFormat
+from toolcall.training import load_model
+from toolcall.generation import generate
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("variant")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--adapter")
+    ap.add_argument("--test", default="data/validated/test.jsonl")
+    args = ap.parse_args()
+    p = read_params("eval")
+    model, tokenizer = load_model(args.model, args.adapter)
+    fmt = PromptFormat(tokenizer)
+    rows = read_jsonl(args.test)
+    prompts = [fmt.encode(fmt.prompt(r["messages"], r["functions"])) for r in rows]
+    start = time.perf_counter()
+    outputs = generate(model, tokenizer, prompts, max_tokens=p["max_tokens"], batch_size=p["batch_size"],
+                       progress=f"eval {args.variant}")
+    seconds = time.perf_counter() - start
+    records = [score_output(row, text) for row, (text, _) in zip(rows, outputs)]
+    metrics = summarize(records)
+    metrics["generation"] = {
+        "seconds": round(seconds, 1),
+        "examples_per_second": round(len(rows) / seconds, 3),
+        "tokens_per_second": round(sum(n for _, n in outputs) / seconds, 1),
+    }
+    write_jsonl(f"data/predictions/{args.variant}.jsonl", records)
+    write_json(f"metrics/eval/{args.variant}.json", metrics)
+    o = metrics["overall"]
+    print(f"{args.variant}: {o['accuracy']:.1%} of {o['n']} (95% CI {o['ci95'][0]:.1%}-{o['ci95'][1]:.1%})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Fetch BFCL's four AST categories into one normalized JSONL per category.
+
+    python stages/fetch_bfcl.py data/bfcl
+
+Reads params [data]. Default source: the pinned ``bfcl-eval`` wheel from the
+package index (sha256-verified, dependencies not installed); ``hub`` and
+``local`` sources read the same file layout from elsewhere.
+"""
+
+import argparse
+
+from toolcall import data
+from toolcall.fetch import pip_wheel
+from toolcall.io import read_params, write_jsonl
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir")
+    args = ap.parse_args()
+    p = read_params("data")
+    wheel = pip_wheel(p["wheel"], p["wheel_sha256"]) if p["source"] == "wheel" else None
+    files = {cat: p["files"][cat] for cat in p["categories"]}
+    raw = data.read_source(p["source"], files, wheel=wheel, local_dir=p.get("local_dir"),
+                           hub_repo=p.get("hub_repo"), hub_revision=p.get("hub_revision"))
+    for cat, (questions, answers) in raw.items():
+        rows = data.normalize(cat, questions, answers, where=files[cat])
+        write_jsonl(f"{args.out_dir}/{cat}.jsonl", rows)
+        print(f"{cat}: {len(rows)} rows")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""BFCL data: fetch, normalize, split.
+
+A normalized row (one JSON line in ``data/bfcl/<category>.jsonl``)::
+
+    {"id": "simple_python_0", "category": "simple",
+     "messages": [{"role": "user", "content": "..."}],
+     "functions": [<BFCL schema>, ...],
+     "ground_truth": [{"fn.name": {"param": [allowed values]}}]}
+
+Schemas and answers are kept exactly as BFCL ships them: the scorer needs the
+original types ("dict", "float", "tuple", "any"); only the prompt maps them to
+JSON Schema names.
+"""
+
+import json
+import random
+import re
+import zipfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from .io import read_jsonl
+
+CATEGORIES = ("simple", "multiple", "parallel", "parallel_multiple")
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message says which file and row."""
+
+
+# ---------------------------------------------------------------- fetching
+
+
+def _parse_lines(text, where):
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def read_source(source, files, *, wheel=None, local_dir=None, hub_repo=None, hub_revision=None):
+    """Return ``{category: (question_rows, answer_rows)}`` from one source.
+
+    ``files`` maps each category to its BFCL file name; answers live under
+    ``possible_answer/`` with the same name in every source.
+    """
+    def load(name):
+        if source == "wheel":
+            member = f"bfcl_eval/data/{name}"
+            with zipfile.ZipFile(wheel) as zf:
+                try:
+                    return _parse_lines(zf.read(member).decode(), f"{Path(wheel).name}:{member}")
+                except KeyError:
+                    raise DataError(f"{member} is not in {Path(wheel).name}") from None
+        if source == "local":
+            path = Path(local_dir) / name
+            if not path.exists():
+                raise DataError(f"{path} does not exist (data.local_dir={local_dir})")
+            return _parse_lines(path.read_text(), str(path))
+        if source == "hub":
+            # Raw files rather than `datasets.load_dataset`: the schemas' nested
+            # `properties` differ per row and Arrow's inferred struct would fill
+            # them with nulls, silently changing the data.
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(hub_repo, name, repo_type="dataset", revision=hub_revision)
+            return _parse_lines(Path(path).read_text(), f"{hub_repo}:{name}")
+        raise DataError(f"unknown data.source {source!r}: expected wheel, local or hub")
+
+    return {cat: (load(name), load(f"possible_answer/{name}")) for cat, name in files.items()}
+
+
+def normalize(category, questions, answers, where=""):
+    """Join BFCL questions with their answers into normalized rows."""
+    if category not in CATEGORIES:
+        raise DataError(f"unknown category {category!r}: expected one of {CATEGORIES}")
+    by_id = {}
+    for a in answers:
+        if "id" not in a or "ground_truth" not in a:
+            raise DataError(f"{where}: answer row lacks id or ground_truth: {str(a)[:120]}")
+        by_id[a["id"]] = a["ground_truth"]
+    rows = []
+    for q in questions:
+        qid = q.get("id", "?")
+        missing = [k for k in ("id", "question", "function") if k not in q]
+        if missing:
+            raise DataError(f"{where}: row {qid} lacks {missing}")
+        if qid not in by_id:
+            raise DataError(f"{where}: row {qid} has no possible answer")
+        turns = q["question"]
+        if not (isinstance(turns, list) and turns and isinstance(turns[0], list)):
+            raise DataError(f"{where}: row {qid}: question must be a list of turns")
+        # These four categories are single-turn: the first turn is the prompt.
+        rows.append(
+            {
+                "id": qid,
+                "category": category,
+                "messages": turns[0],
+                "functions": q["function"],
+                "ground_truth": by_id[qid],
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------- gold calls
+
+
+def gold_calls(ground_truth):
+    """The canonical gold calls: each parameter takes its first allowed value.
+
+    Parameters whose only allowed value is ``""`` (may be omitted) are left
+    out. This is what SFT trains on and what validation round-trips.
+    """
+    calls = []
+    for entry in ground_truth:
+        ((name, params),) = entry.items()
+        args = {}
+        for param, allowed in params.items():
+            present = [v for v in allowed if v != ""]
+            if present:
+                args[param] = present[0]
+        calls.append({"name": name, "arguments": args})
+    return calls
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def normalized_name(name):
+    """Function name with namespace, case and separators removed: near-duplicates match."""
+    return re.sub(r"[^a-z0-9]", "", name.rsplit(".", 1)[-1].lower())
+
+
+def function_keys(fn, strict=False):
+    """Keys that tie rows together: the name, and in strict mode near-duplicates too."""
+    keys = [("name", fn["name"])]
+    if strict:
+        keys.append(("norm", normalized_name(fn["name"])))
+        props = fn.get("parameters", {}).get("properties", {})
+        if props:
+            keys.append(("params", tuple(sorted(props))))
+    return keys
+
+
+def components(rows, strict=False):
+    """Group rows that share any offered function (union-find over function keys)."""
+    parent = {}
+
+    def find(x):
+        root = x
+        while parent.setdefault(root, root) != root:
+            root = parent[root]
+        while parent[x] != root:  # path compression
+            parent[x], x = root, parent[x]
+        return root
+
+    for i, row in enumerate(rows):
+        for fn in row["functions"]:
+            for key in function_keys(fn, strict):
+                parent[find(key)] = find(("row", i))
+    groups = defaultdict(list)
+    for i in range(len(rows)):
+        groups[find(("row", i))].append(i)
+    return sorted(groups.values())
+
+
+def split_rows(rows, test_per_category, seed, train_per_category=None, strict=False,
+               test_categories=None):
+    """Seeded train/test split, stratified by category, with no function leakage.
+
+    Whole components (rows linked by a shared function) go to one side, so no
+    function offered in a test row is offered in any training row. Components
+    are taken in a seeded random order while they fit the per-category test
+    quota. ``test_categories`` limits the test side to some categories (the
+    unseen-pattern ablation); train is then drawn from the remaining ones.
+    """
+    test_categories = tuple(test_categories or CATEGORIES)
+    rng = random.Random(seed)
+    groups = components(rows, strict)
+    rng.shuffle(groups)
+    quota = {c: test_per_category for c in test_categories}
+    test, rest = [], []
+    for group in groups:
+        counts = Counter(rows[i]["category"] for i in group)
+        if all(counts[c] <= quota.get(c, 0) for c in counts):
+            test += group
+            for c in counts:
+                quota[c] -= counts[c]
+        else:
+            rest += group
+    short = {c: q for c, q in quota.items() if q > 0}
+    if short:
+        raise DataError(
+            f"cannot fill the test split without leakage; short by {short}: "
+            "lower split.test_per_category"
+        )
+    # Train on the categories not held out; with none held out, on all of them.
+    train_categories = set(CATEGORIES) - set(test_categories) or set(CATEGORIES)
+    by_cat = defaultdict(list)
+    for i in sorted(rest):
+        if rows[i]["category"] in train_categories:
+            by_cat[rows[i]["category"]].append(i)
+    train = []
+    for cat in sorted(by_cat):
+        idx = by_cat[cat]
+        rng.shuffle(idx)
+        train += idx[:train_per_category] if train_per_category else idx
+    return [rows[i] for i in sorted(train)], [rows[i] for i in sorted(test)]
+
+
+def load_categories(data_dir, categories=CATEGORIES):
+    rows = []
+    for cat in categories:
+        rows += read_jsonl(Path(data_dir) / f"{cat}.jsonl")
+    return rows
