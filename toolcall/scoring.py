@@ -35,6 +35,10 @@ Where the official code would crash, this module does not:
   (possible only when an allowed value is not a list of dicts), is invalid
   with ``type_error:nested`` where the official code raises AttributeError.
 
+Allowed values BFCL's code cannot handle (say a number among the allowed
+values of a list parameter) raise here as they do there; the BFCL data has
+none.
+
 Standard library only, so the scorer can run anywhere.
 """
 
@@ -290,6 +294,11 @@ def _standardize_if_str(value):
     return _standardize(value) if type(value) == str else value
 
 
+def _indexed(values):
+    """``values`` read by index as BFCL does, so odd ground truths fail (or not) the same way."""
+    return [values[i] for i in range(len(values))]
+
+
 def _string_check(param, value, allowed):
     if _standardize(value) not in [_standardize(a) for a in allowed if type(a) == str]:
         return _fail(
@@ -303,7 +312,7 @@ def _list_check(param, value, allowed):
     # Only top-level string items are standardized; an allowed "" becomes [],
     # so an empty list is then accepted.
     standardized = [_standardize_if_str(item) for item in value]
-    if standardized not in [[_standardize_if_str(item) for item in answer] for answer in allowed]:
+    if standardized not in [[_standardize_if_str(item) for item in _indexed(answer)] for answer in allowed]:
         return _fail(
             "value_error:list/tuple", f"Invalid value for parameter {param!r}: {value!r}. Expected one of {allowed}."
         )
@@ -330,7 +339,7 @@ def _dict_match(value, answer):
         if key not in answer:
             failure = _fail("value_error:dict_key", f"Unexpected dict key parameter: {key!r}.")
             break
-        allowed = [_standardize_if_str(a) for a in answer[key]]
+        allowed = [_standardize_if_str(a) for a in _indexed(answer[key])]
         if _standardize_if_str(item) not in allowed:
             failure = _fail(
                 "value_error:dict_value", f"Invalid value for parameter {key!r}: {item!r}. Expected one of {allowed}."
@@ -351,7 +360,7 @@ def _list_dict_check(param, value, allowed):
         if len(value) != len(answer):  # an allowed "" has length 0: only [] matches it
             result = _fail("value_error:list_dict_count", "Wrong number of dictionaries in the list.")
             continue
-        for item, expected_item in zip(value, answer):
+        for item, expected_item in zip(value, _indexed(answer)):
             result = _dict_check(param, item, [expected_item])
             if not result.valid:
                 break
