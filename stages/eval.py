@@ -23,7 +23,11 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--adapter")
     ap.add_argument("--test", default="data/validated/test.jsonl")
+    ap.add_argument("--metrics", help="default: metrics/eval/<variant>.json")
+    ap.add_argument("--predictions", help="default: data/predictions/<variant>.jsonl")
     args = ap.parse_args()
+    metrics_path = args.metrics or f"metrics/eval/{args.variant}.json"
+    predictions_path = args.predictions or f"data/predictions/{args.variant}.jsonl"
     p = read_params("eval")
     model, tokenizer = load_model(args.model, args.adapter)
     fmt = PromptFormat(tokenizer)
@@ -40,8 +44,8 @@ def main():
         "examples_per_second": round(len(rows) / seconds, 3),
         "tokens_per_second": round(sum(n for _, n in outputs) / seconds, 1),
     }
-    write_jsonl(f"data/predictions/{args.variant}.jsonl", records)
-    write_json(f"metrics/eval/{args.variant}.json", metrics)
+    write_jsonl(predictions_path, records)
+    write_json(metrics_path, metrics)
     o = metrics["overall"]
     print(f"{args.variant}: {o['accuracy']:.1%} of {o['n']} (95% CI {o['ci95'][0]:.1%}-{o['ci95'][1]:.1%})")
 
