@@ -23,9 +23,7 @@ TOOL_TEMPLATE = """\
 {%- else %}{% set system = 'You are a helpful assistant.' %}{% endif -%}
 <|im_start|>system
 {{ system }}
-{%- if tools %}
-
-You can call these functions:
+{%- if tools %}{{ '\\n\\n' }}You can call these functions:
 <tools>
 {% for tool in tools %}{{ (tool.function if tool.function is defined else tool) | tojson }}
 {% endfor %}</tools>
