@@ -1,6 +1,9 @@
 """Write reports/report.md and reports/accuracy.png from the committed metrics.
 
-    python stages/report.py metrics data/predictions reports
+    python stages/report.py metrics data/predictions reports [--ablations data/ablations/predictions]
+
+With ``--ablations``, adds a section per ablation that has results under
+metrics/ablations/ (scaffolding, generalization, diversity, format).
 """
 
 import argparse
@@ -15,6 +18,7 @@ def main():
     ap.add_argument("metrics_dir")
     ap.add_argument("predictions_dir")
     ap.add_argument("out_dir")
+    ap.add_argument("--ablations", metavar="PREDICTIONS_DIR", help="the ablation arms' predictions")
     args = ap.parse_args()
     metrics = {p.stem: read_json(p) for p in sorted(Path(args.metrics_dir, "eval").glob("*.json"))}
     predictions = {
@@ -38,6 +42,10 @@ def main():
         "",
         report.main_table(metrics, predictions, baseline="base"),
         "",
+        "## Each step against the model it starts from (paper: DPO +0.7, RL +1.0 pts over SFT)",
+        "",
+        report.step_table(predictions),
+        "",
         "![accuracy by category](accuracy.png)",
         "",
         "## Errors",
@@ -45,6 +53,8 @@ def main():
         report.error_table(metrics),
         "",
     ]
+    if args.ablations:
+        parts += report.ablation_sections(args.metrics_dir, args.ablations, metrics, predictions)
     write_text(Path(args.out_dir, "report.md"), "\n".join(parts))
     print(f"wrote {args.out_dir}/report.md")
 

@@ -5,10 +5,20 @@
 Reads params [sft]. Loss on the completion (the calls) only when
 ``sft.mask_prompt``. Writes mlx-lm adapters (``mlx_lm.load(base,
 adapter_path=models/sft)`` works), metrics/train_sft.json, and step curves
-under dvclive/train_sft for ``dvc plots show``.
+under dvclive/train_sft for ``dvc plots show``. No example may exceed
+max_seq_len: the stage fails rather than train on a cut target.
+
+An ablation arm (stage ablation_train) passes ``--overrides SECTION``
+(dotted, repeatable, later ones win) whose keys replace [sft]'s and whose
+``style`` picks the prompt style (structured | content), e.g.
+
+    python stages/train_sft.py models/base data/validated/train.jsonl models/ablations/format_content \
+        --overrides ablations.sft --overrides ablations.format.content \
+        --metrics metrics/ablations/train/format_content.json --live dvclive/ablations/format_content
 """
 
 import argparse
+import sys
 
 from toolcall.data import gold_calls
 from toolcall.io import read_jsonl, read_params, write_json
@@ -23,11 +33,28 @@ def main():
     ap.add_argument("out_dir")
     ap.add_argument("--metrics", default="metrics/train_sft.json")
     ap.add_argument("--live", default="dvclive/train_sft")
+    ap.add_argument("--overrides", action="append", default=[], metavar="SECTION")
     args = ap.parse_args()
-    cfg = training.from_params(training.LoraConfig, read_params("sft"), "sft")
+    p = read_params("sft")
+    for section in args.overrides:
+        p.update(read_params(section))
+    style = p.pop("style", "structured")
+    cfg = training.from_params(training.LoraConfig, p, " + ".join(["sft", *args.overrides]))
     model, tokenizer = training.load_model(args.model_dir)
-    fmt = PromptFormat(tokenizer)
-    examples = [fmt.example(row, gold_calls(row["ground_truth"])) for row in read_jsonl(args.train)]
+    fmt = PromptFormat(tokenizer, style)
+    rows = read_jsonl(args.train)
+    calls = [gold_calls(row["ground_truth"]) for row in rows]
+    examples = [fmt.example(row, c) for row, c in zip(rows, calls)]
+    longest = max(len(t) for t, _ in examples)
+    if longest > cfg.max_seq_len:
+        sys.exit(f"train_sft: an example has {longest} tokens > max_seq_len={cfg.max_seq_len}; "
+                 "raise max_seq_len or drop long rows in validation rather than cut targets")
+    format_info = {"style": style, "mask_prompt": cfg.mask_prompt, "max_seq_len": cfg.max_seq_len,
+                   "tokens_max": longest}
+    if style != "structured":  # what this style changes, counted on the very rows trained on
+        structured = PromptFormat(tokenizer)
+        format_info["targets_unlike_structured"] = sum(
+            ex != structured.example(row, c) for ex, row, c in zip(examples, rows, calls))
     training.add_lora(model, cfg)
     print(f"{len(examples)} examples, {training.count_trainable(model):,} trainable parameters")
     from dvclive import Live
@@ -43,6 +70,7 @@ def main():
         "train_seconds": result["train_seconds"],
         "tokens_per_second": round(n_tokens * cfg.iters * cfg.batch_size / len(examples) / result["train_seconds"], 1),
         "trainable_parameters": training.count_trainable(model),
+        **format_info,
     })
 
 

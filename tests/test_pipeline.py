@@ -59,7 +59,20 @@ def repo(tmp_path_factory):
 
 
 # Extra per-stage overrides that keep later stages tiny; extended as stages are added.
-TINY_OVERRIDES = {}
+TINY_OVERRIDES = {
+    "ablations": {
+        "sft": {"iters": 2, "max_seq_len": 4096},
+        "scaffold": {"n": 2, "temperature": 0.7, "seed": 0, "per_category": 1},
+        "unseen_tools": {"seed": 0, "test_per_category": 1},
+        "unseen_patterns": {"seed": 0, "test_per_category": 2},
+        "diversity": {"seed": 0, "budget": 8},
+    },
+    "dpo": {"prompts": 4, "samples_per_prompt": 2, "iters": 2, "batch_size": 2, "max_tokens": 8},
+    # min_reward 0 keeps every sample: the tiny model never passes the AST check, and
+    # the round should still train.
+    "rl": {"prompts": 4, "samples_per_prompt": 2, "iters": 2, "batch_size": 2, "max_tokens": 8,
+           "min_reward": 0.0},
+}
 
 
 def test_repro_runs_every_stage_and_writes_outputs(repo):
@@ -68,7 +81,7 @@ def test_repro_runs_every_stage_and_writes_outputs(repo):
     expected = {f"{name}@{key}" for name, s in stages.items() if "foreach" in s for key in s["foreach"]}
     expected |= {name for name, s in stages.items() if "foreach" not in s}
     assert ran_stages(out) == expected
-    for variant in ("base", "sft"):
+    for variant in ("base", "sft", "sft_dpo", "sft_rl"):
         m = json.loads((repo / "metrics" / "eval" / f"{variant}.json").read_text())
         assert set(m) >= {"overall", "by_category", "errors"}
         assert m["overall"]["n"] == 12 and set(m["by_category"]) == {"simple", "multiple", "parallel", "parallel_multiple"}
@@ -91,3 +104,57 @@ def test_changing_a_param_reruns_only_what_depends_on_it(repo):
     assert not stages & {"fetch_bfcl", "fetch_model", "split", "validate", "eval@base"}
     diff = run("dvc metrics diff", repo)
     assert "metrics/train_sft.json" in diff and "trainable_parameters" in diff  # rank 8 -> 4 halves them
+
+
+def metrics_of(repo, kind, name):
+    return json.loads((repo / "metrics" / "ablations" / kind / f"{name}.json").read_text())
+
+
+def test_ablation_arms_write_metrics_and_report_sections(repo):
+    repo, _ = repo
+    evals = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["ablation_eval"]["foreach"]
+    for arm in evals:
+        m = metrics_of(repo, "eval", arm)
+        assert m["overall"]["n"] == {"unseen_tools": 4, "unseen_patterns": 2}.get(arm.rsplit("_", 1)[0], 12)
+        assert (repo / "data" / "ablations" / "predictions" / f"{arm}.jsonl").exists()
+    assert set(metrics_of(repo, "eval", "unseen_patterns_sft")["by_category"]) == {"parallel_multiple"}
+    low, high = (metrics_of(repo, "train", f"diversity_{a}") for a in ("low", "high"))
+    assert low["examples"] == high["examples"] == 8
+    content, masked = metrics_of(repo, "train", "format_content"), metrics_of(repo, "train", "format_masked")
+    assert (content["style"], content["mask_prompt"], masked["style"], masked["mask_prompt"]) == (
+        "content", False, "structured", True)
+    assert content["max_seq_len"] == masked["max_seq_len"] >= content["tokens_max"]
+    assert "targets_unlike_structured" in content
+    assert set(metrics_of(repo, "repair", "sft")["repair"]) == {"malformed_json_before", "changed",
+                                                                "changed_and_correct"}
+    best = metrics_of(repo, "best_of_n", "base")
+    assert best["overall"]["n"] == 4 and best["oracle"]["correct"] >= best["overall"]["correct"]
+    report = (repo / "reports" / "report.md").read_text()
+    for title in ("## Scaffolding", "## Table 2", "## Table 3", "second seed's format"):
+        assert title in report
+
+
+def test_changing_an_ablation_param_reruns_only_its_arms(repo):
+    repo, _ = repo
+    out = run("dvc exp run -S ablations.diversity.budget=4", repo)
+    assert ran_stages(out) == {f"ablation_{s}@diversity_{a}" for s in ("split", "train", "eval")
+                               for a in ("low", "high")} | {"report"}
+
+
+def test_dpo_and_rl_continue_sft_and_rerun_alone(repo):
+    repo, _ = repo
+    dpo = json.loads((repo / "metrics" / "train_dpo.json").read_text())
+    assert dpo["prompts"] == 4 and dpo["samples"] == 8 and dpo["pairs"] == sum(dpo["pairs_by_source"].values()) > 0
+    rl = json.loads((repo / "metrics" / "train_rl.json").read_text())
+    assert rl["algo"] == "rft" and [r["updated"] for r in rl["rounds"].values()] == [True, True]
+    for out in ("sft_dpo", "sft_rl"):
+        assert (repo / "models" / out / "adapters.safetensors").exists()
+        assert json.loads((repo / "models" / out / "adapter_config.json").read_text())["lora_parameters"] == \
+            json.loads((repo / "models" / "sft" / "adapter_config.json").read_text())["lora_parameters"]
+    assert "| SFT + DPO vs SFT |" in (repo / "reports" / "report.md").read_text()
+    # [rl] also drives the RL generalization arms of the ablations.
+    rl_arms = {f"ablation_train_rl@{s}" for s in ("unseen_tools", "unseen_patterns")} | {
+        f"ablation_eval@{s}_rl" for s in ("unseen_tools", "unseen_patterns")}
+    for param, stage, extra in (("dpo.beta=0.2", "dpo", set()), ("rl.learning_rate=0.0002", "rl", rl_arms)):
+        assert ran_stages(run(f"dvc exp run -S {param}", repo)) == {f"train_{stage}", f"eval@sft_{stage}",
+                                                                    "report"} | extra

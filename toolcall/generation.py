@@ -13,10 +13,15 @@ from mlx_lm.sample_utils import make_sampler
 
 
 def generate(model, tokenizer, prompts, max_tokens=256, temperature=0.0, batch_size=32,
-             seed=None, progress=None):
+             seed=None, progress=None, return_tokens=False, caches=None):
     """Complete each token-id prompt; return ``[(text, n_generated_tokens)]`` in input order.
 
     ``progress``: a label; when given, prints items done, tokens/s and ETA.
+    ``return_tokens``: return ``(text, n, token_ids)`` instead, the ids exactly as
+    sampled (stop token excluded), for training on the samples themselves (RL).
+    ``caches``: per prompt, an mlx-lm prompt cache already holding all of it but
+    its last token, which alone is then given in ``prompts``: several samples
+    of one prompt then share a single prefill.
     """
     import mlx.core as mx
 
@@ -30,7 +35,8 @@ def generate(model, tokenizer, prompts, max_tokens=256, temperature=0.0, batch_s
         prefill_batch_size=min(batch_size, 8),
     )
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    uids = gen.insert([prompts[i] for i in order], [max_tokens] * len(order))
+    uids = gen.insert([prompts[i] for i in order], [max_tokens] * len(order),
+                      caches=[caches[i] for i in order] if caches else None)
     index = dict(zip(uids, order))
     tokens = {uid: [] for uid in uids}
     done, n_tokens, start, last_print = 0, 0, time.perf_counter(), 0.0
@@ -53,5 +59,6 @@ def generate(model, tokenizer, prompts, max_tokens=256, temperature=0.0, batch_s
         gen.close()
     out = [None] * len(prompts)
     for uid, toks in tokens.items():
-        out[index[uid]] = (tokenizer.decode(toks), len(toks))
+        text = tokenizer.decode(toks)
+        out[index[uid]] = (text, len(toks), toks) if return_tokens else (text, len(toks))
     return out

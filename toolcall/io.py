@@ -60,11 +60,13 @@ def read_json(path):
 
 
 def read_params(section, path="params.yaml"):
-    """One section of params.yaml (stages read only their own)."""
+    """One section of params.yaml (stages read only their own); dotted for a nested one: ``ablations.format.content``."""
     import yaml
 
     with open(path) as f:
         params = yaml.safe_load(f) or {}
-    if section not in params:
-        raise KeyError(f"{path} has no [{section}] section")
-    return params[section]
+    for key in section.split("."):
+        if not isinstance(params, dict) or key not in params:
+            raise KeyError(f"{path} has no [{section}] section")
+        params = params[key]
+    return params

@@ -32,8 +32,7 @@ To call functions, reply only with one <tool_call>{"name": <function name>, "arg
 {% for message in messages %}
 {%- if message.role == 'assistant' %}<|im_start|>assistant
 {% if message.content %}{{ message.content }}{% endif %}
-{%- for call in message.tool_calls or [] %}{% if not loop.first %}
-{% endif %}<tool_call>{"name": {{ call.function.name | tojson }}, "arguments": {{ call.function.arguments | tojson }}}</tool_call>
+{%- for call in message.tool_calls or [] %}{% if not loop.first %}{{ '\\n' }}{% endif %}<tool_call>{"name": {{ call.function.name | tojson }}, "arguments": {{ call.function.arguments | tojson }}}</tool_call>
 {%- endfor %}<|im_end|>
 {% elif message.role == 'tool' %}<|im_start|>user
 <tool_response>{{ message.content }}</tool_response><|im_end|>

@@ -1,0 +1,1004 @@
+"""`make bench`: this pipeline vs plain mlx-lm on this machine, measured in one run.
+
+    python bench/bench.py [--train-steps 8] [--eval-items 32] [--repeats 3] [--out metrics/bench.json]
+
+Rows (each: ours, the baseline, their ratio; medians over ``--repeats`` runs,
+arms interleaved so drifting background load hits both):
+
+* float32 matmul GFLOP/s through MLX with our OpenBLAS loading vs without
+  (``TOOLCALL_NO_OPENBLAS=1``): the machine's practical ceiling.
+* SFT training tokens/s (prompt + completion tokens) of ``toolcall.training.train_lora``
+  vs ``python -m mlx_lm lora`` (its own ``main()``; with OpenBLAS loaded the same way,
+  so the row measures the training code, not the BLAS) on the same rows, tokens,
+  LoRA settings and iterations. Both run exactly one epoch of the slice, so both
+  train on the same examples. Time = the trainer's own step time (batch building
+  excluded on both sides), from its per-step report.
+* Eval examples/s of ``toolcall.generation.generate`` (batched) vs one prompt at a
+  time through ``mlx_lm.stream_generate`` (the engine of ``mlx_lm.generate``),
+  greedy, same max_tokens and stop tokens; token ids compared item by item.
+* No-op ``dvc repro`` wall time.
+
+Each measurement runs in its own subprocess (``--worker``): OpenBLAS has to be
+loaded before ``mlx.core`` is imported, and every arm starts from a fresh process.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+RESULT_TAG = "BENCH_RESULT "
+# Renders [prompt, completion] as prompt + completion: mlx-lm's completions
+# dataset then yields exactly our PromptFormat tokens (checked in the worker).
+IDENTITY_TEMPLATE = (
+    "{{ messages[0]['content'] }}{% if messages|length > 1 %}{{ messages[1]['content'] }}{% endif %}"
+)
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def spread(xs):
+    return [round(min(xs), 4), round(max(xs), 4)] if xs else None
+
+
+def evenly(n_total, n):
+    """``n`` row indices spread evenly over ``n_total`` rows (all categories, all lengths)."""
+    if n > n_total:
+        raise SystemExit(f"asked for {n} rows, the file has {n_total}")
+    return [i * n_total // n for i in range(n)]
+
+
+# ====================================================================== workers
+# Each runs in a fresh interpreter and prints one RESULT_TAG line of JSON.
+
+
+def _load_rows(path, indices):
+    from toolcall.io import read_jsonl
+
+    rows = read_jsonl(path)
+    return [rows[i] for i in indices]
+
+
+def _examples(tokenizer, rows):
+    from toolcall.data import gold_calls
+    from toolcall.prompts import PromptFormat
+
+    fmt = PromptFormat(tokenizer)
+    return [fmt.example(r, gold_calls(r["ground_truth"])) for r in rows]
+
+
+def _rusage():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime
+
+
+def _batch_counter(iterate, counts, per_row):
+    """Wrap an ``iterate_batches`` to count the padded positions it hands out."""
+
+    def wrapped(*args, **kwargs):
+        for batch in iterate(*args, **kwargs):
+            tokens, lengths = batch[0], batch[1]
+            counts["batches"] += 1
+            real = int(lengths[:, 1].sum().item()) + per_row * tokens.shape[0]
+            counts.setdefault("first_batch_tokens", real)
+            counts["padded_positions"] += int(tokens.size)
+            counts["real_tokens"] += real
+            yield batch
+
+    return wrapped
+
+
+class _Recorder:
+    """Keeps every trainer report (we run with steps_per_report=1)."""
+
+    def __init__(self):
+        self.reports = []
+
+    def on_train_loss_report(self, info):
+        self.reports.append(dict(info))
+
+    def on_val_loss_report(self, info):
+        pass
+
+    def summary(self):
+        step_s = [1.0 / r["iterations_per_second"] for r in self.reports]
+        return {
+            "step_seconds": [round(s, 4) for s in step_s],
+            "train_seconds": sum(step_s),
+            "losses": [r["train_loss"] for r in self.reports],
+            "peak_memory_gb": max(r["peak_memory"] for r in self.reports),
+        }
+
+
+def worker_matmul(spec):
+    import toolcall  # noqa: F401  (loads OpenBLAS unless TOOLCALL_NO_OPENBLAS)
+    import mlx.core as mx
+
+    from toolcall import blas
+
+    out = {"blas": blas.loaded_path}
+    for name, (m, k, n) in spec["shapes"].items():
+        a = mx.random.normal((m, k))
+        b = mx.random.normal((k, n))
+        mx.eval(a, b)
+        mx.eval(a @ b)
+        rates = []
+        deadline = time.perf_counter() + spec["seconds"]
+        while time.perf_counter() < deadline or len(rates) < 3:
+            t = time.perf_counter()
+            mx.eval(a @ b)
+            rates.append(2 * m * k * n / (time.perf_counter() - t) / 1e9)
+        out[name] = median(rates)
+    return out
+
+
+def worker_train(spec):
+    """Our trainer (``arm=ours``) or the same trainer with mlx-lm's full-vocabulary loss (``plain``)."""
+    import toolcall  # noqa: F401
+    import mlx.core as mx
+
+    from toolcall import training
+
+    rows = _load_rows(spec["train"], spec["indices"])
+    model, tokenizer = training.load_model(spec["model"])
+    examples = _examples(tokenizer, rows)
+    cfg = training.LoraConfig(**spec["cfg"])
+    mx.random.seed(cfg.seed)  # LoRA init: identical in every arm
+    training.add_lora(model, cfg)
+    if spec["arm"] == "plain":
+        training.supports_split_head = lambda m: False  # -> full_loss = mlx-lm's default_loss
+    rec = _Recorder()
+
+    class Callback(training.ProgressCallback):
+        def on_train_loss_report(self, info):
+            rec.on_train_loss_report(info)
+
+    training.ProgressCallback = Callback
+    counts = {"batches": 0, "padded_positions": 0, "real_tokens": 0}
+    training.iterate_batches = _batch_counter(training.iterate_batches, counts, per_row=1)
+    u0, s0 = _rusage()
+    t0 = time.perf_counter()
+    training.train_lora(model, examples, cfg)
+    wall = time.perf_counter() - t0
+    u1, s1 = _rusage()
+    return {
+        **rec.summary(),
+        **counts,
+        "lengths": [[len(t), p] for t, p in examples],
+        "wall_seconds": wall,
+        "cpu_user_s": u1 - u0,
+        "cpu_system_s": s1 - s0,
+        "tokens": sum(len(t) for t, _ in examples),
+        "completion_tokens": sum(len(t) - p for t, p in examples),
+        "lora_parameters": training.count_trainable(model),
+    }
+
+
+def worker_mlxlm(spec):
+    """``python -m mlx_lm lora`` (its ``main()``), observed through a training callback."""
+    import toolcall  # noqa: F401  (the same OpenBLAS as ours; nothing else of ours runs)
+    import mlx.core as mx  # noqa: F401
+    import mlx_lm.lora as lora
+    from mlx_lm.tuner import trainer
+    from mlx_lm.tuner.datasets import CompletionsDataset
+    from mlx_lm.utils import load_tokenizer
+
+    work = Path(spec["workdir"])
+    # Same tokens as ours? mlx-lm's dataset (identity template) vs our PromptFormat.
+    ours = _examples(load_tokenizer(Path(spec["model"])), _load_rows(spec["train"], spec["indices"]))
+    data = [json.loads(line) for line in (work / "data" / "train.jsonl").open()]
+    ds = CompletionsDataset(data, load_tokenizer(work / "model"), "prompt", "completion", mask_prompt=True)
+    theirs = [ds.process(d) for d in data]
+    mismatches = sum(tuple(a) != (list(b[0]), b[1]) for a, b in zip(ours, theirs))
+
+    rec = _Recorder()
+    lora.get_reporting_callbacks = lambda *a, **k: rec
+    counts = {"batches": 0, "padded_positions": 0, "real_tokens": 0}
+    timing = {}
+    real_train = lora.train
+
+    def timed_train(*args, **kwargs):
+        kwargs["iterate_batches"] = _batch_counter(trainer.iterate_batches, counts, per_row=0)
+        timing["u0"], timing["s0"] = _rusage()
+        t0 = time.perf_counter()
+        real_train(*args, **kwargs)
+        timing["wall"] = time.perf_counter() - t0
+        timing["u1"], timing["s1"] = _rusage()
+
+    lora.train = timed_train
+    sys.argv = ["mlx_lm.lora", *spec["argv"]]
+    lora.main()
+    return {
+        **rec.summary(),
+        **counts,
+        "wall_seconds": timing["wall"],
+        "cpu_user_s": timing["u1"] - timing["u0"],
+        "cpu_system_s": timing["s1"] - timing["s0"],
+        "tokens": sum(len(t) for t, _ in ours),
+        "completion_tokens": sum(len(t) - p for t, p in ours),
+        "token_mismatches": mismatches,
+    }
+
+
+def worker_eval(spec):
+    import toolcall  # noqa: F401
+    import mlx.core as mx
+
+    from toolcall.prompts import PromptFormat
+    from toolcall.training import load_model
+
+    model, tokenizer = load_model(spec["model"], spec.get("adapter"))
+    fmt = PromptFormat(tokenizer)
+    rows = _load_rows(spec["test"], spec["indices"])
+    prompts = [fmt.encode(fmt.prompt(r["messages"], r["functions"])) for r in rows]
+    max_tokens = spec["max_tokens"]
+    out = {"prompt_tokens": sum(map(len, prompts))}
+    if spec["arm"] == "batched":
+        from toolcall.generation import generate
+
+        kwargs = spec.get("kwargs", {})
+        if spec.get("variant"):
+            generate = _generate_variant  # noqa: F811  (same loop, knobs exposed)
+        generate(model, tokenizer, prompts[:1], max_tokens=4, **kwargs)  # warm-up
+        t0 = time.perf_counter()
+        res = generate(model, tokenizer, prompts, max_tokens=max_tokens, return_tokens=True, **kwargs)
+        out["seconds"] = time.perf_counter() - t0
+        out["tokens"] = [list(map(int, toks)) for _, _, toks in res]
+    else:
+        from mlx_lm import stream_generate
+
+        def one(prompt, n):
+            toks = []
+            for r in stream_generate(model, tokenizer, prompt, max_tokens=n):
+                if r.finish_reason != "stop":  # the stop token itself is not output
+                    toks.append(int(r.token))
+            return toks
+
+        one(prompts[0], 4)  # warm-up
+        t0 = time.perf_counter()
+        out["tokens"] = [one(p, max_tokens) for p in prompts]
+        out["seconds"] = time.perf_counter() - t0
+    out["texts"] = [tokenizer.decode(t) for t in out["tokens"]]
+    out["generated_tokens"] = sum(map(len, out["tokens"]))
+    out["peak_memory_gb"] = mx.get_peak_memory() / 1e9
+    return out
+
+
+def worker_profile(spec):
+    """Where a training step's time goes, with ``mx.eval`` barriers between the parts.
+
+    On a few real batches: body forward, vocab projection + loss (at completion
+    positions / at every position), forward+backward, optimizer update; plus the
+    leads from the issue: stop-gradient at the first LoRA block's input, and the
+    compiled vs uncompiled step.
+    """
+    import toolcall  # noqa: F401
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from toolcall import training
+
+    rows = _load_rows(spec["train"], spec["indices"])
+    model, tokenizer = training.load_model(spec["model"])
+    examples = _examples(tokenizer, rows)
+    cfg = training.LoraConfig(**spec["cfg"])
+    mx.random.seed(cfg.seed)
+    training.add_lora(model, cfg)
+    model.train()
+    it = training.iterate_batches(examples, cfg.batch_size, cfg.max_seq_len, loop=True, seed=cfg.seed)
+    batches = [next(it) for _ in range(spec["batches"])]
+    mx.eval(batches)
+    opt = training.make_optimizer(cfg)
+    ours = nn.value_and_grad(model, training.completion_loss)
+    plain = nn.value_and_grad(model, training.full_loss)
+    params = lambda: [v for _, v in tree_flatten(model.trainable_parameters())]  # noqa: E731
+
+    def body(batch):
+        return model.model(batch[0][:, :-1])
+
+    def head_ours(batch, hidden):
+        _, positions, weights = batch[1:]
+        targets = batch[0][:, 1:]
+        picked = mx.take_along_axis(hidden, positions[..., None], axis=1)
+        logits = training._lm_head(model, picked)
+        ce = nn.losses.cross_entropy(logits, mx.take_along_axis(targets, positions, axis=1)) * weights
+        return ce.sum() / weights.sum()
+
+    def head_full(batch, hidden):
+        lengths, targets = batch[1], batch[0][:, 1:]
+        logits = training._lm_head(model, hidden)
+        steps = mx.arange(1, targets.shape[1] + 1)
+        mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
+        return (nn.losses.cross_entropy(logits, targets) * mask).sum() / mask.sum()
+
+    def timed(fn, batch, reps=spec["reps"]):
+        fn(batch)  # warm-up (and compile, for a compiled fn)
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn(batch)
+            ts.append(time.perf_counter() - t)
+        return median(ts)
+
+    parts = {name: [] for name in (
+        "body_forward", "head_loss_forward_completion", "head_loss_forward_all_positions",
+        "forward_backward_ours", "forward_backward_plain", "optimizer_update",
+        "forward_backward_ours_stop_gradient", "step_uncompiled", "step_compiled",
+    )}
+    first = len(model.layers) - cfg.lora_layers
+    n_positions, n_completion = [], []
+    for batch in batches:
+        n_positions.append(int(batch[0].shape[0] * (batch[0].shape[1] - 1)))
+        n_completion.append(int(batch[3].sum().item()))
+        hidden = body(batch)
+        mx.eval(hidden)
+        parts["body_forward"].append(timed(lambda b: mx.eval(body(b)), batch))
+        parts["head_loss_forward_completion"].append(timed(lambda b: mx.eval(head_ours(b, hidden)), batch))
+        parts["head_loss_forward_all_positions"].append(timed(lambda b: mx.eval(head_full(b, hidden)), batch))
+        parts["forward_backward_ours"].append(timed(lambda b: mx.eval(ours(model, *b)), batch))
+        parts["forward_backward_plain"].append(timed(lambda b: mx.eval(plain(model, *b)), batch))
+        (_, _), grads = ours(model, *batch)
+        mx.eval(grads)
+
+        def update(_):
+            opt.update(model, grads)
+            mx.eval(params(), opt.state)
+
+        parts["optimizer_update"].append(timed(update, batch))
+    # Stop-gradient at the input of the first LoRA block: does MLX already skip
+    # the backward of the frozen blocks below it?
+    block = model.model.layers[first]
+
+    class StopGrad(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.use_sliding = getattr(inner, "use_sliding", False)
+
+        def __call__(self, x, *args, **kwargs):
+            return self.inner(mx.stop_gradient(x), *args, **kwargs)
+
+    model.model.layers[first] = StopGrad(block)
+    for batch in batches:
+        parts["forward_backward_ours_stop_gradient"].append(timed(lambda b: mx.eval(ours(model, *b)), batch))
+    model.model.layers[first] = block
+    # Compiled vs uncompiled step (trainer.train compiles one; each new padded shape recompiles).
+    state = [model.state, opt.state, mx.random.state]
+
+    def step(*batch):
+        (loss, ntoks), grads = ours(model, *batch)
+        opt.update(model, grads)
+        return loss, ntoks
+
+    compiled = mx.compile(step, inputs=state, outputs=state)
+    first_compiled = []
+    for batch in batches:
+        parts["step_uncompiled"].append(timed(lambda b: mx.eval(step(*b), state), batch))
+        t = time.perf_counter()
+        mx.eval(compiled(*batch), state)
+        first_compiled.append(time.perf_counter() - t)
+        parts["step_compiled"].append(timed(lambda b: mx.eval(compiled(*b), state), batch))
+    out = {k: sum(v) / len(v) for k, v in parts.items()}  # mean over batches of per-batch medians
+    out["step_compiled_first_call"] = sum(first_compiled) / len(first_compiled)
+    out["backward_ours"] = out["forward_backward_ours"] - out["body_forward"] - out["head_loss_forward_completion"]
+    out["positions_per_batch"] = sum(n_positions) / len(n_positions)
+    out["completion_tokens_per_batch"] = sum(n_completion) / len(n_completion)
+    out["batches"] = len(batches)
+    return out
+
+
+def _generate_variant(model, tokenizer, prompts, max_tokens=256, batch_size=32, prefill_batch_size=8,
+                      order="longest", return_tokens=True):
+    """``toolcall.generation.generate`` with its fixed choices as knobs, for the eval sweep."""
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.sample_utils import make_sampler
+
+    gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids], sampler=make_sampler(temp=0.0),
+                         completion_batch_size=batch_size, prefill_batch_size=min(batch_size, prefill_batch_size))
+    idx = list(range(len(prompts)))
+    if order == "longest":
+        idx.sort(key=lambda i: -len(prompts[i]))
+    elif order == "shortest":
+        idx.sort(key=lambda i: len(prompts[i]))
+    uids = gen.insert([prompts[i] for i in idx], [max_tokens] * len(idx))
+    where = dict(zip(uids, idx))
+    tokens = {uid: [] for uid in uids}
+    try:
+        while responses := gen.next_generated():
+            for r in responses:
+                if r.finish_reason != "stop":
+                    tokens[r.uid].append(r.token)
+    finally:
+        gen.close()
+    out = [None] * len(prompts)
+    for uid, toks in tokens.items():
+        out[where[uid]] = (None, len(toks), toks)
+    return out
+
+
+def worker_tiny_model(spec):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_model import make_tiny_model
+
+    return {"path": str(make_tiny_model(spec["out"]))}
+
+
+WORKERS = {"matmul": worker_matmul, "train": worker_train, "mlxlm": worker_mlxlm, "eval": worker_eval, "profile": worker_profile,
+           "tiny_model": worker_tiny_model}
+
+
+def run_worker(name, spec, env=None, timeout=3600):
+    """Run one worker in a fresh interpreter; return its JSON result."""
+    full_env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", name, json.dumps(spec)],
+        env=full_env, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    )
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    raise RuntimeError(f"worker {name} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+def worker_main(name, spec):
+    result = WORKERS[name](json.loads(spec))
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+# ====================================================================== orchestration
+
+
+def machine_info():
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        cpu = platform.processor() or "unknown"
+
+    def version(pkg):
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "mlx": version("mlx"),
+        "mlx_lm": version("mlx-lm"),
+        "dvc": version("dvc"),
+        "openblas_threads_env": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def model_shape(model_dir):
+    with open(Path(model_dir) / "config.json") as f:
+        c = json.load(f)
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    d, q, kv = c["hidden_size"], c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
+    return {
+        "hidden": d,
+        "layers": c["num_hidden_layers"],
+        "vocab": c["vocab_size"],
+        "attn_width": q,
+        # q, k, v, o projections + gate, up, down
+        "block_params": d * q + 2 * d * kv + q * d + 3 * d * c["intermediate_size"],
+    }
+
+
+def train_flops(shape, lengths, lora_layers, lora_params):
+    """Required FLOPs to train on these ``(length, prompt_length)`` examples once.
+
+    Per token: forward 2*P_block through every block; backward through the
+    ``lora_layers`` LoRA blocks 2*P_block each (input gradients only: the base
+    weights are frozen, so no weight gradients); LoRA adapters 6*P_lora
+    (forward, input and weight gradients); causal attention QK^T and PV
+    4*width*(L+1)/2 per token and layer forward, twice that backward in the LoRA
+    blocks; vocabulary projection 2*V*d forward + 2*V*d backward at completion
+    tokens only (mask_prompt). Returns ``(flops, flops_if_frozen_backward_cost_2x)``.
+    """
+    pb, n, k = shape["block_params"], shape["layers"], lora_layers
+    head = 2 * shape["vocab"] * shape["hidden"]
+    total = alt = 0.0
+    for length, prompt_len in lengths:
+        attn = 4 * shape["attn_width"] * length * (length + 1) / 2  # per layer, forward, whole sequence
+        common = 2 * pb * n * length + 6 * lora_params * length + attn * n + 2 * attn * k
+        common += 2 * head * (length - prompt_len)
+        total += common + 2 * pb * k * length
+        alt += common + 4 * pb * k * length
+    return total, alt
+
+
+def rate_stats(values):
+    return {"median": median(values), "min_max": spread(values), "runs": [round(v, 4) for v in values]}
+
+
+def bench_matmul(args):
+    shapes = {"square_1024": (1024, 1024, 1024), "model_mlp_1664x576x1536": (1664, 576, 1536)}
+    runs = {"openblas": [], "no_openblas": [], "openblas_1_thread": []}
+    envs = {"openblas": {}, "no_openblas": {"TOOLCALL_NO_OPENBLAS": "1"},
+            "openblas_1_thread": {"OPENBLAS_NUM_THREADS": "1"}}
+    for r in range(args.repeats):
+        for arm, env in envs.items():
+            runs[arm].append(run_worker("matmul", {"shapes": shapes, "seconds": 3}, env))
+        log(f"matmul {r + 1}/{args.repeats}: " + ", ".join(
+            f"{a} {runs[a][-1]['square_1024']:.1f}" for a in runs) + " GFLOP/s")
+    out = {"blas": runs["openblas"][0]["blas"], "shapes": {k: list(v) for k, v in shapes.items()}}
+    for arm, rs in runs.items():
+        out[arm] = {name: rate_stats([x[name] for x in rs]) for name in shapes}
+    return out
+
+
+def prepare_mlxlm(args, indices, cfg, workdir):
+    """mlx-lm's inputs: model dir (symlinked weights, identity chat template), completions
+    JSONL whose prompt/completion text comes from our PromptFormat, config YAML; and its argv."""
+    import yaml
+
+    work, model_dir = Path(workdir), args.model
+    (work / "model").mkdir(parents=True)
+    (work / "data").mkdir()
+    for f in Path(model_dir).iterdir():
+        if f.name != "tokenizer_config.json":
+            (work / "model" / f.name).symlink_to(f.resolve())
+    with open(Path(model_dir) / "tokenizer_config.json") as f:
+        tok_cfg = json.load(f)
+    tok_cfg["chat_template"] = IDENTITY_TEMPLATE
+    (work / "model" / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    code = (
+        "import json, sys\n"
+        "import toolcall\n"
+        "from mlx_lm.utils import load_tokenizer\n"
+        "from pathlib import Path\n"
+        "from toolcall.data import gold_calls\n"
+        "from toolcall.io import read_jsonl\n"
+        "from toolcall.prompts import PromptFormat\n"
+        "model, train, out, idx = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])\n"
+        "fmt = PromptFormat(load_tokenizer(Path(model)))\n"
+        "rows = read_jsonl(train)\n"
+        "with open(out, 'w') as f:\n"
+        "    for i in idx:\n"
+        "        r = rows[i]\n"
+        "        p = fmt.prompt(r['messages'], r['functions'])\n"
+        "        c = fmt.completion(r['messages'], r['functions'], gold_calls(r['ground_truth']))\n"
+        "        f.write(json.dumps({'prompt': p, 'completion': c}) + '\\n')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, "-c", code, args.model, args.train, str(work / "data" / "train.jsonl"),
+                    json.dumps(indices)], check=True, env=env, cwd=ROOT)
+    decay = max(cfg["iters"] - cfg["warmup"], 1)
+    (work / "config.yaml").write_text(yaml.safe_dump({
+        "lora_parameters": {"rank": cfg["lora_rank"], "scale": cfg["lora_scale"], "dropout": cfg["lora_dropout"]},
+        "lr_schedule": {"name": "cosine_decay", "arguments": [cfg["learning_rate"], decay, 0.0],
+                        "warmup": cfg["warmup"]},
+    }))
+    argv = [
+        "--model", str(work / "model"), "--train", "--data", str(work / "data"),
+        "--fine-tune-type", "lora", "--optimizer", "adam", "--mask-prompt",
+        "--num-layers", str(cfg["lora_layers"]), "--batch-size", str(cfg["batch_size"]),
+        "--iters", str(cfg["iters"]), "--max-seq-length", str(cfg["max_seq_len"]),
+        "--grad-accumulation-steps", str(cfg["grad_accumulation"]),
+        "--learning-rate", str(cfg["learning_rate"]), "--steps-per-report", "1",
+        "--save-every", str(cfg["iters"] + 1), "--adapter-path", str(work / "adapters"),
+        "--seed", str(cfg["seed"]), "-c", str(work / "config.yaml"),
+    ]
+    return work, argv
+
+
+def train_summary(runs, shape, cfg, flops):
+    tokens = runs[0]["tokens"]
+    tps = [r["tokens"] / r["train_seconds"] for r in runs]
+    later = [(r["tokens"] - r["first_batch_tokens"]) / sum(r["step_seconds"][1:]) for r in runs if len(r["step_seconds"]) > 1]
+    return {
+        "tokens_per_s": rate_stats(tps),
+        "tokens_per_s_after_first_step": rate_stats(later),
+        "tokens_per_s_wall": rate_stats([r["tokens"] / r["wall_seconds"] for r in runs]),
+        "train_seconds": rate_stats([r["train_seconds"] for r in runs]),
+        "first_step_seconds": rate_stats([r["step_seconds"][0] for r in runs]),
+        "peak_memory_gb": max(r["peak_memory_gb"] for r in runs),
+        "system_cpu_fraction": median([r["cpu_system_s"] / max(r["cpu_user_s"] + r["cpu_system_s"], 1e-9)
+                                       for r in runs]),
+        "cpu_seconds_per_wall_second": median([(r["cpu_user_s"] + r["cpu_system_s"]) / r["wall_seconds"]
+                                               for r in runs]),
+        "padded_positions": runs[0]["padded_positions"],
+        "padding_fraction": round(1 - runs[0]["real_tokens"] / runs[0]["padded_positions"], 4),
+        "batches": runs[0]["batches"],
+        "tokens": tokens,
+        "mean_loss": median([sum(r["losses"]) / len(r["losses"]) for r in runs]),
+        "achieved_gflops": median(tps) * flops / tokens / 1e9,
+    }
+
+
+def bench_train(args, params):
+    from toolcall.training import LoraConfig, from_params
+
+    sft = dict(params["sft"])
+    cfg = from_params(LoraConfig, sft, "sft").__dict__
+    cfg.update(iters=args.train_steps, steps_per_report=1, warmup=min(cfg["warmup"], args.train_steps - 1))
+    if cfg["grad_accumulation"] != 1:
+        raise SystemExit("bench assumes sft.grad_accumulation == 1")
+    n_rows = args.train_steps * cfg["batch_size"]
+    with open(args.train) as f:
+        total = sum(1 for line in f if line.strip())
+    indices = evenly(total, n_rows)
+    spec = {"model": args.model, "train": args.train, "indices": indices, "cfg": cfg}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-mlxlm-"))
+    try:
+        work, argv = prepare_mlxlm(args, indices, cfg, tmp / "mlxlm")
+        runs = {"ours": [], "mlx_lm": []}
+        for r in range(args.repeats):
+            runs["ours"].append(run_worker("train", {**spec, "arm": "ours"}))
+            shutil.rmtree(work / "adapters", ignore_errors=True)
+            runs["mlx_lm"].append(run_worker("mlxlm", {**spec, "workdir": str(work), "argv": argv}))
+            log(f"train {r + 1}/{args.repeats}: ours {runs['ours'][-1]['tokens'] / runs['ours'][-1]['train_seconds']:.1f}"
+                f" tok/s, mlx-lm {runs['mlx_lm'][-1]['tokens'] / runs['mlx_lm'][-1]['train_seconds']:.1f} tok/s")
+        extras = {}
+        if not args.no_extras:
+            # Same trainer, same batches, mlx-lm's full-vocabulary loss: isolates our loss, checks its value.
+            extras["plain_loss"] = [run_worker("train", {**spec, "arm": "plain"})]
+            extras["ours_1_blas_thread"] = [run_worker("train", {**spec, "arm": "ours"}, {"OPENBLAS_NUM_THREADS": "1"})]
+            log("train extras: plain-loss {:.1f} tok/s, 1 BLAS thread {:.1f} tok/s".format(
+                *(x[0]["tokens"] / x[0]["train_seconds"] for x in extras.values())))
+            extras["profile"] = run_worker("profile", {**spec, "batches": args.profile_batches, "reps": 3})
+            log("profile done")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shape = model_shape(args.model)
+    lengths = runs["ours"][0]["lengths"]
+    flops, flops_2x = train_flops(shape, lengths, cfg["lora_layers"], runs["ours"][0]["lora_parameters"])
+    out = {
+        "rows": n_rows, "steps": args.train_steps, "batch_size": cfg["batch_size"], "max_seq_len": cfg["max_seq_len"],
+        "lora": {k: cfg[k] for k in ("lora_rank", "lora_scale", "lora_layers", "lora_dropout")},
+        "tokens_identical_to_mlx_lm": runs["mlx_lm"][0]["token_mismatches"] == 0,
+        "token_mismatches": runs["mlx_lm"][0]["token_mismatches"],
+        "flops_per_token": flops / runs["ours"][0]["tokens"],
+        "flops_per_token_if_frozen_backward_2x": flops_2x / runs["ours"][0]["tokens"],
+        "model_shape": shape,
+    }
+    for arm, rs in runs.items():
+        out[arm] = train_summary(rs, shape, cfg, flops)
+    for arm, rs in extras.items():
+        if arm != "profile":
+            out[arm] = train_summary(rs, shape, cfg, flops)
+    if "plain_loss" in extras:
+        a, b = runs["ours"][0]["losses"], extras["plain_loss"][0]["losses"]
+        out["loss_check"] = {
+            "ours_step_losses": a, "plain_step_losses": b,
+            "max_abs_diff": max(abs(x - y) for x, y in zip(a, b)),
+            "max_rel_diff": max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b)),
+        }
+    if "profile" in extras:
+        out["profile"] = extras["profile"]
+    return out
+
+
+def bench_eval(args, params):
+    with open(args.test) as f:
+        total = sum(1 for line in f if line.strip())
+    indices = evenly(total, args.eval_items)
+    max_tokens = args.max_tokens or params["eval"]["max_tokens"]
+    batch_size = params["eval"]["batch_size"]
+    spec = {"model": args.model, "adapter": args.adapter, "test": args.test, "indices": indices,
+            "max_tokens": max_tokens}
+    runs = {"batched": [], "sequential": []}
+    for r in range(args.repeats):
+        runs["batched"].append(run_worker("eval", {**spec, "arm": "batched", "kwargs": {"batch_size": batch_size}}))
+        if r < args.sequential_repeats:
+            runs["sequential"].append(run_worker("eval", {**spec, "arm": "sequential"}))
+        log(f"eval {r + 1}/{args.repeats}: batched {runs['batched'][-1]['seconds']:.1f}s"
+            + (f", sequential {runs['sequential'][-1]['seconds']:.1f}s" if r < args.sequential_repeats else ""))
+    ref = runs["sequential"][0]["tokens"]
+
+    def differing(run):
+        return [i for i, (a, b) in enumerate(zip(run["tokens"], ref)) if a != b]
+
+    def parsed_differing(run):
+        from toolcall.parsing import parse_calls
+
+        return [i for i, (a, b) in enumerate(zip(run["texts"], runs["sequential"][0]["texts"]))
+                if parse_calls(a) != parse_calls(b)]
+
+    out = {"items": args.eval_items, "max_tokens": max_tokens, "batch_size": batch_size,
+           "adapter": args.adapter, "prompt_tokens": runs["batched"][0]["prompt_tokens"],
+           "generated_tokens": runs["sequential"][0]["generated_tokens"]}
+    for arm, rs in runs.items():
+        out[arm] = {
+            "examples_per_s": rate_stats([args.eval_items / x["seconds"] for x in rs]),
+            "generated_tokens_per_s": rate_stats([x["generated_tokens"] / x["seconds"] for x in rs]),
+            "seconds": rate_stats([x["seconds"] for x in rs]),
+            "peak_memory_gb": max(x["peak_memory_gb"] for x in rs),
+        }
+    out["sequential_runs_agree"] = all(x["tokens"] == ref for x in runs["sequential"])
+    out["batched_runs_agree"] = all(x["tokens"] == runs["batched"][0]["tokens"] for x in runs["batched"])
+    out["token_ids_differ"] = differing(runs["batched"][0])
+    out["parsed_calls_differ"] = parsed_differing(runs["batched"][0])
+    out["differing_rows"] = [indices[i] for i in out["token_ids_differ"]]
+    if not args.no_extras:
+        sweep = {}
+        variants = {
+            "batch8": dict(batch_size=8), "batch16": dict(batch_size=16),
+            f"batch{batch_size}_prefill{batch_size}": dict(batch_size=batch_size, prefill_batch_size=batch_size),
+            f"batch{batch_size}_input_order": dict(batch_size=batch_size, order="input"),
+        }
+        for name, kw in variants.items():
+            res = run_worker("eval", {**spec, "arm": "batched", "variant": True, "kwargs": kw})
+            sweep[name] = {"examples_per_s": args.eval_items / res["seconds"], "seconds": res["seconds"],
+                           "token_ids_differ_from_sequential": differing(res), **kw}
+            log(f"eval sweep {name}: {sweep[name]['examples_per_s']:.3f} ex/s")
+        out["sweep"] = sweep
+    return out
+
+
+def dvc_env(repo):
+    bindir = str(Path(sys.executable).parent)
+    return dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(repo))
+
+
+def run_cmd(cmd, cwd, env, check=True):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, shell=True, capture_output=True, text=True)
+    if check and proc.returncode:
+        raise RuntimeError(f"{cmd} in {cwd} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return proc.stdout + proc.stderr
+
+
+def pipeline_busy(repo):
+    """A `dvc` process whose working directory is ``repo``?"""
+    repo = Path(repo).resolve()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            is_dvc = any(Path(a).name == "dvc" for a in argv[:2]) and "repro" in argv
+            if is_dvc and Path(os.readlink(f"/proc/{pid}/cwd")).resolve() == repo:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def build_tiny_repo(where):
+    """The end-to-end test's recipe (tests/test_pipeline.py): the DAG on a tiny model and fixture data."""
+    import yaml
+
+    repo = where / "repo"
+    repo.mkdir(parents=True)
+    for item in ("stages", "toolcall", "dvc.yaml", "params.yaml"):
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
+    for cache in repo.rglob("__pycache__"):
+        shutil.rmtree(cache)
+    tiny = run_worker("tiny_model", {"out": str(where / "tiny")})["path"]
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        import test_pipeline as tp  # its TINY_OVERRIDES keep every later stage tiny
+        overrides, fixture = tp.TINY_OVERRIDES, tp.FIXTURE
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"].update(source="local", local_dir=str(fixture))
+    params["model"] = {"source": "local", "path": tiny}
+    params["split"].update(test_per_category=3)
+    params["validate"].update(max_seq_len=4096)
+    params["sft"].update(iters=3, batch_size=2, warmup=0, steps_per_report=1, max_seq_len=4096, lora_layers=2)
+    params["eval"].update(max_tokens=8, batch_size=4)
+    for section, values in overrides.items():
+        params.setdefault(section, {}).update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dvc_env(repo)
+    run_cmd("git init -q && git config user.email b@b && git config user.name bench && dvc init -q"
+            " && git add -A && git commit -qm init", repo, env)
+    t = time.perf_counter()
+    run_cmd("dvc repro", repo, env)
+    full = time.perf_counter() - t
+    run_cmd("git add -A && git commit -qm repro", repo, env)
+    return repo, full
+
+
+def bench_noop_repro(args):
+    target = Path(args.repro_dir).resolve()
+    where, full, note = None, None, None
+    if (target / "dvc.lock").exists() and not pipeline_busy(target):
+        status = run_cmd("dvc status", target, dvc_env(target), check=False)
+        if "up to date" in status:
+            where, note = target, "the real pipeline (everything cached)"
+        else:
+            note = f"{target}: dvc status is not clean, so a repro there would run stages"
+    elif (target / "dvc.lock").exists():
+        note = f"{target}: a dvc repro is running there"
+    else:
+        note = f"{target}: no dvc.lock (pipeline never run there)"
+    tmp = None
+    if where is None:
+        tmp = Path(tempfile.mkdtemp(prefix="bench-repro-"))
+        log(f"no-op repro: {note}; building the tiny-model copy of the DAG in {tmp}")
+        where, full = build_tiny_repo(tmp)
+        note = f"tiny-model copy of the DAG (tests/test_pipeline.py recipe) after one full repro; {note}"
+    try:
+        env, times = dvc_env(where), []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            out = run_cmd("dvc repro", where, env)
+            times.append(time.perf_counter() - t)
+            if "Running stage" in out:
+                raise RuntimeError(f"dvc repro in {where} was not a no-op:\n{out[-2000:]}")
+        t = time.perf_counter()
+        run_cmd("dvc --version", where, env)
+        startup = time.perf_counter() - t
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"where": note, "seconds": rate_stats(times), "dvc_startup_s": startup, "full_repro_s": full}
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Benchmark the pipeline against plain mlx-lm (see module doc).")
+    ap.add_argument("--model", default=str(ROOT / "models" / "base"))
+    ap.add_argument("--adapter", default=None, help="eval with this adapter (default: the base model)")
+    ap.add_argument("--train", default=str(ROOT / "data" / "validated" / "train.jsonl"))
+    ap.add_argument("--test", default=str(ROOT / "data" / "validated" / "test.jsonl"))
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--train-steps", type=int, default=8, help="steps of sft.batch_size rows: one epoch of the slice")
+    ap.add_argument("--eval-items", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sequential-repeats", type=int, default=None,
+                    help="repeats of the slow one-at-a-time eval arm (default: --repeats)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="default: params eval.max_tokens")
+    ap.add_argument("--profile-batches", type=int, default=3)
+    ap.add_argument("--repro-dir", default=str(ROOT),
+                    help="time the no-op repro here if its pipeline is finished and clean; else in a tiny copy")
+    ap.add_argument("--only", default="matmul,train,eval,repro", help="comma-separated sections")
+    ap.add_argument("--no-extras", action="store_true", help="skip the attribution runs, profile and sweeps")
+    ap.add_argument("--out", default=str(ROOT / "metrics" / "bench.json"))
+    args = ap.parse_args()
+    args.sequential_repeats = min(args.sequential_repeats or args.repeats, args.repeats)
+    sections = set(args.only.split(","))
+    import yaml
+
+    params = yaml.safe_load(Path(args.params).read_text())
+    start = time.perf_counter()
+    result = {"machine": machine_info(),
+              "config": {k: getattr(args, k) for k in ("model", "adapter", "train", "test", "train_steps",
+                                                        "eval_items", "repeats", "sequential_repeats")}}
+    if "matmul" in sections:
+        result["matmul"] = bench_matmul(args)
+        m = result["matmul"]
+        result["matmul_gflops"] = {"openblas": m["openblas"]["square_1024"]["median"],
+                                   "no_openblas": m["no_openblas"]["square_1024"]["median"],
+                                   "openblas_1_thread": m["openblas_1_thread"]["square_1024"]["median"]}
+        result["matmul_speedup"] = result["matmul_gflops"]["openblas"] / result["matmul_gflops"]["no_openblas"]
+    if "train" in sections:
+        t = result["train"] = bench_train(args, params)
+        result["train_speedup_vs_mlx_lm"] = t["ours"]["tokens_per_s"]["median"] / t["mlx_lm"]["tokens_per_s"]["median"]
+        if "matmul_gflops" in result:
+            ceiling = result["matmul_gflops"]["openblas"]
+            result["train_fraction_of_matmul_ceiling"] = {
+                arm: t[arm]["achieved_gflops"] / ceiling for arm in ("ours", "mlx_lm")}
+    if "eval" in sections:
+        e = result["eval"] = bench_eval(args, params)
+        result["eval_speedup_vs_sequential"] = (e["batched"]["examples_per_s"]["median"]
+                                                / e["sequential"]["examples_per_s"]["median"])
+    if "repro" in sections:
+        result["noop_repro"] = bench_noop_repro(args)
+        result["noop_repro_s"] = result["noop_repro"]["seconds"]["median"]
+    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["bench_seconds"] = round(time.perf_counter() - start, 1)
+    result["targets"] = targets(result)
+    from toolcall.io import write_json
+
+    write_json(args.out, result)
+    print(table(result))
+    print(f"\nwrote {args.out} ({result['bench_seconds']:.0f}s)")
+
+
+def targets(r):
+    t = {}
+    if "train_speedup_vs_mlx_lm" in r:
+        t["train_speedup_ge_1.5"] = r["train_speedup_vs_mlx_lm"] >= 1.5
+    if "eval_speedup_vs_sequential" in r:
+        t["eval_speedup_ge_5"] = r["eval_speedup_vs_sequential"] >= 5
+        t["eval_outputs_identical"] = not r["eval"]["parsed_calls_differ"]
+    if "noop_repro_s" in r:
+        t["noop_repro_lt_5s"] = r["noop_repro_s"] < 5
+    return t
+
+
+def table(r):
+    rows = [("measurement", "ours", "baseline", "ratio", "")]
+
+    def f(x, nd=1):
+        return "-" if x is None else f"{x:,.{nd}f}"
+
+    if "matmul" in r:
+        m = r["matmul_gflops"]
+        rows.append(("float32 matmul 1024^3 GFLOP/s: OpenBLAS vs bundled BLAS", f(m["openblas"]),
+                     f(m["no_openblas"]), f(r["matmul_speedup"], 1) + "x", ""))
+        mm = r["matmul"]
+        rows.append(("  model-shaped 1664x576x1536 GFLOP/s", f(mm["openblas"]["model_mlp_1664x576x1536"]["median"]),
+                     f(mm["no_openblas"]["model_mlp_1664x576x1536"]["median"]), "", ""))
+        rows.append(("  OpenBLAS 2 threads vs 1 thread (1024^3)", f(m["openblas"]), f(m["openblas_1_thread"]),
+                     f(m["openblas"] / m["openblas_1_thread"], 2) + "x", ""))
+    if "train" in r:
+        t = r["train"]
+        ok = "met" if r["targets"]["train_speedup_ge_1.5"] else "NOT met"
+        rows.append((f"SFT train tokens/s (prompt+completion): train_lora vs mlx_lm lora [{t['steps']} steps x {t['batch_size']}]",
+                     f(t["ours"]["tokens_per_s"]["median"]), f(t["mlx_lm"]["tokens_per_s"]["median"]),
+                     f(r["train_speedup_vs_mlx_lm"], 2) + "x", f"target >=1.5x: {ok}"))
+        rows.append(("  peak MLX memory GB", f(t["ours"]["peak_memory_gb"], 2), f(t["mlx_lm"]["peak_memory_gb"], 2),
+                     f(t["ours"]["peak_memory_gb"] / t["mlx_lm"]["peak_memory_gb"], 2) + "x", ""))
+        rows.append(("  padding fraction of positions", f(t["ours"]["padding_fraction"], 3),
+                     f(t["mlx_lm"]["padding_fraction"], 3), "", ""))
+        if "train_fraction_of_matmul_ceiling" in r:
+            c = r["train_fraction_of_matmul_ceiling"]
+            rows.append((f"  fraction of matmul ceiling ({t['flops_per_token'] / 1e6:.0f} MFLOP/token)",
+                         f(100 * c["ours"]) + "%", f(100 * c["mlx_lm"]) + "%", "", ""))
+        rows.append(("  system CPU share of process CPU time", f(100 * t["ours"]["system_cpu_fraction"]) + "%",
+                     f(100 * t["mlx_lm"]["system_cpu_fraction"]) + "%", "", ""))
+        if "plain_loss" in t:
+            rows.append(("  our trainer: completion-only head vs full-vocab loss (same batches)",
+                         f(t["ours"]["tokens_per_s"]["median"]), f(t["plain_loss"]["tokens_per_s"]["median"]),
+                         f(t["ours"]["tokens_per_s"]["median"] / t["plain_loss"]["tokens_per_s"]["median"], 2) + "x",
+                         f"loss max rel diff {t['loss_check']['max_rel_diff']:.1e}"))
+        if "ours_1_blas_thread" in t:
+            rows.append(("  our trainer: 2 BLAS threads (default) vs 1",
+                         f(t["ours"]["tokens_per_s"]["median"]), f(t["ours_1_blas_thread"]["tokens_per_s"]["median"]),
+                         f(t["ours"]["tokens_per_s"]["median"] / t["ours_1_blas_thread"]["tokens_per_s"]["median"], 2) + "x", ""))
+        rows.append(("  mean train loss (ours | mlx-lm: other batch order, +1 pad target/row)",
+                     f(t["ours"]["mean_loss"], 4), f(t["mlx_lm"]["mean_loss"], 4), "", ""))
+    if "eval" in r:
+        e = r["eval"]
+        ok = "met" if r["targets"]["eval_speedup_ge_5"] else "NOT met"
+        rows.append((f"eval examples/s: generate (batch {e['batch_size']}) vs sequential [{e['items']} items]",
+                     f(e["batched"]["examples_per_s"]["median"], 3), f(e["sequential"]["examples_per_s"]["median"], 3),
+                     f(r["eval_speedup_vs_sequential"], 2) + "x", f"target >=5x: {ok}"))
+        n = e["items"]
+        rows.append(("  outputs identical to sequential (token ids | parsed calls)",
+                     f"{n - len(e['token_ids_differ'])}/{n} | {n - len(e['parsed_calls_differ'])}/{n}", "", "", ""))
+        for name, s in e.get("sweep", {}).items():
+            rows.append((f"  sweep {name}", f(s["examples_per_s"], 3), "", "",
+                         f"{n - len(s['token_ids_differ_from_sequential'])}/{n} identical"))
+    if "noop_repro" in r:
+        ok = "met" if r["targets"]["noop_repro_lt_5s"] else "NOT met"
+        rows.append(("no-op dvc repro seconds vs 5 s target", f(r["noop_repro_s"], 2), "5.00",
+                     f(r["noop_repro_s"] / 5, 2) + "x", f"target <5s: {ok}"))
+    if "profile" in r.get("train", {}):
+        p = r["train"]["profile"]
+        rows.append(("training step profile (s per batch, mean of medians)", "", "", "", ""))
+        for k in ("body_forward", "head_loss_forward_completion", "head_loss_forward_all_positions",
+                  "backward_ours", "forward_backward_ours", "forward_backward_plain",
+                  "forward_backward_ours_stop_gradient", "optimizer_update", "step_uncompiled", "step_compiled",
+                  "step_compiled_first_call"):
+            rows.append((f"  {k}", f(p[k], 3), "", "", ""))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(5)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        worker_main(sys.argv[2], sys.argv[3])
+    else:
+        main()

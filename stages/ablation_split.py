@@ -1,0 +1,35 @@
+"""Write one ablation's training (and, where it has its own, test) rows from the validated split.
+
+    python stages/ablation_split.py unseen_tools data/validated data/ablations/splits/unseen_tools
+
+Names: unseen_tools, unseen_patterns, diversity_low, diversity_high (see
+``toolcall.ablations``). Reads params [ablations.<section>]. Writes
+train.jsonl, and test.jsonl for the unseen_* splits (the diversity arms are
+scored on the main test split).
+"""
+
+import argparse
+from collections import Counter
+
+from toolcall import ablations
+from toolcall.io import read_jsonl, read_params, write_jsonl
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("name", choices=sorted(ablations.SECTIONS))
+    ap.add_argument("validated_dir")
+    ap.add_argument("out_dir")
+    args = ap.parse_args()
+    p = read_params(f"ablations.{ablations.SECTIONS[args.name]}")
+    train, test = ablations.make_split(args.name, read_jsonl(f"{args.validated_dir}/train.jsonl"),
+                                       read_jsonl(f"{args.validated_dir}/test.jsonl"), p)
+    write_jsonl(f"{args.out_dir}/train.jsonl", train)
+    print(f"{args.name}: train {len(train)} {dict(Counter(r['category'] for r in train))}")
+    if test is not None:
+        write_jsonl(f"{args.out_dir}/test.jsonl", test)
+        print(f"{args.name}: test {len(test)} {dict(Counter(r['category'] for r in test))}")
+
+
+if __name__ == "__main__":
+    main()

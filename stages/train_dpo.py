@@ -1,0 +1,76 @@
+"""DPO on top of the SFT adapter, with on-policy negatives from the training split.
+
+    python stages/train_dpo.py models/base models/sft data/validated/train.jsonl models/sft_dpo
+
+Reads params [dpo]; the LoRA shape comes from models/sft/adapter_config.json.
+Samples the SFT model on ``dpo.prompts`` training prompts, pairs the gold
+calls (chosen) with failing samples or, where every sample passes, a
+corruption of the gold calls (rejected), then trains the LoRA with the DPO
+loss against the frozen SFT model. Writes mlx-lm adapters to models/sft_dpo,
+metrics/train_dpo.json (pairs per source, sample pass rate, last-steps loss,
+reward margin, preference accuracy, seconds per phase) and step curves under
+dvclive/train_dpo.
+"""
+
+import argparse
+import time
+
+import numpy as np
+
+from toolcall import dpo, policy, training
+from toolcall.io import read_jsonl, read_params, write_json
+from toolcall.prompts import PromptFormat
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model_dir")
+    ap.add_argument("sft_dir")
+    ap.add_argument("train")
+    ap.add_argument("out_dir")
+    ap.add_argument("--metrics", default="metrics/train_dpo.json")
+    ap.add_argument("--live", default="dvclive/train_dpo")
+    args = ap.parse_args()
+    cfg = training.from_params(dpo.DpoConfig, read_params("dpo"), "dpo")
+    lora_cfg = policy.lora_config(args.sft_dir, "dpo", seed=cfg.seed, learning_rate=cfg.learning_rate,
+                                  iters=cfg.iters, batch_size=cfg.batch_size, warmup=0)
+    model, tokenizer = policy.load_policy(args.model_dir, args.sft_dir)
+    fmt = PromptFormat(tokenizer)
+    rows = policy.choose_rows(read_jsonl(args.train), cfg.prompts, cfg.seed)
+    seconds = {}
+
+    start = time.perf_counter()
+    prompts = [fmt.encode(fmt.prompt(r["messages"], r["functions"])) for r in rows]
+    samples = policy.sample(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.temperature,
+                            cfg.max_tokens, cfg.seed, progress="dpo sample")
+    pairs, verdicts = dpo.build_pairs(rows, samples, fmt, np.random.default_rng(cfg.seed))
+    seconds["sample"] = round(time.perf_counter() - start, 1)
+    print(f"{len(pairs)} pairs from {len(rows)} prompts: {dpo.count_sources(pairs)}; "
+          f"sample pass rate {np.mean(verdicts):.1%}", flush=True)
+
+    start = time.perf_counter()
+    ref = dpo.reference_logps(model, pairs, cfg.loss_type)
+    seconds["reference"] = round(time.perf_counter() - start, 1)
+
+    from dvclive import Live
+
+    start = time.perf_counter()
+    with Live(args.live, dvcyaml=None, save_dvc_exp=False) as live:
+        log = policy.StepLog(live, "dpo", cfg.iters)
+        dpo.train(model, pairs, ref, cfg, lora_cfg, log)
+    seconds["train"] = round(time.perf_counter() - start, 1)
+    training.save_adapters(model, lora_cfg, args.out_dir)
+    write_json(args.metrics, {
+        "prompts": len(rows),
+        "samples": len(verdicts),
+        "sample_pass_rate": round(float(np.mean(verdicts)), 4),
+        "pairs": len(pairs),
+        "pairs_by_source": dpo.count_sources(pairs),
+        "epochs": round(cfg.iters * cfg.batch_size / len(pairs), 2),
+        "last_10_steps": log.last(10),
+        "seconds": seconds,
+    })
+
+
+if __name__ == "__main__":
+    main()

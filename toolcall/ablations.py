@@ -1,0 +1,56 @@
+"""Training and test sets of the ablations, drawn from the validated rows.
+
+Every set comes from ``data/validated`` (the main split's rows after the
+template checks), so its rows passed the same checks as the main study's and
+no ablation needs to validate again.
+
+* ``unseen_tools``: train and test re-split with ``strict=True``: no test
+  function is offered in training by name, normalized name, name without
+  namespace, or parameter set (paper Table 2, "unseen tools").
+* ``unseen_patterns``: test on parallel_multiple only, train on the three
+  simpler patterns; functions are kept apart by name as in the main split, so
+  the call pattern is what is new (paper Table 2, "unseen patterns").
+* ``diversity_low`` / ``diversity_high``: ``budget`` training rows, all from
+  simple or an equal share of each category, drawn from the main training
+  split; both are scored on the main test split (paper Table 3).
+"""
+
+import random
+from collections import defaultdict
+
+from .data import CATEGORIES, DataError, split_rows
+
+PATTERN_TEST = ("parallel_multiple",)
+PATTERN_TRAIN = ("simple", "multiple", "parallel")
+DIVERSITY = {"diversity_low": ("simple",), "diversity_high": CATEGORIES}
+# params.yaml [ablations.<section>] each split reads.
+SECTIONS = {"unseen_tools": "unseen_tools", "unseen_patterns": "unseen_patterns",
+            "diversity_low": "diversity", "diversity_high": "diversity"}
+
+
+def budget_subset(rows, budget, seed, categories):
+    """``budget`` rows, an equal share from each category (the first ones take the remainder), seeded."""
+    by_cat = defaultdict(list)
+    for i, row in enumerate(rows):
+        by_cat[row["category"]].append(i)
+    rng = random.Random(seed)
+    chosen = []
+    for j, cat in enumerate(categories):
+        share = budget // len(categories) + (j < budget % len(categories))
+        if share > len(by_cat[cat]):
+            raise DataError(f"budget {budget} needs {share} {cat} rows but the training split has "
+                            f"{len(by_cat[cat])}: lower ablations.diversity.budget")
+        chosen += rng.sample(by_cat[cat], share)
+    return [rows[i] for i in sorted(chosen)]
+
+
+def make_split(name, train, test, p):
+    """``(train_rows, test_rows)`` of one split; ``test_rows`` is None where the main test split is used."""
+    if name == "unseen_tools":
+        return split_rows(train + test, p["test_per_category"], p["seed"], strict=True)
+    if name == "unseen_patterns":
+        return split_rows(train + test, p["test_per_category"], p["seed"],
+                          test_categories=PATTERN_TEST, train_categories=PATTERN_TRAIN)
+    if name in DIVERSITY:
+        return budget_subset(train, p["budget"], p["seed"], DIVERSITY[name]), None
+    raise ValueError(f"unknown ablation split {name!r}: expected one of {sorted(SECTIONS)}")
