@@ -100,7 +100,7 @@ def test_changing_a_param_reruns_only_what_depends_on_it(repo):
     repo, _ = repo
     out = run("dvc exp run -S sft.lora_rank=4", repo)
     stages = ran_stages(out)
-    assert {"train_sft", "eval@sft", "report"} <= stages
+    assert {"train_sft", "eval@sft", "report", "report_ablations"} <= stages
     assert not stages & {"fetch_bfcl", "fetch_model", "split", "validate", "eval@base"}
     diff = run("dvc metrics diff", repo)
     assert "metrics/train_sft.json" in diff and "trainable_parameters" in diff  # rank 8 -> 4 halves them
@@ -129,7 +129,7 @@ def test_ablation_arms_write_metrics_and_report_sections(repo):
                                                                 "changed_and_correct"}
     best = metrics_of(repo, "best_of_n", "base")
     assert best["overall"]["n"] == 4 and best["oracle"]["correct"] >= best["overall"]["correct"]
-    report = (repo / "reports" / "report.md").read_text()
+    report = (repo / "reports" / "ablations.md").read_text()
     for title in ("## Scaffolding", "## Table 2", "## Table 3", "second seed's format"):
         assert title in report
 
@@ -138,7 +138,7 @@ def test_changing_an_ablation_param_reruns_only_its_arms(repo):
     repo, _ = repo
     out = run("dvc exp run -S ablations.diversity.budget=4", repo)
     assert ran_stages(out) == {f"ablation_{s}@diversity_{a}" for s in ("split", "train", "eval")
-                               for a in ("low", "high")} | {"report"}
+                               for a in ("low", "high")} | {"report_ablations"}
 
 
 def test_dpo_and_rl_continue_sft_and_rerun_alone(repo):
@@ -157,4 +157,4 @@ def test_dpo_and_rl_continue_sft_and_rerun_alone(repo):
         f"ablation_eval@{s}_rl" for s in ("unseen_tools", "unseen_patterns")}
     for param, stage, extra in (("dpo.beta=0.2", "dpo", set()), ("rl.learning_rate=0.0002", "rl", rl_arms)):
         assert ran_stages(run(f"dvc exp run -S {param}", repo)) == {f"train_{stage}", f"eval@sft_{stage}",
-                                                                    "report"} | extra
+                                                                    "report", "report_ablations"} | extra

@@ -3,7 +3,6 @@
 import numpy as np
 
 import toolcall  # noqa: F401  (first: loads OpenBLAS before mlx)
-import mlx.core as mx
 from test_dpo import tiny  # noqa: F401  (module fixture: tiny model + SFT-shaped adapter)
 from toolcall import policy, training
 

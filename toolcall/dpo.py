@@ -14,6 +14,11 @@ reference log-probs are computed once before any update and no second model
 is kept. ``loss_type: ipo`` (Azar et al. 2023) regresses the margin to
 ``1 / (2 beta)``; like TRL and mlx-lm-lora it uses per-token mean log-probs,
 the scale on which that target is meant.
+
+Cost at the defaults (SmolLM2-135M, 2 idle cores at ~110-250 trained
+tokens/s): 160 samples, one prefill per prompt, ~1-2 min; reference
+log-probs, each prompt run once for its chosen and rejected rows, ~0.5-1 min;
+10 steps of 8 sequences ~2.5-5 min.
 """
 
 import copy
@@ -40,11 +45,11 @@ class DpoConfig:
     beta: float = 0.1
     loss_type: str = "sigmoid"
     learning_rate: float = 5e-5
-    iters: int = 12
+    iters: int = 10
     batch_size: int = 4
-    prompts: int = 48               # training prompts sampled from
+    prompts: int = 40               # training prompts sampled from
     samples_per_prompt: int = 4
-    temperature: float = 1.0
+    temperature: float = 0.7
     max_tokens: int = 256
 
     def check(self):
