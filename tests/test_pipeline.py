@@ -70,7 +70,7 @@ TINY_OVERRIDES = {
     "dpo": {"prompts": 4, "samples_per_prompt": 2, "iters": 2, "batch_size": 2, "max_tokens": 8},
     # min_reward 0 keeps every sample: the tiny model never passes the AST check, and
     # the round should still train.
-    "rl": {"prompts": 4, "samples_per_prompt": 2, "iters": 2, "batch_size": 2, "max_tokens": 8,
+    "rl": {"rounds": 2, "prompts": 4, "samples_per_prompt": 2, "iters": 2, "batch_size": 2, "max_tokens": 8,
            "min_reward": 0.0},
 }
 
