@@ -91,7 +91,7 @@ def test_repro_runs_every_stage_and_writes_outputs(repo):
         assert len(preds) == 12 and set(preds[0]) >= {"id", "category", "raw", "calls", "valid", "error_type"}
     assert (repo / "models" / "sft" / "adapters.safetensors").exists()
     assert (repo / "reports" / "report.md").read_text().startswith("# Results")
-    assert (repo / "reports" / "accuracy.png").stat().st_size > 1000
+    assert (repo / "reports" / "report.png").stat().st_size > 1000
     assert json.loads((repo / "metrics" / "validate.json").read_text())["test"]["n_kept"] == 12
     assert "up to date" in run("dvc status", repo)
 
@@ -100,7 +100,7 @@ def test_changing_a_param_reruns_only_what_depends_on_it(repo):
     repo, _ = repo
     out = run("dvc exp run -S sft.lora_rank=4", repo)
     stages = ran_stages(out)
-    assert {"train_sft", "eval@sft", "report", "report_ablations"} <= stages
+    assert {"train_sft", "eval@sft", "report", "report_post_sft", "report_ablations"} <= stages
     assert not stages & {"fetch_bfcl", "fetch_model", "split", "validate", "eval@base"}
     diff = run("dvc metrics diff", repo)
     assert "metrics/train_sft.json" in diff and "trainable_parameters" in diff  # rank 8 -> 4 halves them
@@ -151,10 +151,11 @@ def test_dpo_and_rl_continue_sft_and_rerun_alone(repo):
         assert (repo / "models" / out / "adapters.safetensors").exists()
         assert json.loads((repo / "models" / out / "adapter_config.json").read_text())["lora_parameters"] == \
             json.loads((repo / "models" / "sft" / "adapter_config.json").read_text())["lora_parameters"]
-    assert "| SFT + DPO vs SFT |" in (repo / "reports" / "report.md").read_text()
+    assert "| SFT + DPO vs SFT |" in (repo / "reports" / "post_sft.md").read_text()
+    assert "SFT + DPO" not in (repo / "reports" / "report.md").read_text()  # base vs SFT only
     # [rl] also drives the RL generalization arms of the ablations.
     rl_arms = {f"ablation_train_rl@{s}" for s in ("unseen_tools", "unseen_patterns")} | {
         f"ablation_eval@{s}_rl" for s in ("unseen_tools", "unseen_patterns")}
     for param, stage, extra in (("dpo.beta=0.2", "dpo", set()), ("rl.learning_rate=0.0002", "rl", rl_arms)):
         assert ran_stages(run(f"dvc exp run -S {param}", repo)) == {f"train_{stage}", f"eval@sft_{stage}",
-                                                                    "report", "report_ablations"} | extra
+                                                                    "report_post_sft", "report_ablations"} | extra
