@@ -28,6 +28,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -499,18 +500,22 @@ def run_worker(name, spec, env=None, timeout=3600):
     """Run one worker in a fresh interpreter; return its JSON result."""
     full_env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     full_env.update(env or {})
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", name, json.dumps(spec)],
-        env=full_env, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-    )
+    with tempfile.NamedTemporaryFile("w", prefix="bench-spec-", suffix=".json") as f:
+        json.dump(spec, f)
+        f.flush()
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", name, f.name],
+            env=full_env, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
     raise RuntimeError(f"worker {name} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
-def worker_main(name, spec):
-    result = WORKERS[name](json.loads(spec))
+def worker_main(name, spec_path):
+    with open(spec_path) as f:
+        result = WORKERS[name](json.load(f))
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
@@ -969,15 +974,15 @@ def main():
     ap.add_argument("--train", default=str(ROOT / "data" / "validated" / "train.jsonl"))
     ap.add_argument("--test", default=str(ROOT / "data" / "validated" / "test.jsonl"))
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
-    ap.add_argument("--train-steps", type=int, default=8, help="steps of sft.batch_size rows: one epoch of the slice")
-    ap.add_argument("--eval-items", type=int, default=48, help="batched eval rows (evenly spread over --test)")
-    ap.add_argument("--sequential-items", type=int, default=8,
+    ap.add_argument("--train-steps", type=int, default=6, help="steps of sft.batch_size rows: one epoch of the slice")
+    ap.add_argument("--eval-items", type=int, default=32, help="batched eval rows (evenly spread over --test)")
+    ap.add_argument("--sequential-items", type=int, default=6,
                     help="of those, the rows also run one at a time (see bench_eval)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sequential-repeats", type=int, default=None,
                     help="repeats of the slow one-at-a-time eval arm (default: --repeats)")
     ap.add_argument("--max-tokens", type=int, default=None, help="default: params eval.max_tokens")
-    ap.add_argument("--profile-batches", type=int, default=2)
+    ap.add_argument("--profile-batches", type=int, default=1)
     ap.add_argument("--repro-dir", default=str(ROOT),
                     help="time the no-op repro here if its pipeline is finished and clean; else in a tiny copy")
     ap.add_argument("--only", default="matmul,train,eval,repro", help="comma-separated sections")
@@ -986,6 +991,7 @@ def main():
                     help="also measure the issue's leads: BLAS thread settings, eval batch/prefill/order sweep")
     ap.add_argument("--out", default=str(ROOT / "metrics" / "bench.json"))
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench: terminated"))  # run the cleanups
     args.sequential_repeats = min(args.sequential_repeats or args.repeats, args.repeats)
     sections = set(args.only.split(","))
     import yaml
