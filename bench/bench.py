@@ -7,6 +7,8 @@ arms interleaved so drifting background load hits both):
 
 * float32 matmul GFLOP/s through MLX with our OpenBLAS loading vs without
   (``TOOLCALL_NO_OPENBLAS=1``): the machine's practical ceiling.
+* Where one transformer block's time goes at eval shapes (prefill, decode):
+  the BLAS projections vs MLX's own single-threaded CPU kernels.
 * SFT training tokens/s (prompt + completion tokens) of ``toolcall.training.train_lora``
   vs ``python -m mlx_lm lora`` (its own ``main()``; with OpenBLAS loaded the same way,
   so the row measures the training code, not the BLAS) on the same rows, tokens,
@@ -149,6 +151,64 @@ def worker_matmul(spec):
             mx.eval(a @ b)
             rates.append(2 * m * k * n / (time.perf_counter() - t) / 1e9)
         out[name] = median(rates)
+    return out
+
+
+def worker_ops(spec):
+    """Milliseconds per op of one transformer block at eval shapes, ``mx.eval`` after each.
+
+    ``prefill``: one prompt of ``L`` tokens; ``decode``: ``B`` sequences, one new
+    token each, over a KV cache of ``L``. Shows where generation time goes: the
+    seven projections go through BLAS (both cores), every other op through MLX's
+    own CPU kernels (one thread).
+    """
+    import toolcall  # noqa: F401
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    s = spec["shape"]
+    d, heads, kv_heads, hd, inter = s["hidden"], s["heads"], s["kv_heads"], s["head_dim"], s["intermediate"]
+    w = {k: mx.random.normal(shape) * 0.02 for k, shape in {
+        "q": (d, heads * hd), "k": (d, kv_heads * hd), "v": (d, kv_heads * hd), "o": (heads * hd, d),
+        "gate": (d, inter), "up": (d, inter), "down": (inter, d)}.items()}
+    norm = mx.ones((d,))
+    mx.eval(w, norm)
+
+    def timed(fn):
+        mx.eval(fn())
+        ts = []
+        deadline = time.perf_counter() + spec["seconds"]
+        while time.perf_counter() < deadline or len(ts) < 5:
+            t = time.perf_counter()
+            mx.eval(fn())
+            ts.append(time.perf_counter() - t)
+        return 1000 * median(ts)
+
+    out = {}
+    for name, (b, q_len, kv_len) in {"prefill": (1, s["L"], s["L"]), "decode": (s["B"], 1, s["L"])}.items():
+        x = mx.random.normal((b, q_len, d))
+        g = mx.random.normal((b, q_len, inter))
+        q = mx.random.normal((b, heads, q_len, hd))
+        k = mx.random.normal((b, kv_heads, kv_len, hd))
+        v = mx.random.normal((b, kv_heads, kv_len, hd))
+        mx.eval(x, g, q, k, v)
+        mask = "causal" if q_len > 1 else None
+        ops = {
+            "projections (7 matmuls, BLAS)": lambda: [x @ w["q"], x @ w["k"], x @ w["v"], x @ w["o"],
+                                                      x @ w["gate"], x @ w["up"], g @ w["down"]],
+            "attention (scaled_dot_product_attention)": lambda: mx.fast.scaled_dot_product_attention(
+                q, k, v, scale=hd ** -0.5, mask=mask),
+            "swiglu (silu(gate) * up)": lambda: nn.silu(g) * g,
+            "2 rms_norm + 2 residual adds": lambda: [mx.fast.rms_norm(x, norm, 1e-5),
+                                                     mx.fast.rms_norm(x, norm, 1e-5), x + x, x + x],
+            "rope (q and k)": lambda: [mx.fast.rope(q, hd, traditional=False, base=10000.0, scale=1.0, offset=0),
+                                       mx.fast.rope(k[:, :, -q_len:], hd, traditional=False, base=10000.0,
+                                                    scale=1.0, offset=0)],
+        }
+        out[name] = {op: timed(fn) for op, fn in ops.items()}
+    x = mx.random.normal((s["L"], inter))
+    mx.eval(x)
+    out["exp_ns_per_element"] = 1e6 * timed(lambda: mx.exp(x)) / x.size
     return out
 
 
@@ -491,8 +551,8 @@ def worker_tiny_model(spec):
     return {"path": str(make_tiny_model(spec["out"]))}
 
 
-WORKERS = {"matmul": worker_matmul, "train": worker_train, "mlxlm": worker_mlxlm, "eval": worker_eval, "profile": worker_profile,
-           "tiny_model": worker_tiny_model,
+WORKERS = {"matmul": worker_matmul, "ops": worker_ops, "train": worker_train, "mlxlm": worker_mlxlm,
+           "eval": worker_eval, "profile": worker_profile, "tiny_model": worker_tiny_model,
            "padding": worker_padding}
 
 
@@ -607,6 +667,24 @@ def bench_matmul(args):
     out = {"blas": runs["openblas"][0]["blas"], "shapes": {k: list(v) for k, v in shapes.items()}}
     for arm, rs in runs.items():
         out[arm] = {name: rate_stats([x[name] for x in rs]) for name in shapes}
+    return out
+
+
+def bench_ops(args):
+    """Per-op time of one block at eval shapes (see ``worker_ops``), median over repeats."""
+    with open(Path(args.model) / "config.json") as f:
+        c = json.load(f)
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    shape = {"hidden": c["hidden_size"], "heads": c["num_attention_heads"], "kv_heads": c["num_key_value_heads"],
+             "head_dim": head_dim, "intermediate": c["intermediate_size"], "L": 400, "B": 32}
+    runs = [run_worker("ops", {"shape": shape, "seconds": 1}) for _ in range(args.repeats)]
+    out = {"shape": shape, "layers": c["num_hidden_layers"],
+           "exp_ns_per_element": median([r["exp_ns_per_element"] for r in runs])}
+    for phase in ("prefill", "decode"):
+        ms = {op: median([r[phase][op] for r in runs]) for op in runs[0][phase]}
+        total = sum(ms.values())
+        out[phase] = {op: {"ms": round(v, 3), "share": round(v / total, 3)} for op, v in ms.items()}
+    log("ops: " + ", ".join(f"{p} {sum(v['ms'] for v in out[p].values()):.1f} ms/block" for p in ("prefill", "decode")))
     return out
 
 
@@ -985,7 +1063,7 @@ def main():
     ap.add_argument("--profile-batches", type=int, default=1)
     ap.add_argument("--repro-dir", default=str(ROOT),
                     help="time the no-op repro here if its pipeline is finished and clean; else in a tiny copy")
-    ap.add_argument("--only", default="matmul,train,eval,repro", help="comma-separated sections")
+    ap.add_argument("--only", default="matmul,ops,train,eval,repro", help="comma-separated sections")
     ap.add_argument("--no-profile", action="store_true", help="skip the training step profile")
     ap.add_argument("--leads", action="store_true",
                     help="also measure the issue's leads: BLAS thread settings, eval batch/prefill/order sweep")
@@ -1008,6 +1086,8 @@ def main():
                                    "no_openblas": m["no_openblas"]["square_1024"]["median"],
                                    "openblas_1_thread": m["openblas_1_thread"]["square_1024"]["median"]}
         result["matmul_speedup"] = result["matmul_gflops"]["openblas"] / result["matmul_gflops"]["no_openblas"]
+    if "ops" in sections:
+        result["ops"] = bench_ops(args)
     if "train" in sections:
         t = result["train"] = bench_train(args, params)
         result["train_speedup_vs_mlx_lm"] = t["ours"]["tokens_per_s"]["median"] / t["mlx_lm"]["tokens_per_s"]["median"]
@@ -1067,6 +1147,15 @@ def table(r):
                      ratio(mm["openblas"][shape]["median"], mm["no_openblas"][shape]["median"], 1), ""))
         rows.append(("  OpenBLAS 2 threads (default) vs OPENBLAS_NUM_THREADS=1, 1024^3", f(m["openblas"]),
                      f(m["openblas_1_thread"]), ratio(m["openblas"], m["openblas_1_thread"]), ""))
+    if "ops" in r:
+        o = r["ops"]
+        for phase in ("prefill", "decode"):
+            shape = (f"1 x {o['shape']['L']} tokens" if phase == "prefill"
+                     else f"{o['shape']['B']} x 1 token over {o['shape']['L']} cached")
+            rows.append((f"one block, {phase} ({shape}): ms per op, share", "", "", "", ""))
+            for op, x in o[phase].items():
+                rows.append((f"  {op}", f(x["ms"], 2), "", "", f"{100 * x['share']:.0f}%"))
+        rows.append(("  MLX exp on CPU, ns per float32 element", f(o["exp_ns_per_element"], 2), "", "", ""))
     if "train" in r:
         t = r["train"]
         ok = "met" if r["targets"]["train_speedup_ge_1.5"] else "NOT met"
