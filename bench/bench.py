@@ -621,6 +621,10 @@ def model_shape(model_dir):
         "hidden": d,
         "layers": c["num_hidden_layers"],
         "vocab": c["vocab_size"],
+        "heads": c["num_attention_heads"],
+        "kv_heads": c["num_key_value_heads"],
+        "head_dim": head_dim,
+        "intermediate": c["intermediate_size"],
         "attn_width": q,
         # q, k, v, o projections + gate, up, down
         "block_params": d * q + 2 * d * kv + q * d + 3 * d * c["intermediate_size"],
@@ -650,6 +654,16 @@ def train_flops(shape, lengths, lora_layers, lora_params):
     return total, alt
 
 
+def shown(value):
+    """A path inside the repo as repo-relative (for metrics/bench.json); anything else unchanged."""
+    if isinstance(value, (str, Path)) and Path(value).is_absolute():
+        try:
+            return str(Path(value).resolve().relative_to(ROOT)) or "."
+        except ValueError:
+            return str(value)
+    return value
+
+
 def rate_stats(values):
     return {"median": median(values), "min_max": spread(values), "runs": [round(v, 4) for v in values]}
 
@@ -672,13 +686,10 @@ def bench_matmul(args):
 
 def bench_ops(args):
     """Per-op time of one block at eval shapes (see ``worker_ops``), median over repeats."""
-    with open(Path(args.model) / "config.json") as f:
-        c = json.load(f)
-    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    shape = {"hidden": c["hidden_size"], "heads": c["num_attention_heads"], "kv_heads": c["num_key_value_heads"],
-             "head_dim": head_dim, "intermediate": c["intermediate_size"], "L": 400, "B": 32}
+    model = model_shape(args.model)
+    shape = {k: model[k] for k in ("hidden", "heads", "kv_heads", "head_dim", "intermediate")} | {"L": 400, "B": 32}
     runs = [run_worker("ops", {"shape": shape, "seconds": 1}) for _ in range(args.repeats)]
-    out = {"shape": shape, "layers": c["num_hidden_layers"],
+    out = {"shape": shape, "layers": model["layers"],
            "exp_ns_per_element": median([r["exp_ns_per_element"] for r in runs])}
     for phase in ("prefill", "decode"):
         ms = {op: median([r[phase][op] for r in runs]) for op in runs[0][phase]}
@@ -1017,11 +1028,11 @@ def bench_noop_repro(args):
         if "up to date" in status:
             where, note = target, "the real pipeline (everything cached)"
         else:
-            note = f"{target}: dvc status is not clean, so a repro there would run stages"
+            note = f"{shown(target)}: dvc status is not clean, so a repro there would run stages"
     elif (target / "dvc.lock").exists():
-        note = f"{target}: a dvc repro is running there"
+        note = f"{shown(target)}: a dvc repro is running there"
     else:
-        note = f"{target}: no dvc.lock (pipeline never run there)"
+        note = f"{shown(target)}: no dvc.lock (pipeline never run there)"
     tmp = None
     if where is None:
         tmp = Path(tempfile.mkdtemp(prefix="bench-repro-"))
@@ -1077,7 +1088,7 @@ def main():
     params = yaml.safe_load(Path(args.params).read_text())
     start = time.perf_counter()
     result = {"machine": machine_info(),
-              "config": {k: getattr(args, k) for k in ("model", "adapter", "train", "test", "train_steps",
+              "config": {k: shown(getattr(args, k)) for k in ("model", "adapter", "train", "test", "train_steps",
                                                         "eval_items", "repeats", "sequential_repeats")}}
     if "matmul" in sections:
         result["matmul"] = bench_matmul(args)
