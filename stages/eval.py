@@ -2,7 +2,8 @@
 
     python stages/eval.py sft --model models/base --adapter models/sft
 
-Reads params [eval]. Writes metrics/eval/<variant>.json (overall and
+Reads params [eval]. Generation runs in one process per core (``--workers``;
+outputs do not depend on it). Writes metrics/eval/<variant>.json (overall and
 per-category accuracy with Wilson 95% intervals, error counts) and
 data/predictions/<variant>.jsonl (raw output, parsed calls, verdict per item).
 """
@@ -13,8 +14,7 @@ import time
 from toolcall.evaluation import score_output, summarize
 from toolcall.io import read_jsonl, read_params, write_json, write_jsonl
 from toolcall.prompts import PromptFormat
-from toolcall.training import load_model
-from toolcall.generation import generate
+from toolcall.sharding import default_workers, generate_sharded
 
 
 def main():
@@ -25,17 +25,20 @@ def main():
     ap.add_argument("--test", default="data/validated/test.jsonl")
     ap.add_argument("--metrics", help="default: metrics/eval/<variant>.json")
     ap.add_argument("--predictions", help="default: data/predictions/<variant>.jsonl")
+    ap.add_argument("--workers", type=int, default=default_workers(), help="generating processes (default: cores)")
     args = ap.parse_args()
     metrics_path = args.metrics or f"metrics/eval/{args.variant}.json"
     predictions_path = args.predictions or f"data/predictions/{args.variant}.jsonl"
     p = read_params("eval")
-    model, tokenizer = load_model(args.model, args.adapter)
+    from mlx_lm import load
+
+    _, tokenizer = load(args.model, lazy=True)  # the tokenizer only: each worker loads the weights
     fmt = PromptFormat(tokenizer)
     rows = read_jsonl(args.test)
     prompts = [fmt.encode(fmt.prompt(r["messages"], r["functions"])) for r in rows]
     start = time.perf_counter()
-    outputs = generate(model, tokenizer, prompts, max_tokens=p["max_tokens"], batch_size=p["batch_size"],
-                       progress=f"eval {args.variant}")
+    outputs = generate_sharded(args.model, args.adapter, prompts, workers=args.workers, progress=f"eval {args.variant}",
+                               max_tokens=p["max_tokens"], batch_size=p["batch_size"])
     seconds = time.perf_counter() - start
     records = [score_output(row, text) for row, (text, _) in zip(rows, outputs)]
     metrics = summarize(records)
@@ -43,6 +46,7 @@ def main():
         "seconds": round(seconds, 1),
         "examples_per_second": round(len(rows) / seconds, 3),
         "tokens_per_second": round(sum(n for _, n in outputs) / seconds, 1),
+        "workers": args.workers,
     }
     write_jsonl(predictions_path, records)
     write_json(metrics_path, metrics)

@@ -7,6 +7,7 @@ MLX's ``sgemm`` calls resolve to it: ~200 GFLOP/s (``make bench`` measures it).
 On macOS MLX uses Accelerate, so this is a no-op there.
 """
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -20,11 +21,12 @@ _CANDIDATES = (
 )
 
 loaded_path = None
+_lib = None
 
 
 def load_openblas():
     """Load OpenBLAS globally; return its path, or None where not applicable."""
-    global loaded_path
+    global loaded_path, _lib
     if loaded_path or sys.platform != "linux" or os.environ.get("TOOLCALL_NO_OPENBLAS"):
         return loaded_path
     if "mlx.core" in sys.modules:
@@ -33,7 +35,7 @@ def load_openblas():
     paths = [os.environ.get("TOOLCALL_OPENBLAS"), *_CANDIDATES, ctypes.util.find_library("openblas")]
     for path in filter(None, paths):
         try:
-            ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
+            _lib = ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
         except OSError:
             continue
         loaded_path = path
@@ -43,3 +45,21 @@ def load_openblas():
         "Install Debian's libopenblas0-pthread (make does this as root)."
     )
     return None
+
+
+@contextlib.contextmanager
+def threads(n):
+    """OpenBLAS limited to ``n`` threads inside the block (``None``: unchanged).
+
+    For work that already runs one lane per core: more BLAS threads per lane
+    would only oversubscribe the cores.
+    """
+    if n is None or _lib is None:
+        yield
+        return
+    before = _lib.openblas_get_num_threads()
+    _lib.openblas_set_num_threads(n)
+    try:
+        yield
+    finally:
+        _lib.openblas_set_num_threads(before)
