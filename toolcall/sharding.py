@@ -9,9 +9,9 @@ cost about the same and each worker's batches hold similar lengths.
 
 Processes, not threads: two ``generate`` lanes in two threads of one process
 (each on its own MLX stream) measured only 1.2x one lane on 32 SFT test
-prompts (67 vs 79 s; the processes' CPU time summed to 1.5 cores), where two
-processes give ~1.6x. Greedy outputs do not depend on the split: each
-sequence's tokens depend on its own prompt only.
+prompts (67 vs 79 s; the threads' CPU time summed to 1.5 cores), where two
+processes gave 1.42x one process on 64 (``make bench``). Greedy outputs do not
+depend on the split: each sequence's tokens depend on its own prompt only.
 """
 
 import multiprocessing
