@@ -920,21 +920,22 @@ def bench_eval(args, params):
         texts = [j for j, i in enumerate(sub) if parse_calls(run["texts"][i]) != parse_calls(seq_ref["texts"][j])]
         return ids, texts
 
+    def throughput(arm_runs):  # the rows every arm that runs all items reports
+        return {
+            "examples_per_s": rate_stats([args.eval_items / x["seconds"] for x in arm_runs]),
+            "generated_tokens_per_s": rate_stats([sum(x["generated"]) / x["seconds"] for x in arm_runs]),
+            "seconds": rate_stats([x["seconds"] for x in arm_runs]),
+        }
+
     sharded = runs["sharded"]
     out = {
         "items": args.eval_items, "sequential_items": n_seq, "max_tokens": max_tokens, "batch_size": batch_size,
         "workers": workers, "adapter": args.adapter, "prompt_tokens_mean": sum(prompt_tokens) / len(prompt_tokens),
         "generated_tokens_mean": sum(generated) / len(generated),
         "hit_max_tokens": sum(g >= max_tokens for g in generated),
-        "sharded": {
-            "examples_per_s": rate_stats([args.eval_items / x["seconds"] for x in sharded]),
-            "generated_tokens_per_s": rate_stats([sum(x["generated"]) / x["seconds"] for x in sharded]),
-            "seconds": rate_stats([x["seconds"] for x in sharded]),
-        },
+        "sharded": throughput(sharded),
         "batched": {
-            "examples_per_s": rate_stats([args.eval_items / x["seconds"] for x in runs["batched"]]),
-            "generated_tokens_per_s": rate_stats([sum(x["generated"]) / x["seconds"] for x in runs["batched"]]),
-            "seconds": rate_stats([x["seconds"] for x in runs["batched"]]),
+            **throughput(runs["batched"]),
             "prefill_s": rate_stats([x["split"]["prefill_s"] for x in runs["batched"] if "split" in x]),
             "decode_s": rate_stats([x["split"]["decode_s"] for x in runs["batched"] if "split" in x]),
             "decode_steps": first.get("split", {}).get("decode_steps"),
