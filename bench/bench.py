@@ -9,7 +9,7 @@ arms interleaved so drifting background load hits both):
   (``TOOLCALL_NO_OPENBLAS=1``): the machine's practical ceiling.
 * Where one transformer block's time goes at eval shapes (prefill, decode):
   the BLAS projections vs MLX's own single-threaded CPU kernels.
-* SFT training tokens/s (prompt + completion tokens) of ``toolcall.training.train_lora``
+* SFT training tokens/s (prompt + completion tokens) of ``toolcall.trainer.train_lora``
   vs ``python -m mlx_lm lora`` (its own ``main()``; with OpenBLAS loaded the same way,
   so the row measures the training code, not the BLAS) on the same rows, tokens,
   LoRA settings and iterations. Both run exactly one epoch of the slice, so both
@@ -219,28 +219,28 @@ def worker_train(spec):
     import toolcall  # noqa: F401
     import mlx.core as mx
 
-    from toolcall import training
+    from toolcall import lora, loss, trainer
+    from toolcall.config import SftConfig
 
     rows = _load_rows(spec["train"], spec["indices"])
-    model, tokenizer = training.load_model(spec["model"])
+    model, tokenizer = lora.load_model(spec["model"])
     examples = _examples(tokenizer, rows)
-    cfg = training.LoraConfig(**spec["cfg"])
-    mx.random.seed(cfg.seed)  # LoRA init: identical in every arm
-    training.add_lora(model, cfg)
+    cfg = SftConfig(**spec["cfg"])
+    lora.add_lora(model, lora.adapter_config(cfg), cfg.seed)  # LoRA init: identical in every arm
     if spec["arm"] == "plain":
-        training.supports_split_head = lambda m: False  # -> full_loss = mlx-lm's default_loss
+        trainer.sft_loss = lambda m: loss.full_loss  # mlx-lm's default_loss
     rec = _Recorder()
 
-    class Callback(training.ProgressCallback):
+    class Callback(trainer._Reports):
         def on_train_loss_report(self, info):
             rec.on_train_loss_report(info)
 
-    training.ProgressCallback = Callback
+    trainer._Reports = Callback
     counts = {"batches": 0, "padded_positions": 0, "real_tokens": 0}
-    training.iterate_batches = _batch_counter(training.iterate_batches, counts, per_row=1)
+    trainer.iterate_batches = _batch_counter(trainer.iterate_batches, counts, per_row=1)
     u0, s0 = _rusage()
     t0 = time.perf_counter()
-    training.train_lora(model, examples, cfg)
+    trainer.train_lora(model, examples, cfg.train())
     wall = time.perf_counter() - t0
     u1, s1 = _rusage()
     return {
@@ -252,7 +252,7 @@ def worker_train(spec):
         "cpu_system_s": s1 - s0,
         "tokens": sum(len(t) for t, _ in examples),
         "completion_tokens": sum(len(t) - p for t, p in examples),
-        "lora_parameters": training.count_trainable(model),
+        "lora_parameters": lora.count_trainable(model),
     }
 
 
@@ -312,7 +312,7 @@ def worker_eval(spec):
 
     from toolcall import generation
     from toolcall.prompts import PromptFormat
-    from toolcall.training import load_model
+    from toolcall.lora import load_model
 
     model, tokenizer = load_model(spec["model"], spec.get("adapter"))
     fmt = PromptFormat(tokenizer)
@@ -394,21 +394,22 @@ def worker_profile(spec):
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from toolcall import training
+    from toolcall import batches as batching
+    from toolcall import lora, loss, trainer
+    from toolcall.config import SftConfig
 
     rows = _load_rows(spec["train"], spec["indices"])
-    model, tokenizer = training.load_model(spec["model"])
+    model, tokenizer = lora.load_model(spec["model"])
     examples = _examples(tokenizer, rows)
-    cfg = training.LoraConfig(**spec["cfg"])
-    mx.random.seed(cfg.seed)
-    training.add_lora(model, cfg)
+    cfg = SftConfig(**spec["cfg"])
+    lora.add_lora(model, lora.adapter_config(cfg), cfg.seed)
     model.train()
-    it = training.iterate_batches(examples, cfg.batch_size, cfg.max_seq_len, loop=True, seed=cfg.seed)
+    it = batching.iterate_batches(examples, cfg.batch_size, cfg.max_seq_len, loop=True, seed=cfg.seed)
     batches = [next(it) for _ in range(spec["batches"])]
     mx.eval(batches)
-    opt = training.make_optimizer(cfg)
-    ours = nn.value_and_grad(model, training.completion_loss)
-    plain = nn.value_and_grad(model, training.full_loss)
+    opt = trainer.make_optimizer(cfg)
+    ours = nn.value_and_grad(model, loss.completion_loss)
+    plain = nn.value_and_grad(model, loss.full_loss)
     params = lambda: [v for _, v in tree_flatten(model.trainable_parameters())]  # noqa: E731
 
     def body(batch):
@@ -418,13 +419,13 @@ def worker_profile(spec):
         _, positions, weights = batch[1:]
         targets = batch[0][:, 1:]
         picked = mx.take_along_axis(hidden, positions[..., None], axis=1)
-        logits = training._lm_head(model, picked)
+        logits = loss.lm_head(model, picked)
         ce = nn.losses.cross_entropy(logits, mx.take_along_axis(targets, positions, axis=1)) * weights
         return ce.sum() / weights.sum()
 
     def head_full(batch, hidden):
         lengths, targets = batch[1], batch[0][:, 1:]
-        logits = training._lm_head(model, hidden)
+        logits = loss.lm_head(model, hidden)
         steps = mx.arange(1, targets.shape[1] + 1)
         mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
         return (nn.losses.cross_entropy(logits, targets) * mask).sum() / mask.sum()
@@ -794,10 +795,10 @@ def train_summary(runs, shape, cfg, flops):
 
 
 def bench_train(args, params):
-    from toolcall.training import LoraConfig, from_params
+    from toolcall.config import SftConfig, from_params
 
     sft = dict(params["sft"])
-    cfg = from_params(LoraConfig, sft, "sft").__dict__
+    cfg = dict(from_params(SftConfig, sft, "sft").__dict__)
     cfg.update(iters=args.train_steps, steps_per_report=1, warmup=min(cfg["warmup"], args.train_steps - 1))
     if cfg["grad_accumulation"] != 1:
         raise SystemExit("bench assumes sft.grad_accumulation == 1")

@@ -17,7 +17,7 @@ from toolcall import scaffold
 from toolcall.generation import generate
 from toolcall.io import read_jsonl, read_params, write_json, write_jsonl
 from toolcall.prompts import PromptFormat
-from toolcall.training import load_model
+from toolcall.lora import load_model
 
 
 def main():

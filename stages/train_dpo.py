@@ -17,9 +17,12 @@ import time
 
 import numpy as np
 
-from toolcall import dpo, policy, training
+from toolcall import dpo, lora
+from toolcall.config import DpoConfig, from_params
 from toolcall.io import read_jsonl, read_params, write_json
 from toolcall.prompts import PromptFormat
+from toolcall.rollouts import choose_rows, sample
+from toolcall.trainer import StepLog
 
 
 def main():
@@ -31,18 +34,16 @@ def main():
     ap.add_argument("--metrics", default="metrics/train_dpo.json")
     ap.add_argument("--live", default="dvclive/train_dpo")
     args = ap.parse_args()
-    cfg = training.from_params(dpo.DpoConfig, read_params("dpo"), "dpo")
-    lora_cfg = policy.lora_config(args.sft_dir, "dpo", seed=cfg.seed, learning_rate=cfg.learning_rate,
-                                  iters=cfg.iters, batch_size=cfg.batch_size, warmup=0)
-    model, tokenizer = policy.load_policy(args.model_dir, args.sft_dir)
+    cfg = from_params(DpoConfig, read_params("dpo"), "dpo")
+    model, tokenizer = lora.load_policy(args.model_dir, args.sft_dir)
     fmt = PromptFormat(tokenizer)
-    rows = policy.choose_rows(read_jsonl(args.train), cfg.prompts, cfg.seed)
+    rows = choose_rows(read_jsonl(args.train), cfg.prompts, cfg.seed)
     seconds = {}
 
     start = time.perf_counter()
     prompts = [fmt.encode(fmt.prompt(r["messages"], r["functions"])) for r in rows]
-    samples = policy.sample(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.temperature,
-                            cfg.max_tokens, cfg.seed, progress="dpo sample")
+    samples = sample(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.temperature, cfg.max_tokens,
+                     cfg.seed, cfg.sample_batch, label="dpo sample")
     pairs, verdicts = dpo.build_pairs(rows, samples, fmt, np.random.default_rng(cfg.seed))
     seconds["sample"] = round(time.perf_counter() - start, 1)
     print(f"{len(pairs)} pairs from {len(rows)} prompts: {dpo.count_sources(pairs)}; "
@@ -56,10 +57,10 @@ def main():
 
     start = time.perf_counter()
     with Live(args.live, dvcyaml=None, save_dvc_exp=False) as live:
-        log = policy.StepLog(live, "dpo", cfg.iters)
-        dpo.train(model, pairs, ref, cfg, lora_cfg, log)
+        log = StepLog(live, "dpo", cfg.iters)
+        dpo.train(model, pairs, ref, cfg, log)
     seconds["train"] = round(time.perf_counter() - start, 1)
-    training.save_adapters(model, lora_cfg, args.out_dir)
+    lora.save_adapters(model, lora.read_adapter_config(args.sft_dir), args.out_dir)
     write_json(args.metrics, {
         "prompts": len(rows),
         "samples": len(verdicts),

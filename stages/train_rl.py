@@ -12,7 +12,8 @@ under dvclive/train_rl.
 
 import argparse
 
-from toolcall import policy, rl, training
+from toolcall import lora, rl
+from toolcall.config import RlConfig, from_params
 from toolcall.io import read_jsonl, read_params, write_json
 from toolcall.prompts import PromptFormat
 
@@ -26,18 +27,15 @@ def main():
     ap.add_argument("--metrics", default="metrics/train_rl.json")
     ap.add_argument("--live", default="dvclive/train_rl")
     args = ap.parse_args()
-    cfg = training.from_params(rl.RlConfig, read_params("rl"), "rl")
-    # Checked before the slow part: a bad LoRA training field fails here, not after sampling.
-    lora_cfg = policy.lora_config(args.sft_dir, "rl", seed=cfg.seed, learning_rate=cfg.learning_rate,
-                                  iters=cfg.iters, batch_size=cfg.batch_size, warmup=0)
-    model, tokenizer = policy.load_policy(args.model_dir, args.sft_dir)
+    cfg = from_params(RlConfig, read_params("rl"), "rl")
+    model, tokenizer = lora.load_policy(args.model_dir, args.sft_dir)
     fmt = PromptFormat(tokenizer)
     rows = read_jsonl(args.train)
     from dvclive import Live
 
     with Live(args.live, dvcyaml=None, save_dvc_exp=False) as live:
-        rounds = rl.run(model, tokenizer, fmt, rows, cfg, args.sft_dir, live)
-    training.save_adapters(model, lora_cfg, args.out_dir)
+        rounds = rl.run(model, tokenizer, fmt, rows, cfg, live)
+    lora.save_adapters(model, lora.read_adapter_config(args.sft_dir), args.out_dir)
     write_json(args.metrics, {
         "algo": cfg.algo,
         "rounds": {f"round_{i + 1}": r for i, r in enumerate(rounds)},

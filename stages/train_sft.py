@@ -20,10 +20,12 @@ An ablation arm (stage ablation_train) passes ``--overrides SECTION``
 import argparse
 import sys
 
+from toolcall import lora
+from toolcall.config import SftConfig, from_params
 from toolcall.data import gold_calls
 from toolcall.io import read_jsonl, read_params, write_json
 from toolcall.prompts import PromptFormat
-from toolcall import training
+from toolcall.trainer import train_lora
 
 
 def main():
@@ -39,8 +41,8 @@ def main():
     for section in args.overrides:
         p.update(read_params(section))
     style = p.pop("style", "structured")
-    cfg = training.from_params(training.LoraConfig, p, " + ".join(["sft", *args.overrides]))
-    model, tokenizer = training.load_model(args.model_dir)
+    cfg = from_params(SftConfig, p, " + ".join(["sft", *args.overrides]))
+    model, tokenizer = lora.load_model(args.model_dir)
     fmt = PromptFormat(tokenizer, style)
     rows = read_jsonl(args.train)
     calls = [gold_calls(row["ground_truth"]) for row in rows]
@@ -55,21 +57,23 @@ def main():
         structured = PromptFormat(tokenizer)
         format_info["targets_unlike_structured"] = sum(
             ex != structured.example(row, c) for ex, row, c in zip(examples, rows, calls))
-    training.add_lora(model, cfg)
-    print(f"{len(examples)} examples, {training.count_trainable(model):,} trainable parameters")
+    if not cfg.mask_prompt:
+        examples = [(t, 1) for t, _ in examples]  # every token after the first is a target
+    lora.add_lora(model, lora.adapter_config(cfg), cfg.seed)
+    print(f"{len(examples)} examples, {lora.count_trainable(model):,} trainable parameters")
     from dvclive import Live
 
     with Live(args.live, dvcyaml=None, save_dvc_exp=False) as live:
-        result = training.train_lora(model, examples, cfg, live, prefix="sft")
-    training.save_adapters(model, cfg, args.out_dir)
+        result = train_lora(model, examples, cfg.train(), live, prefix="sft")
+    lora.save_adapters(model, lora.adapter_config(cfg), args.out_dir)
     n_tokens = sum(len(t) for t, _ in examples)
     write_json(args.metrics, {
         "examples": len(examples),
         "epochs": round(cfg.iters * cfg.batch_size / len(examples), 2),
-        "final_loss": round(result["history"][-1]["train_loss"], 4),
+        "final_loss": round(result["history"][-1]["loss"], 4),
         "train_seconds": result["train_seconds"],
         "tokens_per_second": round(n_tokens * cfg.iters * cfg.batch_size / len(examples) / result["train_seconds"], 1),
-        "trainable_parameters": training.count_trainable(model),
+        "trainable_parameters": lora.count_trainable(model),
         **format_info,
     })
 

@@ -94,8 +94,8 @@ def call(args, name="area"):
     ('<tool_call>{"name": "area", "arguments": {"width": 2,}}</tool_call>', "parse:malformed_json"),
     ("no call", "parse:no_call"),
 ])
-def test_schema_problem(text, problem):
-    assert scaffold.schema_problem(text, FUNCTIONS) == problem
+def test_output_problem(text, problem):
+    assert scaffold.output_problem(text, FUNCTIONS) == problem
 
 
 class Poisoned(dict):

@@ -1,6 +1,5 @@
 """BFCL normalization and the leakage-free split."""
 
-import json
 from collections import Counter
 from pathlib import Path
 

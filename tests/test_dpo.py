@@ -10,11 +10,14 @@ import yaml
 import toolcall  # noqa: F401  (first: loads OpenBLAS before mlx)
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
+from configs import config
 from tiny_model import make_tiny_model
-from toolcall import data, dpo, policy, training
+from toolcall import data, dpo, lora
+from toolcall.config import DpoConfig, SftConfig
 from toolcall.evaluation import score_output
 from toolcall.prompts import PromptFormat
 from toolcall.scoring import check
+from toolcall.trainer import StepLog
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "bfcl"
@@ -33,13 +36,13 @@ def fixture_rows():
 def tiny(tmp_path_factory):
     """The tiny model with an SFT-shaped adapter (LoRA B nonzero, so it is not the base)."""
     base = make_tiny_model(tmp_path_factory.mktemp("tiny"))
-    model, _ = training.load_model(base)
-    cfg = training.LoraConfig(lora_layers=2)
-    training.add_lora(model, cfg)
-    model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.01) for k, v in policy.snapshot(model)]))
+    model, _ = lora.load_model(base)
+    adapter = lora.adapter_config(config(SftConfig, "sft", lora_layers=2))
+    lora.add_lora(model, adapter, seed=0)
+    model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.01) for k, v in lora.snapshot(model)]))
     sft = tmp_path_factory.mktemp("sft")
-    training.save_adapters(model, cfg, sft)
-    model, tokenizer = policy.load_policy(base, sft)
+    lora.save_adapters(model, adapter, sft)
+    model, tokenizer = lora.load_policy(base, sft)
     return model, tokenizer, sft
 
 
@@ -82,10 +85,9 @@ def test_training_moves_only_the_lora_weights(tiny):
     pairs = [{"id": str(i), "source": "on_policy", "prompt_len": 10, "chosen": list(range(3, 30 + i)),
               "rejected": list(range(3, 20 + i))} for i in range(4)]
     # One batch of all four pairs, so the second step sees the batch the first one learned from.
-    cfg = dpo.DpoConfig(iters=2, batch_size=4, learning_rate=1e-2)
-    lora_cfg = policy.lora_config(sft, "dpo", iters=2, batch_size=4, learning_rate=1e-2, warmup=0)
-    log = policy.StepLog(None, "dpo", 2)
-    dpo.train(model, pairs, dpo.reference_logps(model, pairs, "sigmoid"), cfg, lora_cfg, log)
+    cfg = config(DpoConfig, "dpo", iters=2, batch_size=4, learning_rate=1e-2)
+    log = StepLog(None, "dpo", 2)
+    dpo.train(model, pairs, dpo.reference_logps(model, pairs, "sigmoid"), cfg, log)
     after = dict(tree_flatten(model.parameters()))
     changed = {k for k in before if not mx.array_equal(before[k], after[k]).item()}
     assert changed and all(k.endswith(("lora_a", "lora_b")) for k in changed)
@@ -143,11 +145,3 @@ def test_every_corruption_fails_the_ast_check_after_rendering(tiny):
         assert kind in dpo.CORRUPTIONS
     assert applied == set(dpo.CORRUPTIONS)
 
-
-def test_impossible_params_name_the_key():
-    with pytest.raises(training.ConfigError, match=r"\[dpo\].*loss_type"):
-        training.from_params(dpo.DpoConfig, {"loss_type": "hinge"}, "dpo")
-    with pytest.raises(training.ConfigError, match=r"\[dpo\].*beta"):
-        training.from_params(dpo.DpoConfig, {"beta": 0}, "dpo")
-    with pytest.raises(training.ConfigError, match=r"\[dpo\].*unknown keys \['lora_rank'\]"):
-        training.from_params(dpo.DpoConfig, {"lora_rank": 8}, "dpo")  # the LoRA shape comes from the SFT adapter

@@ -8,7 +8,8 @@ from tiny_model import make_tiny_model
 
 from toolcall.data import gold_calls
 from toolcall.parsing import parse_calls
-from toolcall.prompts import TOOL_TEMPLATE, PromptFormat, template_supports_tools, to_json_schema
+from toolcall.prompts import TOOL_TEMPLATE, PromptFormat, template_supports_tools
+from toolcall.schema import to_json_schema
 from toolcall.validate import validate_rows
 from test_data import fixture_rows
 

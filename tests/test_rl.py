@@ -9,7 +9,12 @@ import toolcall  # noqa: F401  (first: loads OpenBLAS before mlx)
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from test_dpo import tiny  # noqa: F401  (module fixture: tiny model + SFT-shaped adapter)
-from toolcall import policy, rl, training
+from configs import config
+from toolcall import lora, rl
+from toolcall.batches import collate
+from toolcall.config import RlConfig
+from toolcall.loss import token_logps
+from toolcall.trainer import StepLog
 
 WEATHER = {"name": "get_weather", "description": "", "parameters": {
     "type": "dict", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
@@ -53,7 +58,7 @@ def test_grpo_advantages_standardize_within_the_group():
 
 
 def test_grpo_examples_drop_groups_without_signal_and_end_unfinished_samples_without_eos():
-    cfg = rl.RlConfig(algo="grpo", max_tokens=3)
+    cfg = config(RlConfig, "rl", algo="grpo", max_tokens=3)
     prompts = [[1, 2], [3]]
     samples = [[("a", [5]), ("b", [6, 7, 8])], [("c", [9]), ("d", [9])]]
     scores = [[{"reward": 1.2}, {"reward": 0.0}], [{"reward": 0.2}, {"reward": 0.2}]]
@@ -63,7 +68,7 @@ def test_grpo_examples_drop_groups_without_signal_and_end_unfinished_samples_wit
 
 
 def test_rft_keeps_distinct_rewarded_samples_with_eos():
-    cfg = rl.RlConfig(max_tokens=3, min_reward=1.0)
+    cfg = config(RlConfig, "rl", max_tokens=3, min_reward=1.0)
     prompts = [[1, 2], [3]]
     samples = [[("a", [5]), ("a", [5]), ("b", [6, 7, 8])], [("c", [9]), ("d", [4])]]
     scores = [[{"reward": 1.2}, {"reward": 1.2}, {"reward": 1.2}], [{"reward": 0.2}, {"reward": 1.0}]]
@@ -75,8 +80,8 @@ def test_grpo_loss_at_the_sampling_policy_is_minus_the_mean_advantage(tiny):  # 
     """old == ref == policy: ratio 1, KL 0, so the loss is -(token-weighted mean advantage)."""
     model, _, _ = tiny
     examples = [(list(range(3, 30)), 20), (list(range(3, 25)), 20)]
-    tokens, _, positions, weights = training.collate(examples)
-    logp = policy.token_logps(model, tokens, positions)
+    tokens, _, positions, weights = collate(examples)
+    logp = token_logps(model, tokens, positions)
     adv = mx.array([1.5, -0.5])
     loss, metrics = rl.grpo_loss(model, tokens, positions, weights, adv, logp, logp, 0.2, 0.04)
     n_tokens = [len(t) - p for t, p in examples]  # 7 and 2 completion tokens
@@ -86,24 +91,15 @@ def test_grpo_loss_at_the_sampling_policy_is_minus_the_mean_advantage(tiny):  # 
 
 def test_grpo_update_moves_only_the_lora_weights(tiny):  # noqa: F811
     model, _, sft = tiny
-    reference = policy.snapshot(model)
+    reference = lora.snapshot(model)
     before = dict(tree_flatten(model.parameters()))
     examples = [(list(range(3, 30)), 20), (list(range(3, 25)), 20), (list(range(4, 28)), 20), (list(range(4, 26)), 20)]
-    cfg = rl.RlConfig(algo="grpo", iters=2, batch_size=4)
-    lora_cfg = policy.lora_config(sft, "rl", iters=2, batch_size=4, learning_rate=1e-2, warmup=0)
-    log = policy.StepLog(None, "rl", 2)
-    rl.grpo_update(model, examples, np.array([1.0, -1.0, 1.0, -1.0], np.float32), reference, cfg, lora_cfg, log)
+    cfg = config(RlConfig, "rl", algo="grpo", iters=2, batch_size=4, learning_rate=1e-2)
+    log = StepLog(None, "rl", 2)
+    rl.grpo_update(model, examples, np.array([1.0, -1.0, 1.0, -1.0], np.float32), reference, cfg, cfg.train(0), log)
     after = dict(tree_flatten(model.parameters()))
     changed = {k for k in before if not mx.array_equal(before[k], after[k]).item()}
     assert changed and all(k.endswith(("lora_a", "lora_b")) for k in changed)
     assert log.history[0]["kl"] < 1e-6 < log.history[1]["kl"]  # step 1 at the reference, then away from it
-    policy.restore(model, reference)  # the module fixture is shared
+    lora.restore(model, reference)  # the module fixture is shared
 
-
-def test_impossible_params_name_the_key():
-    with pytest.raises(training.ConfigError, match=r"\[rl\].*algo"):
-        training.from_params(rl.RlConfig, {"algo": "ppo"}, "rl")
-    with pytest.raises(training.ConfigError, match=r"\[rl\].*samples_per_prompt"):
-        training.from_params(rl.RlConfig, {"algo": "grpo", "samples_per_prompt": 1}, "rl")
-    with pytest.raises(training.ConfigError, match=r"\[rl\].*min_reward"):
-        training.from_params(rl.RlConfig, {"min_reward": 2.0}, "rl")

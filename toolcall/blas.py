@@ -1,9 +1,9 @@
 """Point MLX's CPU matmuls at OpenBLAS on Linux.
 
-The Linux ``mlx[cpu]`` wheel bundles netlib's reference BLAS, which runs a
-float32 1024x1024 matmul at ~4-8 GFLOP/s on a 2-core x86-64 box. Loading
-OpenBLAS into the global symbol scope *before* ``mlx.core`` is imported makes
-MLX's ``sgemm`` calls resolve to it: ~200 GFLOP/s (``make bench`` measures it).
+The Linux ``mlx[cpu]`` wheel bundles netlib's reference BLAS, a few percent
+of the speed of an optimized one. Loading OpenBLAS into the global symbol
+scope *before* ``mlx.core`` is imported makes MLX's ``sgemm`` calls resolve to
+it (``make bench`` measures the difference).
 On macOS MLX uses Accelerate, so this is a no-op there.
 """
 

@@ -13,14 +13,13 @@ JSON Schema names.
 """
 
 import copy
-import json
 import random
 import re
 import zipfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from .io import read_jsonl
+from .io import parse_jsonl, read_jsonl
 
 CATEGORIES = ("simple", "multiple", "parallel", "parallel_multiple")
 
@@ -33,14 +32,10 @@ class DataError(ValueError):
 
 
 def _parse_lines(text, where):
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
-    return rows
+    try:
+        return parse_jsonl(text, where)
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
 def read_source(source, files, *, wheel=None, local_dir=None, hub_repo=None, hub_revision=None):

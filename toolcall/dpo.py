@@ -14,15 +14,9 @@ reference log-probs are computed once before any update and no second model
 is kept. ``loss_type: ipo`` (Azar et al. 2023) regresses the margin to
 ``1 / (2 beta)``; like TRL and mlx-lm-lora it uses per-token mean log-probs,
 the scale on which that target is meant.
-
-Cost at the defaults (SmolLM2-135M, 2 idle cores at ~110-250 trained
-tokens/s): 160 samples, one prefill per prompt, ~1-2 min; reference
-log-probs, each prompt run once for its chosen and rejected rows, ~0.5-1 min;
-10 steps of 8 sequences ~2.5-5 min.
 """
 
 import copy
-import dataclasses
 import json
 from collections import Counter
 
@@ -30,40 +24,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import policy, training
+from .batches import collate, length_buckets, shuffled
+from .config import LOSSES
 from .data import gold_calls
 from .evaluation import score_output
+from .loss import token_logps
+from .rollouts import completion_logps
 from .scoring import check
+from .trainer import optimize
 
-LOSSES = ("sigmoid", "ipo")
 CORRUPTIONS = ("wrong_value", "wrong_type", "missing_required", "wrong_function", "dropped_call", "extra_call")
-
-
-@dataclasses.dataclass
-class DpoConfig:
-    seed: int = 0
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    learning_rate: float = 5e-5
-    iters: int = 10
-    batch_size: int = 4
-    prompts: int = 40               # training prompts sampled from
-    samples_per_prompt: int = 4
-    temperature: float = 0.7
-    max_tokens: int = 256
-
-    def check(self):
-        if self.beta <= 0:
-            yield f"beta={self.beta} must be > 0"
-        if self.loss_type not in LOSSES:
-            yield f"loss_type={self.loss_type!r} must be one of {LOSSES}"
-        if not 0 < self.learning_rate < 1:
-            yield f"learning_rate={self.learning_rate} must be in (0, 1)"
-        for key in ("iters", "batch_size", "prompts", "samples_per_prompt", "max_tokens"):
-            if getattr(self, key) < 1:
-                yield f"{key}={getattr(self, key)} must be >= 1"
-        if self.temperature <= 0:
-            yield f"temperature={self.temperature} must be > 0 (0 is greedy: every sample the same)"
 
 
 # ---------------------------------------------------------------- corruptions
@@ -218,7 +188,7 @@ def sequence_logps(token_logps, weights, loss_type):
 
 def dpo_loss(model, tokens, positions, weights, ref, beta, loss_type):
     """Mean preference loss of a batch whose first half are chosen rows, second half rejected."""
-    logps = sequence_logps(policy.token_logps(model, tokens, positions), weights, loss_type)
+    logps = sequence_logps(token_logps(model, tokens, positions), weights, loss_type)
     half = logps.shape[0] // 2
     losses, chosen_r, rejected_r = preference_loss(logps[:half], logps[half:], ref[:half], ref[half:],
                                                    beta, loss_type)
@@ -233,7 +203,7 @@ def dpo_loss(model, tokens, positions, weights, ref, beta, loss_type):
 def reference_logps(model, pairs, loss_type):
     """Reference sequence log-probs ``(chosen, rejected)`` per pair, from the model as it is now."""
     examples = [(p["chosen"], p["prompt_len"]) for p in pairs] + [(p["rejected"], p["prompt_len"]) for p in pairs]
-    per_token = policy.completion_logps(model, examples)
+    per_token = completion_logps(model, examples)
     seq = np.array([t.mean() if loss_type == "ipo" else t.sum() for t in per_token], np.float32)
     return seq[: len(pairs)], seq[len(pairs):]
 
@@ -248,17 +218,17 @@ def pair_batches(pairs, ref, batch_size, seed):
                          "raise dpo.prompts or lower dpo.batch_size")
     ref_chosen, ref_rejected = ref
     lengths = [len(p["chosen"]) + len(p["rejected"]) for p in pairs]
-    for idx in policy.index_batches(lengths, batch_size, seed):
+    for idx in shuffled(length_buckets(lengths, batch_size), seed):
         examples = [(pairs[i]["chosen"], pairs[i]["prompt_len"]) for i in idx]
         examples += [(pairs[i]["rejected"], pairs[i]["prompt_len"]) for i in idx]
-        tokens, _, positions, weights = training.collate(examples)
+        tokens, _, positions, weights = collate(examples)
         yield tokens, positions, weights, mx.array(np.concatenate([ref_chosen[idx], ref_rejected[idx]]))
 
 
-def train(model, pairs, ref, cfg, lora_cfg, on_step):
-    """``cfg.iters`` DPO steps on the LoRA parameters; ``ref`` from ``reference_logps``."""
+def train(model, pairs, ref, cfg, on_step):
+    """``cfg.iters`` DPO steps on the LoRA parameters (``cfg``: a ``DpoConfig``); ``ref`` from ``reference_logps``."""
 
     def loss(model, tokens, positions, weights, ref_logps):
         return dpo_loss(model, tokens, positions, weights, ref_logps, cfg.beta, cfg.loss_type)
 
-    policy.optimize(model, lora_cfg, loss, pair_batches(pairs, ref, cfg.batch_size, cfg.seed), on_step)
+    optimize(model, cfg.train(), loss, pair_batches(pairs, ref, cfg.batch_size, cfg.seed), on_step)

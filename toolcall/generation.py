@@ -6,17 +6,17 @@ end-of-turn token. Greedy by default; a temperature gives sampling (best-of-N,
 DPO negatives, RL rollouts).
 """
 
-import time
-
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
+
+from .progress import Progress
 
 
 def generate(model, tokenizer, prompts, max_tokens=256, temperature=0.0, batch_size=32,
              seed=None, progress=None, return_tokens=False, caches=None):
     """Complete each token-id prompt; return ``[(text, n_generated_tokens)]`` in input order.
 
-    ``progress``: a label; when given, prints items done, tokens/s and ETA.
+    ``progress``: a label; when given, reports items done, tokens/s and ETA.
     ``return_tokens``: return ``(text, n, token_ids)`` instead, the ids exactly as
     sampled (stop token excluded), for training on the samples themselves (RL).
     ``caches``: per prompt, an mlx-lm prompt cache already holding all of it but
@@ -39,22 +39,18 @@ def generate(model, tokenizer, prompts, max_tokens=256, temperature=0.0, batch_s
                       caches=[caches[i] for i in order] if caches else None)
     index = dict(zip(uids, order))
     tokens = {uid: [] for uid in uids}
-    done, n_tokens, start, last_print = 0, 0, time.perf_counter(), 0.0
+    bar = Progress(progress, len(prompts), unit="seq") if progress else None
+    n_tokens = 0
     try:
         while responses := gen.next_generated():
+            finished = 0
             for r in responses:
                 if r.finish_reason != "stop":  # the stop token itself is not text
                     tokens[r.uid].append(r.token)
                     n_tokens += 1
-                if r.finish_reason is not None:
-                    done += 1
-            now = time.perf_counter()
-            if progress and (now - last_print > 15 or done == len(prompts)):
-                last_print = now
-                rate = done / (now - start)
-                eta = (len(prompts) - done) / rate if rate else float("nan")
-                print(f"[{progress}] {done}/{len(prompts)} done  {n_tokens / (now - start):.1f} tok/s  "
-                      f"ETA {eta:.0f}s", flush=True)
+                finished += r.finish_reason is not None
+            if bar:
+                bar.update(finished, tok_per_s=round(n_tokens / bar.elapsed(), 1))
     finally:
         gen.close()
     out = [None] * len(prompts)

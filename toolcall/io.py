@@ -40,18 +40,23 @@ def write_jsonl(path, rows):
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def read_jsonl(path):
-    """Read a JSONL file; a bad line is reported with its file and line number."""
+def parse_jsonl(text, where):
+    """Rows of JSONL ``text``; a bad line is reported as ``where:line``."""
     rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
     return rows
+
+
+def read_jsonl(path):
+    """Rows of a JSONL file; a bad line is reported with its file and line number."""
+    with open(path) as f:
+        return parse_jsonl(f.read(), path)
 
 
 def read_json(path):

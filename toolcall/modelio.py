@@ -10,7 +10,7 @@ Three sources (the ``model:`` section of params.yaml, see ``ModelConfig``):
 * ``local``: a directory laid out like an HF/MLX snapshot.
 
 Weights are written as float32 by default because on Linux CPU only float32
-matmuls hit OpenBLAS; 4-bit and bf16 kernels are 20-30x slower there.
+matmuls hit OpenBLAS; 4-bit and bf16 kernels are many times slower there.
 Everything is written into a temporary directory beside ``out_dir`` and renamed
 into place at the end, after ``mlx_lm`` has loaded the result, so a failure
 never leaves half a model behind.

@@ -14,9 +14,7 @@ ablation's ``content`` arm, which exists to measure exactly that mistake.
 
 import json
 
-# BFCL's own type names -> JSON Schema names, for what the model is shown.
-# Scoring keeps BFCL's originals (the checker needs "float" vs "integer", "tuple").
-_JSON_SCHEMA_TYPES = {"dict": "object", "float": "number", "tuple": "array", "any": "string"}
+from .schema import to_json_schema
 
 TOOL_TEMPLATE = """\
 {%- if messages[0].role == 'system' %}{% set system = messages[0].content %}{% set messages = messages[1:] %}\
@@ -42,18 +40,6 @@ To call functions, reply only with one <tool_call>{"name": <function name>, "arg
 {%- endfor %}
 {%- if add_generation_prompt %}<|im_start|>assistant
 {% endif %}"""
-
-
-def to_json_schema(schema):
-    """Map a BFCL schema (recursively) to JSON Schema type names."""
-    if isinstance(schema, dict):
-        out = {k: to_json_schema(v) for k, v in schema.items()}
-        if isinstance(schema.get("type"), str):
-            out["type"] = _JSON_SCHEMA_TYPES.get(schema["type"], schema["type"])
-        return out
-    if isinstance(schema, list):
-        return [to_json_schema(v) for v in schema]
-    return schema
 
 
 def tool_specs(functions):

@@ -4,7 +4,7 @@ The paper's claim: both give no benefit when the model already writes valid
 JSON. JSON repair (``json_repair.repair_json``) is tried only on a block that
 is not valid JSON as it stands, so re-scoring existing outputs counts exactly
 what it changes. Best-of-N keeps, out of N sampled outputs, the first that
-parses and fits the offered function schemas (``schema_problem``), else the
+parses and fits the offered function schemas (``output_problem``), else the
 most frequent one; the choice reads ``row["functions"]`` and nothing else, so
 it is usable at inference time. Scoring every sample gives the oracle pass@N
 (any of N correct), an upper bound no selector without the answer reaches.
@@ -17,43 +17,11 @@ import json_repair
 
 from .evaluation import accuracy, score_output, summarize
 from .parsing import parse_calls
+from .schema import call_problem
 from .stats import paired_comparison
 
-# BFCL type -> Python types a value may have; bool is excluded from the numbers
-# explicitly (it is an int subclass). "any" and unknown types accept anything.
-_PY_TYPES = {"string": (str,), "integer": (int,), "float": (int, float), "boolean": (bool,),
-             "array": (list,), "tuple": (list,), "dict": (dict,)}
 
-
-def _type_ok(value, spec):
-    allowed = _PY_TYPES.get(spec.get("type"))
-    if allowed is None:
-        return True
-    if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
-        return False
-    if isinstance(value, list) and isinstance(spec.get("items"), dict):
-        return all(_type_ok(item, spec["items"]) for item in value)
-    return True
-
-
-def call_problem(call, functions):
-    """What makes one parsed call unfit for the offered schemas, or None."""
-    fn = next((f for f in functions if f["name"] == call["name"]), None)
-    if fn is None:
-        return "schema:unknown_function"
-    params = fn.get("parameters", {})
-    props = params.get("properties", {})
-    if any(r not in call["arguments"] for r in params.get("required", [])):
-        return "schema:missing_required"
-    for name, value in call["arguments"].items():
-        if name not in props:
-            return "schema:unknown_parameter"
-        if not _type_ok(value, props[name]):
-            return "schema:wrong_type"
-    return None
-
-
-def schema_problem(text, functions):
+def output_problem(text, functions):
     """Why a raw output would not run against ``functions`` (parse error or schema misfit), or None."""
     parsed = parse_calls(text)
     if parsed.error_type:
@@ -75,7 +43,7 @@ def select(row, samples):
     """
     functions = row["functions"]
     for i, text in enumerate(samples):
-        if schema_problem(text, functions) is None:
+        if output_problem(text, functions) is None:
             return i, "schema"
     keys = [_vote_key(text) for text in samples]
     counts = Counter(keys)

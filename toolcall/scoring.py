@@ -39,26 +39,15 @@ Allowed values BFCL's code cannot handle (say a number among the allowed
 values of a list parameter) raise here as they do there; the BFCL data has
 none.
 
-Standard library only, so the scorer can run anywhere.
+Standard library only (with ``schema``), so the scorer can run anywhere.
 """
 
 import re
 from dataclasses import dataclass
 
-__all__ = ["CheckResult", "check", "to_bfcl_output"]
+from .schema import NESTED_TYPES, python_type
 
-# BFCL type names -> Python types, as in PYTHON_TYPE_MAPPING.
-_PYTHON_TYPES = {
-    "string": str,
-    "integer": int,
-    "float": float,
-    "boolean": bool,
-    "array": list,
-    "tuple": list,
-    "dict": dict,
-    "any": str,
-}
-_NESTED_TYPES = ("array", "tuple")  # their items are type-checked too
+__all__ = ["CheckResult", "check", "to_bfcl_output"]
 
 
 @dataclass(frozen=True)
@@ -126,13 +115,6 @@ def _find_description(functions, name):
     return next(f for f in functions if f["name"] == name)  # present: checked by _validate
 
 
-def _python_type(bfcl_type):
-    try:
-        return _PYTHON_TYPES[bfcl_type]
-    except KeyError:
-        raise ValueError(f"unsupported BFCL parameter type {bfcl_type!r}") from None
-
-
 #### Category rules ####
 
 
@@ -194,8 +176,8 @@ def _simple_check(description, output_item, answer):
             return _fail("simple_function_checker:unexpected_param", f"Unexpected parameter: {param!r}.")
         allowed = possible[param]
         type_name = properties[param]["type"]
-        expected = _python_type(type_name)
-        nested = _python_type(properties[param]["items"]["type"]) if type_name in _NESTED_TYPES else None
+        expected = python_type(type_name)
+        nested = python_type(properties[param]["items"]["type"]) if type_name in NESTED_TYPES else None
 
         # Answers went through JSON, where tuples become lists.
         if type_name == "tuple" and type(value) == tuple:

@@ -7,11 +7,9 @@ model itself and generates its share of the prompts with OpenBLAS held to one
 thread. Prompts are sorted longest first and dealt round-robin, so the shares
 cost about the same and each worker's batches hold similar lengths.
 
-Processes, not threads: two ``generate`` lanes in two threads of one process
-(each on its own MLX stream) measured only 1.2x one lane on 32 SFT test
-prompts (67 vs 79 s; the threads' CPU time summed to 1.5 cores), where two
-processes gave 1.42x one process on 64 (``make bench``). Greedy outputs do not
-depend on the split: each sequence's tokens depend on its own prompt only.
+Processes, not threads: two generating threads in one process (each on its
+own MLX stream) overlapped little when measured (README, Speed). Greedy outputs do not depend on
+the split: each sequence's tokens depend on its own prompt only.
 """
 
 import multiprocessing
@@ -50,7 +48,7 @@ def generate_sharded(model_dir, adapter_dir, prompts, workers=None, progress=Non
 def _generate_share(model_dir, adapter_dir, prompts, progress, kwargs, threads):
     from . import blas
     from .generation import generate
-    from .training import load_model
+    from .lora import load_model
 
     model, tokenizer = load_model(model_dir, adapter_dir)
     with blas.threads(threads):

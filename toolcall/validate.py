@@ -10,28 +10,8 @@ from collections import Counter
 
 from .data import gold_calls
 from .parsing import parse_calls
+from .schema import function_problem
 from .scoring import check
-
-BFCL_TYPES = {"string", "integer", "float", "boolean", "array", "tuple", "dict", "any"}
-
-
-def schema_problem(fn):
-    """Return what is wrong with one BFCL function schema, or None."""
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-        return "schema:no_name"
-    params = fn.get("parameters")
-    if not isinstance(params, dict) or not isinstance(params.get("properties"), dict):
-        return "schema:no_properties"
-    props = params["properties"]
-    for name, spec in props.items():
-        if not isinstance(spec, dict) or spec.get("type") not in BFCL_TYPES:
-            return "schema:bad_type"
-        if spec["type"] in ("array", "tuple") and not isinstance(spec.get("items", {}).get("type"), str):
-            return "schema:array_without_item_type"
-    required = params.get("required", [])
-    if not isinstance(required, list) or any(r not in props for r in required):
-        return "schema:required_not_in_properties"
-    return None
 
 
 def row_problem(row, fmt, max_seq_len):
@@ -42,7 +22,7 @@ def row_problem(row, fmt, max_seq_len):
     if not functions:
         return "row:no_functions", None
     for fn in functions:
-        if problem := schema_problem(fn):
+        if problem := function_problem(fn):
             return problem, None
     gt = row.get("ground_truth") or []
     if not gt or any(not isinstance(e, dict) or len(e) != 1 for e in gt):

@@ -1,0 +1,82 @@
+"""Training batches: length-bucketed, seeded, padded into the layout the losses read.
+
+One bucketer for every trainer (SFT, DPO pairs, RL samples): rows sorted by
+length and cut into batches, so rows of a batch pad little; the batch order
+comes from a private seeded RNG, so training is reproducible without touching
+numpy's global state.
+"""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+
+
+def length_buckets(lengths, batch_size):
+    """Row indices sorted by length, cut into batches of ``batch_size`` (the remainder is dropped)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+
+
+def shuffled(buckets, seed, loop=True):
+    """The buckets in a seeded random order, reshuffled each pass; endless when ``loop``."""
+    rng = np.random.default_rng(seed)
+    while True:
+        for b in rng.permutation(len(buckets)):
+            yield buckets[b]
+        if not loop:
+            return
+
+
+def iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
+    """Batches of ``(tokens, lengths, positions, weights)`` for mlx-lm's ``trainer.train``.
+
+    ``dataset`` holds ``(token_ids, prompt_length)`` pairs (rows longer than
+    ``max_seq_length`` are refused before training, so none is cut here).
+    Signature and rank striding follow ``mlx_lm.tuner.trainer.iterate_batches``:
+    under ``mlx.launch`` each rank takes every world-size-th row of a batch.
+    """
+    if len(dataset) < batch_size:
+        raise ValueError(f"need at least batch_size={batch_size} examples, have {len(dataset)}")
+    offset, step = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
+    if batch_size % step:
+        raise ValueError("the batch size must be divisible by the number of workers")
+    buckets = [b[offset::step] for b in length_buckets([len(t) for t, _ in dataset], batch_size)]
+    for bucket in shuffled(buckets, seed, loop):
+        yield collate([dataset[i] for i in bucket])
+
+
+def _round_up(n, multiple):
+    return multiple * math.ceil(n / multiple)
+
+
+def collate(examples, pad_to=32):
+    """Pad a list of ``(tokens, prompt_len)`` into ``(tokens, lengths, positions, weights)``.
+
+    Lengths are rounded up to multiples of ``pad_to`` so the compiled step sees
+    few distinct shapes.
+    """
+    width = 1 + _round_up(max(len(t) for t, _ in examples), pad_to)
+    n_comp = _round_up(max(len(t) - p for t, p in examples), 8)
+    tokens = np.zeros((len(examples), width), np.int32)
+    positions = np.zeros((len(examples), n_comp), np.int32)
+    weights = np.zeros((len(examples), n_comp), np.float32)
+    lengths = []
+    for row, (toks, prompt_len) in enumerate(examples):
+        tokens[row, : len(toks)] = toks
+        # Predicting token t uses the input at t-1; completion tokens are
+        # toks[prompt_len:], i.e. input positions prompt_len-1 .. len-2.
+        idx = np.arange(max(prompt_len, 1) - 1, len(toks) - 1)
+        positions[row, : len(idx)] = idx
+        positions[row, len(idx) :] = idx[-1] if len(idx) else 0
+        weights[row, : len(idx)] = 1.0
+        lengths.append((max(prompt_len, 1), len(toks) - 1))
+    return mx.array(tokens), mx.array(lengths), mx.array(positions), mx.array(weights)
+
+
+def pad(rows, width):
+    """Right-pad variable-length float rows with zeros to ``[len(rows), width]``."""
+    out = np.zeros((len(rows), width), np.float32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return mx.array(out)

@@ -1,0 +1,171 @@
+"""One dataclass per params.yaml section a training stage reads, built and checked from params.yaml.
+
+params.yaml is the only place a default lives: these dataclasses have none,
+so a key missing from params.yaml is an error naming it, never a second,
+silently different default. ``from_params`` rejects unknown keys, wrong types
+and out-of-range values with one message that names the key.
+"""
+
+import dataclasses
+import typing
+
+LOSSES = ("sigmoid", "ipo")
+ALGOS = ("rft", "grpo")
+
+
+class ConfigError(ValueError):
+    """A params section that cannot be used; the message names the key."""
+
+
+def from_params(cls, section, name):
+    """Build ``cls`` from a params.yaml section (a dict) called ``name`` in messages."""
+    section = dict(section or {})
+    types = typing.get_type_hints(cls)
+    unknown = sorted(set(section) - set(types))
+    if unknown:
+        raise ConfigError(f"params.yaml [{name}]: unknown keys {unknown}; known: {sorted(types)}")
+    missing = sorted(set(types) - set(section))
+    if missing:
+        raise ConfigError(f"params.yaml [{name}]: missing keys {missing}")
+    for key, value in section.items():
+        want = types[key]
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            section[key] = float(value)
+        elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ConfigError(f"params.yaml [{name}].{key}={value!r}: expected {want.__name__}")
+    cfg = cls(**section)
+    for problem in cfg.check():
+        raise ConfigError(f"params.yaml [{name}]: {problem}")
+    return cfg
+
+
+def _at_least_one(cfg, keys):
+    for key in keys:
+        if getattr(cfg, key) < 1:
+            yield f"{key}={getattr(cfg, key)} must be >= 1"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What a LoRA training loop needs: optimizer schedule, batches, seed, reporting."""
+
+    seed: int
+    learning_rate: float
+    warmup: int
+    iters: int
+    batch_size: int
+    grad_accumulation: int
+    steps_per_report: int
+
+    def check(self):
+        if not 0 < self.learning_rate < 1:
+            yield f"learning_rate={self.learning_rate} must be in (0, 1)"
+        yield from _at_least_one(self, ("iters", "batch_size", "grad_accumulation", "steps_per_report"))
+        if not 0 <= self.warmup < self.iters:
+            yield f"warmup={self.warmup} must be in [0, iters)"
+
+
+@dataclasses.dataclass(frozen=True)
+class SftConfig(TrainConfig):
+    """params.yaml [sft]: the LoRA shape, the data layout and the training loop."""
+
+    lora_rank: int
+    # mlx-lm has no alpha: a LoRA layer adds scale * (x A B). PEFT's alpha/rank
+    # = 16/8 (the paper's setting) is scale 2.0.
+    lora_scale: float
+    lora_layers: int
+    lora_dropout: float
+    max_seq_len: int
+    mask_prompt: bool
+
+    def check(self):
+        yield from super().check()
+        yield from _at_least_one(self, ("lora_rank", "lora_layers"))
+        if not 0 <= self.lora_dropout < 1:
+            yield f"lora_dropout={self.lora_dropout} must be in [0, 1)"
+        if self.max_seq_len < 16:
+            yield f"max_seq_len={self.max_seq_len} is too small"
+
+    def train(self):
+        """The training-loop part of this section."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+@dataclasses.dataclass(frozen=True)
+class DpoConfig:
+    """params.yaml [dpo]; the LoRA shape is the SFT adapter's, not repeated here."""
+
+    seed: int
+    beta: float
+    loss_type: str
+    learning_rate: float
+    iters: int
+    batch_size: int
+    prompts: int
+    samples_per_prompt: int
+    sample_batch: int
+    temperature: float
+    max_tokens: int
+
+    def check(self):
+        if self.beta <= 0:
+            yield f"beta={self.beta} must be > 0"
+        if self.loss_type not in LOSSES:
+            yield f"loss_type={self.loss_type!r} must be one of {LOSSES}"
+        if not 0 < self.learning_rate < 1:
+            yield f"learning_rate={self.learning_rate} must be in (0, 1)"
+        yield from _at_least_one(self, ("iters", "batch_size", "prompts", "samples_per_prompt", "sample_batch",
+                                        "max_tokens"))
+        if self.temperature <= 0:
+            yield f"temperature={self.temperature} must be > 0 (0 is greedy: every sample the same)"
+
+    def train(self):
+        """DPO's optimizer loop: no warmup, one batch per step."""
+        return TrainConfig(seed=self.seed, learning_rate=self.learning_rate, warmup=0, iters=self.iters,
+                           batch_size=self.batch_size, grad_accumulation=1, steps_per_report=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RlConfig:
+    """params.yaml [rl]; the LoRA shape is the SFT adapter's, not repeated here."""
+
+    algo: str
+    seed: int
+    rounds: int
+    prompts: int
+    samples_per_prompt: int
+    sample_batch: int
+    temperature: float
+    max_tokens: int
+    learning_rate: float
+    iters: int
+    batch_size: int
+    kl_coef: float
+    clip_eps: float
+    reward_ast: float
+    reward_format: float
+    min_reward: float
+
+    def check(self):
+        if self.algo not in ALGOS:
+            yield f"algo={self.algo!r} must be one of {ALGOS}"
+        yield from _at_least_one(self, ("rounds", "prompts", "samples_per_prompt", "sample_batch", "max_tokens",
+                                        "iters", "batch_size"))
+        if self.algo == "grpo" and self.samples_per_prompt < 2:
+            yield f"samples_per_prompt={self.samples_per_prompt} must be >= 2 for grpo (advantages are within a group)"
+        if self.temperature <= 0:
+            yield f"temperature={self.temperature} must be > 0 (0 is greedy: every sample the same)"
+        if not 0 < self.learning_rate < 1:
+            yield f"learning_rate={self.learning_rate} must be in (0, 1)"
+        if self.kl_coef < 0 or self.clip_eps <= 0:
+            yield f"kl_coef={self.kl_coef} must be >= 0 and clip_eps={self.clip_eps} > 0"
+        if self.reward_ast <= 0 or self.reward_format < 0:
+            yield f"reward_ast={self.reward_ast} must be > 0 and reward_format={self.reward_format} >= 0"
+        if self.min_reward > self.reward_ast + self.reward_format:
+            yield (f"min_reward={self.min_reward} is above the best possible reward "
+                   f"{self.reward_ast + self.reward_format}: rft would keep nothing")
+
+    def train(self, round_index):
+        """One round's update loop: a seed of its own, no warmup (rounds are short), a report per step."""
+        return TrainConfig(seed=self.seed + round_index, learning_rate=self.learning_rate, warmup=0,
+                           iters=self.iters, batch_size=self.batch_size, grad_accumulation=1, steps_per_report=1)
