@@ -11,9 +11,11 @@ items) and data/ablations/best_of_n/<name>.jsonl (every sample and the kept one)
 """
 
 import argparse
+import dataclasses
 import time
 
 from toolcall import scaffold
+from toolcall.config import EvalConfig, ScaffoldConfig, from_params
 from toolcall.generation import generate
 from toolcall.io import read_jsonl, read_params, write_json, write_jsonl
 from toolcall.prompts import PromptFormat
@@ -28,21 +30,22 @@ def main():
     ap.add_argument("--test", required=True)
     ap.add_argument("--greedy", required=True, help="the variant's greedy predictions on the same test file")
     args = ap.parse_args()
-    p, s = read_params("eval"), read_params("ablations.scaffold")
-    rows = scaffold.first_per_category(read_jsonl(args.test), s["per_category"])
+    p = from_params(EvalConfig, read_params("eval"), "eval")
+    s = from_params(ScaffoldConfig, read_params("ablations.scaffold"), "ablations.scaffold")
+    rows = scaffold.first_per_category(read_jsonl(args.test), s.per_category)
     model, tokenizer = load_model(args.model, args.adapter)
     fmt = PromptFormat(tokenizer)
-    n = s["n"]
+    n = s.n
     # Each prompt n times in one call: the batch generator samples them side by side.
     prompts = [fmt.encode(fmt.prompt(r["messages"], r["functions"])) for r in rows for _ in range(n)]
     start = time.perf_counter()
-    outputs = generate(model, tokenizer, prompts, max_tokens=p["max_tokens"], temperature=s["temperature"],
-                       batch_size=p["batch_size"], seed=s["seed"], progress=f"best-of-{n} {args.name}")
+    outputs = generate(model, tokenizer, prompts, max_tokens=p.max_tokens, temperature=s.temperature,
+                       batch_size=p.batch_size, seed=s.seed, progress=f"best-of-{n} {args.name}")
     seconds = time.perf_counter() - start
     samples = [[text for text, _ in outputs[i * n:(i + 1) * n]] for i in range(len(rows))]
     records = scaffold.best_of_n(rows, samples)
     metrics = scaffold.best_of_n_summary(records, {r["id"]: r["valid"] for r in read_jsonl(args.greedy)})
-    metrics["settings"] = s
+    metrics["settings"] = dataclasses.asdict(s)
     metrics["generation"] = {"seconds": round(seconds, 1),
                              "tokens_per_second": round(sum(k for _, k in outputs) / seconds, 1)}
     write_jsonl(f"data/ablations/best_of_n/{args.name}.jsonl", records)

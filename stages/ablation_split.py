@@ -12,6 +12,7 @@ import argparse
 from collections import Counter
 
 from toolcall import ablations
+from toolcall.config import from_params
 from toolcall.io import read_jsonl, read_params, write_jsonl
 
 
@@ -21,7 +22,8 @@ def main():
     ap.add_argument("validated_dir")
     ap.add_argument("out_dir")
     args = ap.parse_args()
-    p = read_params(f"ablations.{ablations.SECTIONS[args.name]}")
+    section, cls = ablations.SECTIONS[args.name]
+    p = from_params(cls, read_params(f"ablations.{section}"), f"ablations.{section}")
     train, test = ablations.make_split(args.name, read_jsonl(f"{args.validated_dir}/train.jsonl"),
                                        read_jsonl(f"{args.validated_dir}/test.jsonl"), p)
     write_jsonl(f"{args.out_dir}/train.jsonl", train)

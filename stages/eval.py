@@ -11,6 +11,7 @@ data/predictions/<variant>.jsonl (raw output, parsed calls, verdict per item).
 import argparse
 import time
 
+from toolcall.config import EvalConfig, from_params
 from toolcall.evaluation import score_output, summarize
 from toolcall.io import read_jsonl, read_params, write_json, write_jsonl
 from toolcall.prompts import PromptFormat
@@ -29,7 +30,7 @@ def main():
     args = ap.parse_args()
     metrics_path = args.metrics or f"metrics/eval/{args.variant}.json"
     predictions_path = args.predictions or f"data/predictions/{args.variant}.jsonl"
-    p = read_params("eval")
+    p = from_params(EvalConfig, read_params("eval"), "eval")
     from mlx_lm import load
 
     _, tokenizer = load(args.model, lazy=True)  # the tokenizer only: each worker loads the weights
@@ -38,7 +39,7 @@ def main():
     prompts = [fmt.encode(fmt.prompt(r["messages"], r["functions"])) for r in rows]
     start = time.perf_counter()
     outputs = generate_sharded(args.model, args.adapter, prompts, workers=args.workers, progress=f"eval {args.variant}",
-                               max_tokens=p["max_tokens"], batch_size=p["batch_size"])
+                               max_tokens=p.max_tokens, batch_size=p.batch_size)
     seconds = time.perf_counter() - start
     records = [score_output(row, text) for row, (text, _) in zip(rows, outputs)]
     metrics = summarize(records)

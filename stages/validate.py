@@ -9,6 +9,7 @@ split is dropped (then the data or the template is broken, not a few rows).
 import argparse
 import sys
 
+from toolcall.config import ValidateConfig, from_params
 from toolcall.io import read_jsonl, read_params, write_json, write_jsonl
 from toolcall.prompts import PromptFormat
 from toolcall.validate import validate_rows
@@ -21,19 +22,19 @@ def main():
     ap.add_argument("out_dir")
     ap.add_argument("metrics")
     args = ap.parse_args()
-    p = read_params("validate")
+    p = from_params(ValidateConfig, read_params("validate"), "validate")
     from mlx_lm.utils import load_tokenizer
 
     fmt = PromptFormat(load_tokenizer(args.model_dir))
     metrics, failed = {"template": "native" if fmt.native else "project"}, []
     for split in ("train", "test"):
-        kept, report = validate_rows(read_jsonl(f"{args.split_dir}/{split}.jsonl"), fmt, p["max_seq_len"])
+        kept, report = validate_rows(read_jsonl(f"{args.split_dir}/{split}.jsonl"), fmt, p.max_seq_len)
         write_jsonl(f"{args.out_dir}/{split}.jsonl", kept)
         metrics[split] = report
         print(f"{split}: kept {report['n_kept']}/{report['n_in']}  dropped {report['reasons']}")
-        if report["drop_fraction"] > p["max_drop_fraction"]:
+        if report["drop_fraction"] > p.max_drop_fraction:
             failed.append(f"{split}: dropped {report['drop_fraction']:.1%} > max_drop_fraction "
-                          f"{p['max_drop_fraction']:.1%} ({report['reasons']})")
+                          f"{p.max_drop_fraction:.1%} ({report['reasons']})")
     write_json(args.metrics, metrics)
     if failed:
         sys.exit("validation failed: " + "; ".join(failed) + f" — see {args.metrics}")

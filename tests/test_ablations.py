@@ -9,6 +9,7 @@ import pytest
 
 from test_data import fixture_rows
 from toolcall import ablations, data, scaffold
+from toolcall.config import AblationSplitConfig, DiversityConfig
 from toolcall.parsing import parse_calls
 from toolcall.report import claim_verdict
 
@@ -44,7 +45,7 @@ def with_near_duplicates(rows):
 @pytest.mark.parametrize("seed", range(5))
 def test_unseen_tools_split_shares_no_function_or_near_duplicate(seed):
     train, test = ablations.make_split("unseen_tools", with_near_duplicates(fixture_rows()), [],
-                                       {"seed": seed, "test_per_category": 2})
+                                       AblationSplitConfig(seed=seed, test_per_category=2))
     assert Counter(r["category"] for r in test) == {c: 2 for c in data.CATEGORIES}
     assert not near_duplicate_keys(train) & near_duplicate_keys(test)
     assert len(train) + len(test) == 48 + 3
@@ -52,7 +53,8 @@ def test_unseen_tools_split_shares_no_function_or_near_duplicate(seed):
 
 def test_unseen_patterns_split_tests_one_pattern_and_trains_on_the_others():
     rows = fixture_rows()
-    train, test = ablations.make_split("unseen_patterns", rows[:30], rows[30:], {"seed": 0, "test_per_category": 3})
+    train, test = ablations.make_split("unseen_patterns", rows[:30], rows[30:],
+                                       AblationSplitConfig(seed=0, test_per_category=3))
     assert {r["category"] for r in test} == {"parallel_multiple"} and len(test) == 3
     assert {r["category"] for r in train} == {"simple", "multiple", "parallel"}
     assert not {f["name"] for r in train for f in r["functions"]} & {f["name"] for r in test for f in r["functions"]}
@@ -60,13 +62,13 @@ def test_unseen_patterns_split_tests_one_pattern_and_trains_on_the_others():
 
 def test_diversity_arms_have_the_same_budget_and_their_categories():
     rows = fixture_rows()
-    low, no_test = ablations.make_split("diversity_low", rows, [], {"seed": 0, "budget": 10})
-    high, _ = ablations.make_split("diversity_high", rows, [], {"seed": 0, "budget": 10})
+    low, no_test = ablations.make_split("diversity_low", rows, [], DiversityConfig(seed=0, budget=10))
+    high, _ = ablations.make_split("diversity_high", rows, [], DiversityConfig(seed=0, budget=10))
     assert no_test is None and len(low) == len(high) == 10
     assert Counter(r["category"] for r in low) == {"simple": 10}
     assert Counter(r["category"] for r in high) == {"simple": 3, "multiple": 3, "parallel": 2, "parallel_multiple": 2}
     with pytest.raises(data.DataError, match="lower ablations.diversity.budget"):
-        ablations.make_split("diversity_low", rows, [], {"seed": 0, "budget": 13})
+        ablations.make_split("diversity_low", rows, [], DiversityConfig(seed=0, budget=13))
 
 
 # ---------------------------------------------------------------- scaffolding

@@ -3,14 +3,30 @@
 import pytest
 from configs import config, section
 
-from toolcall.config import ConfigError, DpoConfig, RlConfig, SftConfig, from_params
+from toolcall.config import (AblationSplitConfig, ConfigError, DataConfig, DiversityConfig, DpoConfig, EvalConfig,
+                             RlConfig, ScaffoldConfig, SftConfig, SplitConfig, ValidateConfig, categories,
+                             from_params)
+
+SECTIONS = [(DataConfig, "data"), (SplitConfig, "split"), (ValidateConfig, "validate"), (SftConfig, "sft"),
+            (EvalConfig, "eval"), (DpoConfig, "dpo"), (RlConfig, "rl"), (ScaffoldConfig, "ablations.scaffold"),
+            (AblationSplitConfig, "ablations.unseen_tools"), (AblationSplitConfig, "ablations.unseen_patterns"),
+            (DiversityConfig, "ablations.diversity")]
 
 
-def test_every_training_section_of_params_yaml_builds_as_is():
+@pytest.mark.parametrize("cls, name", SECTIONS)
+def test_every_section_of_params_yaml_builds_as_is(cls, name):
+    config(cls, name)
+
+
+@pytest.mark.parametrize("cls, name", SECTIONS)
+def test_an_unknown_key_is_refused_in_every_section(cls, name):
+    with pytest.raises(ConfigError, match=rf"\[{name}\]: unknown keys \['typo_key'\]"):
+        config(cls, name, typo_key=1)
+
+
+def test_training_configs_share_the_loop_settings():
     sft = config(SftConfig, "sft")
     assert sft.train().iters == section("sft")["iters"]
-    config(DpoConfig, "dpo")
-    config(RlConfig, "rl")
     # The ablation arms replace [sft] keys with their own sections, as stage ablation_train does.
     arms = section("ablations.format")
     for arm in arms.values():
@@ -37,6 +53,15 @@ def test_a_missing_key_is_an_error_not_a_hidden_default():
     (DpoConfig, "dpo", "lora_rank", 8, r"\[dpo\].*unknown keys \['lora_rank'\]"),  # the shape is the SFT adapter's
     (RlConfig, "rl", "algo", "ppo", r"\[rl\].*algo"),
     (RlConfig, "rl", "min_reward", 2.0, r"\[rl\].*min_reward"),
+    (DataConfig, "data", "source", "ftp", r"\[data\]: source='ftp' must be one of"),
+    (DataConfig, "data", "categories", ["simple", "exotic"], r"\[data\]: categories=.*must be a non-empty list"),
+    (SplitConfig, "split", "test_per_category", 0, r"\[split\]: test_per_category=0 must be >= 1"),
+    (SplitConfig, "split", "train_per_category", "all", r"train_per_category='all': expected int or null"),
+    (ValidateConfig, "validate", "max_drop_fraction", 1.5, r"max_drop_fraction=1.5 must be in \[0, 1\]"),
+    (EvalConfig, "eval", "batch_size", 0, r"\[eval\]: batch_size=0 must be >= 1"),
+    (EvalConfig, "eval", "max_tokens", 1.5, r"\[eval\]\.max_tokens=1.5: expected int"),
+    (ScaffoldConfig, "ablations.scaffold", "temperature", 0.0, r"temperature=0.0 must be > 0"),
+    (DiversityConfig, "ablations.diversity", "budget", -3, r"budget=-3 must be >= 1"),
 ])
 def test_impossible_params_are_refused_with_the_key(cls, name, key, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -51,3 +76,9 @@ def test_grpo_needs_groups():
 def test_an_int_is_accepted_where_a_float_is_expected():
     cfg = config(SftConfig, "sft", lora_scale=4)
     assert cfg.lora_scale == 4.0 and isinstance(cfg.lora_scale, float)
+
+
+def test_stages_reading_only_the_categories_check_them_too():
+    assert categories(["simple"]) == ["simple"]
+    with pytest.raises(ConfigError, match=r"\[data\]: categories="):
+        categories("simple")

@@ -18,14 +18,16 @@ no ablation needs to validate again.
 import random
 from collections import defaultdict
 
+from .config import AblationSplitConfig, DiversityConfig
 from .data import CATEGORIES, DataError, split_rows
 
 PATTERN_TEST = ("parallel_multiple",)
 PATTERN_TRAIN = ("simple", "multiple", "parallel")
 DIVERSITY = {"diversity_low": ("simple",), "diversity_high": CATEGORIES}
 # params.yaml [ablations.<section>] each split reads.
-SECTIONS = {"unseen_tools": "unseen_tools", "unseen_patterns": "unseen_patterns",
-            "diversity_low": "diversity", "diversity_high": "diversity"}
+SECTIONS = {"unseen_tools": ("unseen_tools", AblationSplitConfig),
+            "unseen_patterns": ("unseen_patterns", AblationSplitConfig),
+            "diversity_low": ("diversity", DiversityConfig), "diversity_high": ("diversity", DiversityConfig)}
 
 
 def budget_subset(rows, budget, seed, categories):
@@ -45,12 +47,15 @@ def budget_subset(rows, budget, seed, categories):
 
 
 def make_split(name, train, test, p):
-    """``(train_rows, test_rows)`` of one split; ``test_rows`` is None where the main test split is used."""
+    """``(train_rows, test_rows)`` of one split, ``p`` its config (``SECTIONS``).
+
+    ``test_rows`` is None where the main test split is used.
+    """
     if name == "unseen_tools":
-        return split_rows(train + test, p["test_per_category"], p["seed"], strict=True)
+        return split_rows(train + test, p.test_per_category, p.seed, strict=True)
     if name == "unseen_patterns":
-        return split_rows(train + test, p["test_per_category"], p["seed"],
+        return split_rows(train + test, p.test_per_category, p.seed,
                           test_categories=PATTERN_TEST, train_categories=PATTERN_TRAIN)
     if name in DIVERSITY:
-        return budget_subset(train, p["budget"], p["seed"], DIVERSITY[name]), None
+        return budget_subset(train, p.budget, p.seed, DIVERSITY[name]), None
     raise ValueError(f"unknown ablation split {name!r}: expected one of {sorted(SECTIONS)}")

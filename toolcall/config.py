@@ -1,4 +1,4 @@
-"""One dataclass per params.yaml section a training stage reads, built and checked from params.yaml.
+"""One dataclass per params.yaml section, built and checked from params.yaml.
 
 params.yaml is the only place a default lives: these dataclasses have none,
 so a key missing from params.yaml is an error naming it, never a second,
@@ -8,9 +8,13 @@ and out-of-range values with one message that names the key.
 
 import dataclasses
 import typing
+from typing import Optional
+
+from .data import CATEGORIES
 
 LOSSES = ("sigmoid", "ipo")
 ALGOS = ("rft", "grpo")
+DATA_SOURCES = ("wheel", "hub", "local")
 
 
 class ConfigError(ValueError):
@@ -28,15 +32,38 @@ def from_params(cls, section, name):
     if missing:
         raise ConfigError(f"params.yaml [{name}]: missing keys {missing}")
     for key, value in section.items():
-        want = types[key]
+        want, optional = _unwrap(types[key])
+        if value is None and optional:
+            continue
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             section[key] = float(value)
         elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            raise ConfigError(f"params.yaml [{name}].{key}={value!r}: expected {want.__name__}")
+            expected = want.__name__ + (" or null" if optional else "")
+            raise ConfigError(f"params.yaml [{name}].{key}={value!r}: expected {expected}")
     cfg = cls(**section)
     for problem in cfg.check():
         raise ConfigError(f"params.yaml [{name}]: {problem}")
     return cfg
+
+
+def _unwrap(annotation):
+    """``(type, optional)`` of a field annotation: ``Optional[int]`` is ``(int, True)``."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Union and len(args) == 1:
+        return args[0], True
+    return annotation, False
+
+
+def _category_problems(categories):
+    if not isinstance(categories, list) or not categories or any(c not in CATEGORIES for c in categories):
+        yield f"categories={categories} must be a non-empty list of {CATEGORIES}"
+
+
+def categories(value):
+    """params.yaml [data.categories], checked, for the stages that read only that key."""
+    for problem in _category_problems(value):
+        raise ConfigError(f"params.yaml [data]: {problem}")
+    return value
 
 
 def _at_least_one(cfg, keys):
@@ -169,3 +196,105 @@ class RlConfig:
         """One round's update loop: a seed of its own, no warmup (rounds are short), a report per step."""
         return TrainConfig(seed=self.seed + round_index, learning_rate=self.learning_rate, warmup=0,
                            iters=self.iters, batch_size=self.batch_size, grad_accumulation=1, steps_per_report=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """params.yaml [data]: where BFCL comes from and which categories the study uses."""
+
+    source: str
+    wheel: str
+    wheel_sha256: str
+    hub_repo: str
+    hub_revision: Optional[str]
+    local_dir: Optional[str]
+    categories: list
+    files: dict
+
+    def check(self):
+        if self.source not in DATA_SOURCES:
+            yield f"source={self.source!r} must be one of {DATA_SOURCES}"
+        if self.source == "local" and not self.local_dir:
+            yield "source: local needs local_dir (a directory with the BFCL files)"
+        yield from _category_problems(self.categories)
+        missing = [c for c in self.categories if c not in self.files]
+        if missing:
+            yield f"files has no entry for categories {missing}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitConfig:
+    """params.yaml [split]."""
+
+    seed: int
+    test_per_category: int
+    train_per_category: Optional[int]
+
+    def check(self):
+        yield from _at_least_one(self, ("test_per_category",))
+        if self.train_per_category is not None:
+            yield from _at_least_one(self, ("train_per_category",))
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateConfig:
+    """params.yaml [validate]."""
+
+    max_seq_len: int
+    max_drop_fraction: float
+
+    def check(self):
+        if self.max_seq_len < 16:
+            yield f"max_seq_len={self.max_seq_len} is too small"
+        if not 0 <= self.max_drop_fraction <= 1:
+            yield f"max_drop_fraction={self.max_drop_fraction} must be in [0, 1]"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """params.yaml [eval]: greedy decoding of a test file."""
+
+    max_tokens: int
+    batch_size: int
+
+    def check(self):
+        yield from _at_least_one(self, ("max_tokens", "batch_size"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaffoldConfig:
+    """params.yaml [ablations.scaffold]: best-of-N."""
+
+    n: int
+    temperature: float
+    seed: int
+    per_category: Optional[int]
+
+    def check(self):
+        yield from _at_least_one(self, ("n",))
+        if self.temperature <= 0:
+            yield f"temperature={self.temperature} must be > 0 (0 is greedy: every sample the same)"
+        if self.per_category is not None:
+            yield from _at_least_one(self, ("per_category",))
+
+
+@dataclasses.dataclass(frozen=True)
+class AblationSplitConfig:
+    """params.yaml [ablations.unseen_tools] and [ablations.unseen_patterns]."""
+
+    seed: int
+    test_per_category: int
+
+    def check(self):
+        yield from _at_least_one(self, ("test_per_category",))
+
+
+@dataclasses.dataclass(frozen=True)
+class DiversityConfig:
+    """params.yaml [ablations.diversity]."""
+
+    seed: int
+    budget: int
+
+    def check(self):
+        yield from _at_least_one(self, ("budget",))
