@@ -13,11 +13,13 @@ dvclive/train_dpo.
 """
 
 import argparse
+import dataclasses
 import time
+from pathlib import Path
 
 import numpy as np
 
-from toolcall import dpo, lora
+from toolcall import checkpoint, dpo, lora
 from toolcall.config import DpoConfig, from_params
 from toolcall.io import read_jsonl, read_params, write_json
 from toolcall.prompts import PromptFormat
@@ -38,6 +40,10 @@ def main():
     model, tokenizer = lora.load_policy(args.model_dir, args.sft_dir)
     fmt = PromptFormat(tokenizer)
     rows = choose_rows(read_jsonl(args.train), cfg.prompts, cfg.seed)
+    train = Path(args.train)
+    key = checkpoint.fingerprint("train_dpo", dataclasses.asdict(cfg), checkpoint.files_digest(args.model_dir),
+                                 checkpoint.files_digest(args.sft_dir), checkpoint.files_digest(train.parent, train.name))
+    ckpt = checkpoint.Checkpoint(args.out_dir, key, cfg.checkpoint_every)
     seconds = {}
 
     start = time.perf_counter()
@@ -58,7 +64,7 @@ def main():
     start = time.perf_counter()
     with Live(args.live, dvcyaml=None, save_dvc_exp=False) as live:
         log = StepLog(live, "dpo", cfg.iters)
-        dpo.train(model, pairs, ref, cfg, log)
+        dpo.train(model, pairs, ref, cfg, log, ckpt)
     seconds["train"] = round(time.perf_counter() - start, 1)
     lora.save_adapters(model, lora.read_adapter_config(args.sft_dir), args.out_dir)
     write_json(args.metrics, {
@@ -71,6 +77,7 @@ def main():
         "last_10_steps": log.last(10),
         "seconds": seconds,
     })
+    ckpt.clear()
 
 
 if __name__ == "__main__":

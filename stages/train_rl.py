@@ -11,8 +11,10 @@ under dvclive/train_rl.
 """
 
 import argparse
+import dataclasses
+from pathlib import Path
 
-from toolcall import lora, rl
+from toolcall import checkpoint, lora, rl
 from toolcall.config import RlConfig, from_params
 from toolcall.io import read_jsonl, read_params, write_json
 from toolcall.prompts import PromptFormat
@@ -31,16 +33,21 @@ def main():
     model, tokenizer = lora.load_policy(args.model_dir, args.sft_dir)
     fmt = PromptFormat(tokenizer)
     rows = read_jsonl(args.train)
+    train = Path(args.train)
+    key = checkpoint.fingerprint("train_rl", dataclasses.asdict(cfg), checkpoint.files_digest(args.model_dir),
+                                 checkpoint.files_digest(args.sft_dir), checkpoint.files_digest(train.parent, train.name))
+    ckpt = checkpoint.Checkpoint(args.out_dir, key, every=1)  # after every round
     from dvclive import Live
 
     with Live(args.live, dvcyaml=None, save_dvc_exp=False) as live:
-        rounds = rl.run(model, tokenizer, fmt, rows, cfg, live)
+        rounds = rl.run(model, tokenizer, fmt, rows, cfg, live, ckpt)
     lora.save_adapters(model, lora.read_adapter_config(args.sft_dir), args.out_dir)
     write_json(args.metrics, {
         "algo": cfg.algo,
         "rounds": {f"round_{i + 1}": r for i, r in enumerate(rounds)},
         "train_seconds": round(sum(r["sample_seconds"] + r["train_seconds"] for r in rounds), 1),
     })
+    ckpt.clear()
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ An ablation arm (stage ablation_train) passes ``--overrides SECTION``
 """
 
 import argparse
+import dataclasses
 import sys
 
-from toolcall import lora
+from toolcall import checkpoint, lora
 from toolcall.config import SftConfig, from_params
 from toolcall.data import gold_calls
 from toolcall.io import read_jsonl, read_params, write_json
@@ -63,8 +64,11 @@ def main():
     print(f"{len(examples)} examples, {lora.count_trainable(model):,} trainable parameters")
     from dvclive import Live
 
+    key = checkpoint.fingerprint("train_sft", dataclasses.asdict(cfg), style, checkpoint.examples_digest(examples),
+                                 checkpoint.files_digest(args.model_dir))
+    ckpt = checkpoint.Checkpoint(args.out_dir, key, cfg.checkpoint_every)
     with Live(args.live, dvcyaml=None, save_dvc_exp=False) as live:
-        result = train_lora(model, examples, cfg.train(), live, prefix="sft")
+        result = train_lora(model, examples, cfg.train(), live, prefix="sft", checkpoint=ckpt)
     lora.save_adapters(model, lora.adapter_config(cfg), args.out_dir)
     n_tokens = sum(len(t) for t, _ in examples)
     write_json(args.metrics, {
@@ -76,6 +80,7 @@ def main():
         "trainable_parameters": lora.count_trainable(model),
         **format_info,
     })
+    ckpt.clear()
 
 
 if __name__ == "__main__":

@@ -28,13 +28,14 @@ def shuffled(buckets, seed, loop=True):
             return
 
 
-def iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
+def iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None, skip=0):
     """Batches of ``(tokens, lengths, positions, weights)`` for mlx-lm's ``trainer.train``.
 
     ``dataset`` holds ``(token_ids, prompt_length)`` pairs (rows longer than
     ``max_seq_length`` are refused before training, so none is cut here).
     Signature and rank striding follow ``mlx_lm.tuner.trainer.iterate_batches``:
     under ``mlx.launch`` each rank takes every world-size-th row of a batch.
+    ``skip``: batches a resumed run already trained on, passed over uncollated.
     """
     if len(dataset) < batch_size:
         raise ValueError(f"need at least batch_size={batch_size} examples, have {len(dataset)}")
@@ -42,8 +43,9 @@ def iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=None, 
     if batch_size % step:
         raise ValueError("the batch size must be divisible by the number of workers")
     buckets = [b[offset::step] for b in length_buckets([len(t) for t, _ in dataset], batch_size)]
-    for bucket in shuffled(buckets, seed, loop):
-        yield collate([dataset[i] for i in bucket])
+    for n, bucket in enumerate(shuffled(buckets, seed, loop)):
+        if n >= skip:
+            yield collate([dataset[i] for i in bucket])
 
 
 def _round_up(n, multiple):

@@ -104,10 +104,14 @@ class SftConfig(TrainConfig):
     lora_dropout: float
     max_seq_len: int
     mask_prompt: bool
+    checkpoint_every: int
 
     def check(self):
         yield from super().check()
         yield from _at_least_one(self, ("lora_rank", "lora_layers"))
+        if self.checkpoint_every < 0 or self.checkpoint_every % (self.steps_per_report * self.grad_accumulation):
+            yield (f"checkpoint_every={self.checkpoint_every} must be 0 (never) or a multiple of steps_per_report "
+                   f"x grad_accumulation = {self.steps_per_report * self.grad_accumulation} (saves happen at reports)")
         if not 0 <= self.lora_dropout < 1:
             yield f"lora_dropout={self.lora_dropout} must be in [0, 1)"
         if self.max_seq_len < 16:
@@ -133,8 +137,11 @@ class DpoConfig:
     sample_batch: int
     temperature: float
     max_tokens: int
+    checkpoint_every: int
 
     def check(self):
+        if self.checkpoint_every < 0:
+            yield f"checkpoint_every={self.checkpoint_every} must be >= 0 (0: never)"
         if self.beta <= 0:
             yield f"beta={self.beta} must be > 0"
         if self.loss_type not in LOSSES:

@@ -225,10 +225,10 @@ def pair_batches(pairs, ref, batch_size, seed):
         yield tokens, positions, weights, mx.array(np.concatenate([ref_chosen[idx], ref_rejected[idx]]))
 
 
-def train(model, pairs, ref, cfg, on_step):
+def train(model, pairs, ref, cfg, log, checkpoint=None):
     """``cfg.iters`` DPO steps on the LoRA parameters (``cfg``: a ``DpoConfig``); ``ref`` from ``reference_logps``."""
 
     def loss(model, tokens, positions, weights, ref_logps):
         return dpo_loss(model, tokens, positions, weights, ref_logps, cfg.beta, cfg.loss_type)
 
-    optimize(model, cfg.train(), loss, pair_batches(pairs, ref, cfg.batch_size, cfg.seed), on_step)
+    optimize(model, cfg.train(), loss, pair_batches(pairs, ref, cfg.batch_size, cfg.seed), log, checkpoint)

@@ -1,7 +1,8 @@
-"""Atomic file writes and JSONL helpers: a crash never leaves half a file."""
+"""Atomic file and directory writes, JSONL and params helpers: a crash never leaves half a file."""
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,28 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_dir(path):
+    """Yield an empty directory beside ``path``; it replaces ``path`` (whole) on success only."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes it private
+    try:
+        yield tmp
+        # rename(2) cannot overwrite a non-empty directory: the old one is first
+        # moved aside, and deleted once the new one is in place.
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(path, text):

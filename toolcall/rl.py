@@ -114,7 +114,7 @@ def grpo_batches(examples, advantages, old, ref, batch_size, seed):
                pad([old[i] for i in idx], width), pad([ref[i] for i in idx], width))
 
 
-def grpo_update(model, examples, advantages, reference, cfg, train_cfg, on_step):
+def grpo_update(model, examples, advantages, reference, cfg, train_cfg, log):
     """One round of GRPO steps; ``reference``: the SFT LoRA weights (``lora.snapshot``)."""
     old = completion_logps(model, examples)
     current = snapshot(model)
@@ -126,19 +126,21 @@ def grpo_update(model, examples, advantages, reference, cfg, train_cfg, on_step)
         return grpo_loss(model, tokens, positions, weights, adv, old_logp, ref_logp, cfg.clip_eps, cfg.kl_coef)
 
     batches = grpo_batches(examples, advantages, old, ref, cfg.batch_size, train_cfg.seed)
-    optimize(model, train_cfg, loss, batches, on_step)
+    optimize(model, train_cfg, loss, batches, log)
 
 
-def run(model, tokenizer, fmt, rows, cfg, live=None):
+def run(model, tokenizer, fmt, rows, cfg, live=None, checkpoint=None):
     """``cfg.rounds`` rounds of sampling, rewarding and updating; per-round stats.
 
     Step curves go to ``live`` under ``rl/`` (rft: ``train_lora``'s loss;
-    grpo: loss, KL to the reference, fraction of clipped ratios).
+    grpo: loss, KL to the reference, fraction of clipped ratios). With a
+    ``checkpoint`` each finished round is saved, and a rerun resumes after it.
     """
     eos = fmt.encode(fmt.eos)
     reference = snapshot(model)
-    stats = []
-    for r in range(cfg.rounds):
+    meta = checkpoint.resume(model, None) if checkpoint else None
+    stats = meta["extra"]["rounds"] if meta else []
+    for r in range(len(stats), cfg.rounds):
         train_cfg = cfg.train(r)
         batch_rows = round_rows(rows, cfg, r)
         prompts = [fmt.encode(fmt.prompt(row["messages"], row["functions"])) for row in batch_rows]
@@ -178,4 +180,6 @@ def run(model, tokenizer, fmt, rows, cfg, live=None):
         round_stats["train_seconds"] = round(time.perf_counter() - start, 1)
         print(f"[rl] round {r + 1}/{cfg.rounds}: {round_stats}", flush=True)
         stats.append(round_stats)
+        if checkpoint is not None:  # each round seeds itself, so a resumed run needs only the weights
+            checkpoint.save(r + 1, model, None, [], extra={"rounds": stats})
     return stats

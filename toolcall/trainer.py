@@ -5,10 +5,12 @@ accumulation, gradient all-reduce under ``mlx.launch``) with our completion
 loss and length-bucketed batches. ``optimize`` is the same compiled Adam step
 written out, because DPO and GRPO report per-step metrics beside the loss
 (reward margin, preference accuracy, KL) and mlx-lm's step passes on only
-``(loss, ntoks)``. Both use ``make_optimizer``'s schedule and report through
-``progress.Progress`` and dvclive.
+``(loss, ntoks)``. Both use ``make_optimizer``'s schedule, report through
+``progress.Progress`` and dvclive, stop on a non-finite loss, and save and
+resume a ``checkpoint.Checkpoint`` when given one.
 """
 
+import math
 import time
 from functools import partial
 
@@ -34,8 +36,16 @@ def make_optimizer(cfg):
     return optim.Adam(learning_rate=schedule)
 
 
+class DivergedError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step."""
+
+
 class StepLog:
-    """Per-step (or per-report) metrics: printed through ``Progress``, kept, and logged to dvclive."""
+    """Per-step (or per-report) metrics: printed through ``Progress``, kept, and logged to dvclive.
+
+    A non-finite loss raises ``DivergedError`` before anything is logged or
+    checkpointed, so the last checkpoint stays the last good state.
+    """
 
     def __init__(self, live, prefix, total):
         self.live, self.prefix = live, prefix
@@ -43,8 +53,21 @@ class StepLog:
         self.history = []
 
     def __call__(self, step, metrics):
+        if not math.isfinite(metrics["loss"]):
+            raise DivergedError(f"{self.prefix}: the loss is {metrics['loss']} at step {step}; "
+                                "lower the learning rate (or raise warmup) and rerun")
         self.history.append({"step": step, **metrics})
         self.progress.update(step - self.progress.done, **metrics)
+        self._log(metrics)
+
+    def replay(self, history):
+        """Take over a resumed run's history (and show it to dvclive again: DVC cleared its plots)."""
+        for row in history:
+            self.history.append(row)
+            self._log({k: v for k, v in row.items() if k != "step"})
+        self.progress.done = history[-1]["step"] if history else 0
+
+    def _log(self, metrics):
         if self.live is not None:
             for key, value in metrics.items():
                 self.live.log_metric(f"{self.prefix}/{key}", value)
@@ -57,50 +80,80 @@ class StepLog:
 
 
 class _Reports(TrainingCallback):
-    """mlx-lm's training reports into a ``StepLog``."""
+    """mlx-lm's training reports (steps counted from ``start``) into a ``StepLog``, checkpointing when due."""
 
-    def __init__(self, log):
-        self.log = log
+    def __init__(self, log, start, save):
+        self.log, self.start, self.save = log, start, save
 
     def on_train_loss_report(self, info):
-        self.log(info["iteration"], {"loss": info["train_loss"], "learning_rate": info["learning_rate"],
-                                     "target_tokens_per_s": info["tokens_per_second"]})
+        step = self.start + info["iteration"]
+        self.log(step, {"loss": info["train_loss"], "learning_rate": info["learning_rate"],
+                        "target_tokens_per_s": info["tokens_per_second"]})
+        self.save(step)
 
 
-def train_lora(model, examples, cfg, live=None, prefix="train"):
+def _resume(model, optimizer, checkpoint, log):
+    """The step to start from: a matching checkpoint's, else 0."""
+    meta = checkpoint.resume(model, optimizer) if checkpoint else None
+    if meta is None:
+        return 0
+    log.replay(meta["history"])
+    return meta["step"]
+
+
+def _saver(model, optimizer, checkpoint, log):
+    def save(step):
+        if checkpoint is not None and checkpoint.due(step):
+            checkpoint.save(step, model, optimizer, log.history)
+
+    return save
+
+
+def train_lora(model, examples, cfg, live=None, prefix="train", checkpoint=None):
     """Train the model's LoRA parameters on ``(tokens, prompt_len)`` examples; ``cfg``: a ``TrainConfig``.
 
     Returns ``{"train_seconds", "history"}``; history rows hold the step and
-    the mean loss since the previous report.
+    the mean loss since the previous report. With a ``checkpoint`` (whose
+    ``every`` is a multiple of ``steps_per_report`` and ``grad_accumulation``:
+    saves happen at reports, between whole updates) a rerun resumes where the
+    last one saved.
     """
     mx.random.seed(cfg.seed)
+    optimizer = make_optimizer(cfg)
+    log = StepLog(live, prefix, cfg.iters)
+    first = _resume(model, optimizer, checkpoint, log)
     args = TrainingArgs(
         batch_size=cfg.batch_size,
-        iters=cfg.iters,
+        iters=cfg.iters - first,
         steps_per_report=cfg.steps_per_report,
         steps_per_save=cfg.iters + 1,  # the stage saves once, atomically, at the end
         grad_accumulation_steps=cfg.grad_accumulation,
         adapter_file="/dev/null",
     )
-    log = StepLog(live, prefix, cfg.iters)
 
     def batches(dataset, batch_size, max_seq_length, loop=False, comm_group=None, **_):
-        return iterate_batches(dataset, batch_size, max_seq_length, loop, cfg.seed, comm_group)
+        return iterate_batches(dataset, batch_size, max_seq_length, loop, cfg.seed, comm_group, skip=first)
 
     start = time.perf_counter()
-    train(model, make_optimizer(cfg), examples, args=args, loss=sft_loss(model), iterate_batches=batches,
-          training_callback=_Reports(log))
+    if args.iters > 0:
+        train(model, optimizer, examples, args=args, loss=sft_loss(model), iterate_batches=batches,
+              training_callback=_Reports(log, first, _saver(model, optimizer, checkpoint, log)))
     return {"train_seconds": round(time.perf_counter() - start, 1), "history": log.history}
 
 
-def optimize(model, cfg, loss_fn, batches, on_step):
+def optimize(model, cfg, loss_fn, batches, log, checkpoint=None):
     """``cfg.iters`` Adam steps on ``loss_fn(model, *batch) -> (loss, {name: scalar})``.
 
-    ``cfg`` is a ``TrainConfig`` (seed, learning_rate, warmup, iters);
-    ``on_step(step, {"loss": ..., **metrics})`` gets plain floats after each step.
+    ``cfg`` is a ``TrainConfig`` (seed, learning_rate, warmup, iters); ``log``
+    (a ``StepLog``) gets plain floats after each step. With a ``checkpoint``
+    a rerun resumes where the last one saved, skipping the batches it used.
     """
     mx.random.seed(cfg.seed)
     optimizer = make_optimizer(cfg)
+    first = _resume(model, optimizer, checkpoint, log)
+    save = _saver(model, optimizer, checkpoint, log)
+    for _ in range(first):
+        next(batches)
     value_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
@@ -111,8 +164,9 @@ def optimize(model, cfg, loss_fn, batches, on_step):
         return loss, metrics
 
     model.train()
-    for it, batch in zip(range(1, cfg.iters + 1), batches):
+    for it, batch in zip(range(first + 1, cfg.iters + 1), batches):
         loss, metrics = step(*batch)
         mx.eval(state, loss, metrics)
-        on_step(it, {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}})
+        log(it, {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}})
+        save(it)
     model.eval()

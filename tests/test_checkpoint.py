@@ -1,0 +1,152 @@
+"""A killed training stage resumes from its last checkpoint and ends with the bytes of an uninterrupted run."""
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import toolcall  # noqa: F401  (first: loads OpenBLAS before mlx)
+import mlx.core as mx
+from configs import config, section
+from mlx.utils import tree_flatten
+from test_dpo import fixture_rows, tiny  # noqa: F401  (module fixture: tiny model + SFT-shaped adapter)
+from tiny_model import make_tiny_model
+from toolcall import checkpoint, dpo, lora
+from toolcall.config import DpoConfig
+from toolcall.io import write_jsonl
+from toolcall.trainer import DivergedError, StepLog, optimize
+
+ROOT = Path(__file__).resolve().parents[1]
+ITERS = 12
+
+
+@pytest.fixture(scope="module")
+def sft_setup(tmp_path_factory):
+    """A directory laid out for stages/train_sft.py: params.yaml, the tiny model, training rows."""
+    work = tmp_path_factory.mktemp("sft")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["sft"].update(iters=ITERS, batch_size=2, warmup=0, steps_per_report=1, checkpoint_every=2,
+                         max_seq_len=4096, lora_layers=2)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    write_jsonl(work / "train.jsonl", fixture_rows())
+    return work, make_tiny_model(work / "model")
+
+
+def train_sft(work, model, out, **popen):
+    cmd = [sys.executable, str(ROOT / "stages" / "train_sft.py"), str(model), "train.jsonl", out,
+           "--metrics", f"{out}.json", "--live", f"{out}.live"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen(cmd, cwd=work, env=env, text=True, **popen)
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_sigkill_then_rerun_gives_the_uninterrupted_adapter(sft_setup):
+    work, model = sft_setup
+    assert train_sft(work, model, "straight").wait(timeout=300) == 0
+    kill_at = random.Random().randint(3, ITERS - 2)  # random on purpose: any step must be safe
+    proc = train_sft(work, model, "resumed", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in proc.stdout:
+        if line.startswith(f"[sft] {kill_at}/{ITERS} "):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before step {kill_at}"
+    assert not (work / "resumed").exists()  # nothing half-written where the adapter goes
+    saved = json.loads((work / "resumed.checkpoint" / "meta.json").read_text())["step"]
+    assert 2 <= saved <= kill_at and saved % 2 == 0
+
+    rerun = train_sft(work, model, "resumed", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, out[-2000:]
+    assert f"resuming after step {saved}" in out
+    for name in ("adapters.safetensors", "adapter_config.json"):
+        assert digest(work / "resumed" / name) == digest(work / "straight" / name), f"kill at {kill_at}"
+    metrics = [json.loads((work / f"{run}.json").read_text()) for run in ("straight", "resumed")]
+    assert metrics[0]["final_loss"] == metrics[1]["final_loss"]
+    assert not (work / "resumed.checkpoint").exists()  # a finished stage leaves no checkpoint behind
+
+
+def test_a_checkpoint_of_other_inputs_is_not_resumed(tmp_path, tiny):  # noqa: F811
+    model, _, _ = tiny
+    mine = checkpoint.Checkpoint(tmp_path / "out", "key-a", every=1)
+    mine.save(3, model, None, [])
+    other = checkpoint.Checkpoint(tmp_path / "out", "key-b", every=1)
+    assert other.resume(model, None) is None and mine.resume(model, None)["step"] == 3
+
+
+def pairs():
+    return [{"id": str(i), "source": "on_policy", "prompt_len": 10, "chosen": list(range(3, 30 + i)),
+             "rejected": list(range(3, 20 + i))} for i in range(4)]
+
+
+def weights(model):
+    return {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_dpo_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, tiny):  # noqa: F811
+    model, _, sft = tiny
+    start = lora.snapshot(model)
+    cfg = config(DpoConfig, "dpo", iters=6, batch_size=2, learning_rate=1e-2, checkpoint_every=2)
+    ref = dpo.reference_logps(model, pairs(), "sigmoid")
+
+    dpo.train(model, pairs(), ref, cfg, StepLog(None, "dpo", cfg.iters))
+    straight = weights(model)
+
+    lora.restore(model, start)
+    ckpt = checkpoint.Checkpoint(tmp_path / "dpo", "k", cfg.checkpoint_every)
+
+    class Dies(StepLog):
+        def __call__(self, step, metrics):
+            if step == 5:
+                raise Interrupt
+            super().__call__(step, metrics)
+
+    with pytest.raises(Interrupt):
+        dpo.train(model, pairs(), ref, cfg, Dies(None, "dpo", cfg.iters), ckpt)
+    lora.restore(model, start)  # a new process starts from the SFT adapter again
+    log = StepLog(None, "dpo", cfg.iters)
+    dpo.train(model, pairs(), ref, cfg, log, ckpt)
+    assert [h["step"] for h in log.history] == list(range(1, 7))  # steps 1-4 from the checkpoint
+    resumed = weights(model)
+    assert all(np.array_equal(straight[k], resumed[k]) for k in straight)
+    lora.restore(model, start)  # the module fixture is shared
+
+
+def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny):  # noqa: F811
+    model, _, _ = tiny
+    start = lora.snapshot(model)
+    train_cfg = config(DpoConfig, "dpo", iters=5, learning_rate=1e-3).train()
+    ckpt = checkpoint.Checkpoint(tmp_path / "run", "k", every=1)
+
+    def loss(model, scale):  # finite until the batch whose scale is NaN
+        total = sum(v.sum() for _, v in tree_flatten(model.trainable_parameters()))
+        return total * scale, {}
+
+    batches = iter([(mx.array(1.0),), (mx.array(1.0),), (mx.array(float("nan")),), (mx.array(1.0),)] * 2)
+    with pytest.raises(DivergedError, match="nan at step 3"):
+        optimize(model, train_cfg, loss, batches, StepLog(None, "dpo", 5), ckpt)
+    assert json.loads((ckpt.dir / "meta.json").read_text())["step"] == 2
+    lora.restore(model, start)  # the module fixture is shared
+
+
+def test_the_fingerprint_changes_with_any_input():
+    base = checkpoint.fingerprint("train_sft", {"iters": 3}, checkpoint.examples_digest([([1, 2, 3], 1)]))
+    assert base == checkpoint.fingerprint("train_sft", {"iters": 3}, checkpoint.examples_digest([([1, 2, 3], 1)]))
+    assert base != checkpoint.fingerprint("train_sft", {"iters": 4}, checkpoint.examples_digest([([1, 2, 3], 1)]))
+    assert base != checkpoint.fingerprint("train_sft", {"iters": 3}, checkpoint.examples_digest([([1, 2, 3], 2)]))
+    assert section("sft")["checkpoint_every"] % section("sft")["steps_per_report"] == 0

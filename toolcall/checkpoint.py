@@ -1,0 +1,93 @@
+"""Resumable training: the state of a run, saved every few steps beside the stage's output.
+
+A checkpoint is ``<out_dir>.checkpoint/``: the LoRA weights, the optimizer
+state (Adam moments, step count, so the learning-rate schedule continues),
+MLX's RNG key, the step and the logged history. It is written whole or not at
+all (``io.atomic_dir``), so a run killed at any moment leaves the previous
+checkpoint intact. It carries a fingerprint of everything the run depends on
+(config, training data, base weights); a rerun of the same stage with the
+same inputs resumes from it and ends with the same bytes as an uninterrupted
+run, a rerun with other inputs ignores it. The stage deletes it once its
+outputs are written, and DVC never sees it (``.gitignore``, ``.dvcignore``).
+"""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .io import atomic_dir, write_json
+
+META = "meta.json"
+WEIGHTS = "adapters.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+
+
+def fingerprint(*parts):
+    """A digest of JSON-serializable ``parts`` (configs, data digests)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def examples_digest(examples):
+    """A digest of ``(tokens, prompt_len)`` training examples."""
+    h = hashlib.sha256()
+    for tokens, prompt_len in examples:
+        h.update(json.dumps([prompt_len, list(tokens)]).encode())
+    return h.hexdigest()
+
+
+def files_digest(directory, pattern="*.safetensors"):
+    """A digest of the files matching ``pattern`` in ``directory`` (model or adapter weights)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(directory).glob(pattern)):
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+class Checkpoint:
+    """Save and resume one training run; ``every`` steps between saves (0: never)."""
+
+    def __init__(self, out_dir, key, every):
+        self.dir = Path(str(Path(out_dir)) + ".checkpoint")
+        self.key, self.every = key, every
+
+    def due(self, step):
+        return self.every > 0 and step % self.every == 0
+
+    def save(self, step, model, optimizer, history, extra=None):
+        """Write the run's state after ``step`` steps, replacing the previous checkpoint whole."""
+        with atomic_dir(self.dir) as tmp:
+            mx.save_safetensors(str(tmp / WEIGHTS), dict(tree_flatten(model.trainable_parameters())))
+            if optimizer is not None:
+                mx.save_safetensors(str(tmp / OPTIMIZER), dict(tree_flatten(optimizer.state)))
+            write_json(tmp / META, {"key": self.key, "step": step, "rng": mx.random.state[0].tolist(),
+                                    "history": history, "extra": extra})
+
+    def resume(self, model, optimizer):
+        """Load a matching checkpoint into ``model`` and ``optimizer``; return its meta, or None."""
+        try:
+            with open(self.dir / META) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if meta.get("key") != self.key:
+            print(f"{self.dir}: made with other inputs; starting over", flush=True)
+            return None
+        model.update(tree_unflatten(list(mx.load(str(self.dir / WEIGHTS)).items())))
+        if optimizer is not None:
+            optimizer.state = tree_unflatten(list(mx.load(str(self.dir / OPTIMIZER)).items()))
+        # MLX's key for seed s is [s >> 32, s & 0xffffffff], so reseeding with the
+        # saved key's two words restores it exactly (the state cannot be assigned).
+        hi, lo = meta["rng"]
+        mx.random.seed((hi << 32) | lo)
+        print(f"{self.dir}: resuming after step {meta['step']}", flush=True)
+        return meta
+
+    def clear(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
