@@ -1,6 +1,6 @@
 """DPO on top of the SFT adapter, with on-policy negatives from the training split.
 
-    python stages/train_dpo.py models/base models/sft data/validated/train.jsonl models/sft_dpo
+    python -m stages.train_dpo models/base models/sft data/validated/train.jsonl models/sft_dpo
 
 Reads params [dpo]; the LoRA shape comes from models/sft/adapter_config.json.
 Samples the SFT model on ``dpo.prompts`` training prompts, pairs the gold
@@ -18,8 +18,10 @@ import time
 import numpy as np
 
 from toolcall import dpo, policy, training
-from toolcall.io import read_jsonl, read_params, write_json
+from toolcall.io import read_params, write_json
 from toolcall.prompts import PromptFormat
+from toolcall.data import read_rows
+from toolcall.errors import run_stage
 
 
 def main():
@@ -36,7 +38,7 @@ def main():
                                   iters=cfg.iters, batch_size=cfg.batch_size, warmup=0)
     model, tokenizer = policy.load_policy(args.model_dir, args.sft_dir)
     fmt = PromptFormat(tokenizer)
-    rows = policy.choose_rows(read_jsonl(args.train), cfg.prompts, cfg.seed)
+    rows = policy.choose_rows(read_rows(args.train), cfg.prompts, cfg.seed)
     seconds = {}
 
     start = time.perf_counter()
@@ -73,4 +75,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

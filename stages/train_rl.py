@@ -1,6 +1,6 @@
 """RL on top of the SFT adapter, rewarded by the AST check (rl.algo: rft or grpo).
 
-    python stages/train_rl.py models/base models/sft data/validated/train.jsonl models/sft_rl
+    python -m stages.train_rl models/base models/sft data/validated/train.jsonl models/sft_rl
 
 Reads params [rl]; the LoRA shape comes from models/sft/adapter_config.json.
 Each of ``rl.rounds`` rounds samples fresh training prompts from the current
@@ -13,8 +13,10 @@ under dvclive/train_rl.
 import argparse
 
 from toolcall import policy, rl, training
-from toolcall.io import read_jsonl, read_params, write_json
+from toolcall.io import read_params, write_json
 from toolcall.prompts import PromptFormat
+from toolcall.data import read_rows
+from toolcall.errors import run_stage
 
 
 def main():
@@ -32,7 +34,7 @@ def main():
                                   iters=cfg.iters, batch_size=cfg.batch_size, warmup=0)
     model, tokenizer = policy.load_policy(args.model_dir, args.sft_dir)
     fmt = PromptFormat(tokenizer)
-    rows = read_jsonl(args.train)
+    rows = read_rows(args.train)
     from dvclive import Live
 
     with Live(args.live, dvcyaml=None, save_dvc_exp=False) as live:
@@ -46,4 +48,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -20,13 +20,10 @@ import zipfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from .errors import DataError
 from .io import read_jsonl
 
 CATEGORIES = ("simple", "multiple", "parallel", "parallel_multiple")
-
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message says which file and row."""
 
 
 # ---------------------------------------------------------------- fetching
@@ -221,8 +218,36 @@ def split_rows(rows, test_per_category, seed, train_per_category=None, strict=Fa
     return [rows[i] for i in sorted(train)], [rows[i] for i in sorted(test)]
 
 
-def load_categories(data_dir, categories=CATEGORIES):
-    rows = []
-    for cat in categories:
-        rows += read_jsonl(Path(data_dir) / f"{cat}.jsonl")
+ROW_FIELDS = ("id", "category", "messages", "functions", "ground_truth")
+
+
+def read_rows(*paths):
+    """Normalized rows from JSONL files, refused unless every row is usable as a row.
+
+    Each row must have every field of ``ROW_FIELDS``, ids must be unique across
+    the files, and no file may be empty: a row lost or doubled here would
+    silently change what is trained or tested on.
+    """
+    rows, first_seen = [], {}
+    for path in paths:
+        file_rows = read_jsonl(path)
+        if not file_rows:
+            raise DataError(f"{path}: no rows; rerun the stage that writes it (dvc repro) or fix its params")
+        for n, row in enumerate(file_rows, 1):
+            where = f"{path}: row {n}"
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: not a JSON object; fix or regenerate the file (dvc repro)")
+            missing = [k for k in ROW_FIELDS if k not in row]
+            if missing:
+                raise DataError(f"{where} (id {row.get('id', '?')}) lacks {', '.join(missing)}; "
+                                "fix or regenerate the file (dvc repro)")
+            if row["id"] in first_seen:
+                raise DataError(f"{where}: duplicate id {row['id']} (first in {first_seen[row['id']]}); "
+                                "ids must be unique: remove or rename one")
+            first_seen[row["id"]] = where
+        rows += file_rows
     return rows
+
+
+def load_categories(data_dir, categories=CATEGORIES):
+    return read_rows(*(Path(data_dir) / f"{cat}.jsonl" for cat in categories))

@@ -1,10 +1,16 @@
-"""Atomic file writes and JSONL helpers: a crash never leaves half a file."""
+"""Atomic file writes and JSONL helpers: a crash never leaves half a file.
+
+A write that fails (disk full, no permission) or is interrupted leaves the
+file as it was before, and is reported as one ``WriteError`` naming the path.
+"""
 
 import json
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+from .errors import DataError, WriteError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -13,50 +19,110 @@ os.umask(_UMASK)
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path beside ``path``; move it into place on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Keep the suffix: some writers (mx.save_safetensors) append theirs otherwise.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
+    with atomic_paths([path]) as (tmp,):
+        yield tmp
+
+
+@contextmanager
+def atomic_paths(paths):
+    """Several outputs that land together: each is moved into place only after all were written.
+
+    A stage with two outputs (predictions and metrics) never leaves one new and
+    one old when it fails or is interrupted while writing.
+    """
+    with ExitStack() as stack:
+        tmps = [stack.enter_context(_temporary_beside(Path(p))) for p in paths]
+        yield tmps
+        for tmp, path in zip(tmps, paths):
+            _move(tmp, Path(path))
+
+
+@contextmanager
+def _temporary_beside(path):
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Keep the suffix: some writers (mx.save_safetensors) append theirs otherwise.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
         yield Path(tmp)
-        os.replace(tmp, path)
+    except OSError as e:
+        raise _write_error(path, e) from e
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def _move(tmp, path):
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _write_error(path, e) from e
+
+
+def _write_error(path, e):
+    return WriteError(f"cannot write {path}: {e.strerror or e}; "
+                      "free space or fix permissions there and rerun (earlier outputs are unchanged)")
+
+
 def write_text(path, text):
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    write_texts({path: text})
+
+
+def write_texts(files):
+    """Write ``{path: text}``: every file lands, or none does (see ``atomic_paths``)."""
+    with atomic_paths(list(files)) as tmps:
+        for tmp, text in zip(tmps, files.values()):
+            tmp.write_text(text)
+
+
+def json_text(obj):
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
+def jsonl_text(rows):
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_text(path, json_text(obj))
 
 
 def write_jsonl(path, rows):
-    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text(path, jsonl_text(rows))
 
 
 def read_jsonl(path):
     """Read a JSONL file; a bad line is reported with its file and line number."""
     rows = []
-    with open(path) as f:
+    with _open_input(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); "
+                                "fix or regenerate the file (dvc repro) and rerun") from None
     return rows
 
 
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    with _open_input(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); "
+                            "fix or regenerate the file (dvc repro) and rerun") from None
+
+
+def _open_input(path):
+    try:
+        return open(path)
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist; run the stage that makes it (dvc repro) "
+                        "or check the path") from None
 
 
 def read_params(section, path="params.yaml"):

