@@ -1,8 +1,13 @@
 """dvc.yaml lists exactly the code each stage runs, derived from the scripts' imports (tests/dag_deps.py)."""
 
+import os
+import shutil
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
-from dag_deps import ROOT, code_closure, code_deps
+from dag_deps import ROOT, SCRIPT, code_closure, code_deps, expanded_stages
 
 
 def test_every_stage_lists_exactly_its_script_and_imported_modules():
@@ -36,3 +41,27 @@ def test_foreach_stages_are_expanded_and_checked():
     assert {"eval@sft", "ablation_train_rl@unseen_tools", "ablation_eval@format_masked"} <= set(stages)
     listed, derived = stages["eval@sft"]
     assert "toolcall/stats.py" in derived and "toolcall/__init__.py" in derived  # the deps the issue found missing
+
+
+def test_stage_cmds_run_the_workspace_toolcall(tmp_path):
+    """A copy of the repo (as `dvc exp run --queue` makes under .dvc/tmp/exps/) runs its own code.
+
+    Each stage's cmd runs as DVC runs it: through the shell, from the repo root,
+    with no PYTHONPATH. The copy's toolcall stops at import, printing its own path;
+    an editable install of another checkout, or the tests' own path, must not win.
+    """
+    copy = tmp_path / "exp"
+    for item in ("stages", "toolcall", "dvc.yaml", "params.yaml"):
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, copy / item)
+    with open(copy / "toolcall" / "__init__.py", "a") as f:
+        f.write('\nraise SystemExit("toolcall from " + __file__)\n')
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    scripts = {}
+    for stage, spec in expanded_stages(copy).items():
+        scripts.setdefault(SCRIPT.search(spec["cmd"]).groups(), (stage, spec["cmd"]))
+    assert len(scripts) == len(list((ROOT / "stages").glob("[a-z]*.py")))  # every stage script is exercised
+    for stage, cmd in scripts.values():
+        proc = subprocess.run(cmd, shell=True, cwd=tmp_path / "exp", env=env, capture_output=True, text=True)
+        assert proc.stderr.strip() == f"toolcall from {copy / 'toolcall' / '__init__.py'}", (stage, proc.stderr)
