@@ -32,11 +32,11 @@ def main():
     metrics_path = args.metrics or f"metrics/eval/{args.variant}.json"
     predictions_path = args.predictions or f"data/predictions/{args.variant}.jsonl"
     p = read_params("eval")
+    rows = read_rows(args.test)  # before the slow model load: a bad test file fails at once
     from mlx_lm import load
 
     _, tokenizer = load(args.model, lazy=True)  # the tokenizer only: each worker loads the weights
     fmt = PromptFormat(tokenizer)
-    rows = read_rows(args.test)
     prompts = [fmt.encode(fmt.prompt(r["messages"], r["functions"])) for r in rows]
     start = time.perf_counter()
     outputs = generate_sharded(args.model, args.adapter, prompts, workers=args.workers, progress=f"eval {args.variant}",

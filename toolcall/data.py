@@ -36,7 +36,8 @@ def _parse_lines(text, where):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
+                raise DataError(f"{where}:{lineno}: not valid JSON ({e.msg}); the file is truncated or corrupt: "
+                                "fetch it again (data.source) or fix that line") from None
     return rows
 
 
@@ -57,7 +58,7 @@ def read_source(source, files, *, wheel=None, local_dir=None, hub_repo=None, hub
         if source == "local":
             path = Path(local_dir) / name
             if not path.exists():
-                raise DataError(f"{path} does not exist (data.local_dir={local_dir})")
+                raise DataError(f"{path} does not exist (data.local_dir={local_dir}); put the BFCL files there or fix data.local_dir")
             return _parse_lines(path.read_text(), str(path))
         if source == "hub":
             # Raw files rather than `datasets.load_dataset`: the schemas' nested

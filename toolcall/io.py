@@ -4,6 +4,7 @@ A write that fails (disk full, no permission) or is interrupted leaves the
 file as it was before, and is reported as one ``WriteError`` naming the path.
 """
 
+import errno
 import json
 import os
 import tempfile
@@ -62,6 +63,9 @@ def _move(tmp, path):
 
 
 def _write_error(path, e):
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):  # mkdir met a file where a directory should be
+        return WriteError(f"cannot write {path}: a file is in the way of its directory {path.parent}; "
+                          "move that file away and rerun")
     return WriteError(f"cannot write {path}: {e.strerror or e}; "
                       "free space or fix permissions there and rerun (earlier outputs are unchanged)")
 

@@ -175,7 +175,7 @@ def _convert_snapshot(src, out, dtype):
 def _check_snapshot(src):
     """Refuse a snapshot with missing or unreadable files, naming them; return the weight files."""
     if not src.is_dir():
-        raise ModelError(f"{src}: model directory does not exist")
+        raise ModelError(f"{src}: model directory does not exist; fix model.path in params.yaml")
     weight_files = sorted(src.glob("model*.safetensors"))
     missing = [] if (src / "config.json").exists() else ["config.json"]
     if not weight_files:
@@ -183,12 +183,13 @@ def _check_snapshot(src):
     if not any((src / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
         missing.append("tokenizer.json (or tokenizer.model)")
     if missing:
-        raise ModelError(f"{src}: missing {', '.join(missing)}")
+        raise ModelError(f"{src}: missing {', '.join(missing)}; copy the whole model snapshot there")
     for f in weight_files:
         try:
             mx.load(str(f))  # parses the header and checks offsets against the file size
         except Exception as e:
-            raise ModelError(f"{f}: not a readable safetensors file ({e})") from e
+            raise ModelError(f"{f}: not a readable safetensors file ({e}); the file is truncated or corrupt: "
+                             "copy or download it again") from e
     return weight_files
 
 
