@@ -2,7 +2,9 @@
 
 A stage's code deps are its script plus every ``toolcall`` module it imports,
 transitively (imports inside functions too, and the package's ``__init__``,
-which any ``toolcall.x`` import runs). ``tests/test_dag.py`` fails when
+which any ``toolcall.x`` import runs). ``stages/__init__.py``, which
+``python -m stages.<name>`` also runs, is not counted: it holds a docstring
+only (``tests/test_dag.py`` checks that). ``tests/test_dag.py`` fails when
 ``dvc.yaml`` lists other ``.py`` files; after moving code around, print the
 right lists with
 

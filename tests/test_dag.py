@@ -1,5 +1,6 @@
 """dvc.yaml lists exactly the code each stage runs, derived from the scripts' imports (tests/dag_deps.py)."""
 
+import ast
 import os
 import shutil
 import subprocess
@@ -16,6 +17,12 @@ def test_every_stage_lists_exactly_its_script_and_imported_modules():
         if listed != derived:
             wrong.append(f"{stage}: missing {sorted(derived - listed)}, extra {sorted(listed - derived)}")
     assert not wrong, "dvc.yaml code deps disagree with the imports (run python tests/dag_deps.py):\n" + "\n".join(wrong)
+
+
+def test_stages_package_init_has_no_code():
+    """Every stage runs it, yet no stage lists it: it must stay a docstring."""
+    body = ast.parse((ROOT / "stages" / "__init__.py").read_text()).body
+    assert [type(node) for node in body] == [ast.Expr] and isinstance(body[0].value, ast.Constant)
 
 
 def test_closure_follows_every_import_form(tmp_path):
