@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dag_deps import expanded_stages
 from tiny_model import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,10 +114,28 @@ SFT_DOWNSTREAM = {
 }
 
 
+def digest(repo, paths):
+    """Content of the given files and directories, to tell whether a stage's inputs changed."""
+    out = {}
+    for path in map(repo.joinpath, paths):
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        out[str(path)] = [(str(f), f.read_bytes()) for f in files if f.is_file()]
+    return out
+
+
 def test_changing_a_param_reruns_only_what_depends_on_it(repo):
     repo, _ = repo
+    stages = expanded_stages(repo)
+    # Stages that only re-read other stages' outputs (JSON repair re-scores greedy
+    # predictions; the reports read metrics and predictions) rerun when those
+    # outputs changed, as DVC compares content: on the tiny model a new adapter
+    # often leaves every greedy output as it was, and then they rightly do not.
+    readers = {s for s in stages if s.startswith(("ablation_repair@", "report"))}
+    before = {s: digest(repo, stages[s]["deps"]) for s in readers}
     out = run("dvc exp run -S sft.lora_rank=4", repo)
-    assert ran_stages(out) == SFT_DOWNSTREAM
+    inputs_changed = {s for s in readers if digest(repo, stages[s]["deps"]) != before[s]}
+    assert inputs_changed <= SFT_DOWNSTREAM
+    assert ran_stages(out) == (SFT_DOWNSTREAM - readers) | inputs_changed
     diff = run("dvc metrics diff", repo)
     assert "metrics/train_sft.json" in diff and "trainable_parameters" in diff  # rank 8 -> 4 halves them
 
