@@ -1,6 +1,6 @@
 """Best-of-N: sample N outputs per test item, keep one without looking at the answer, score it.
 
-    python stages/ablation_best_of_n.py sft --model models/base --adapter models/sft \
+    python -m stages.ablation_best_of_n sft --model models/base --adapter models/sft \
         --test data/validated/test.jsonl --greedy data/predictions/sft.jsonl
 
 Reads params [eval] (max_tokens, batch_size) and [ablations.scaffold] (n,
@@ -19,6 +19,7 @@ from toolcall.config import EvalConfig, ScaffoldConfig, from_params
 from toolcall.generation import generate
 from toolcall.io import read_jsonl, read_params, write_json, write_jsonl
 from toolcall.prompts import PromptFormat
+from toolcall.errors import run_stage
 from toolcall.lora import load_model
 
 
@@ -56,4 +57,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -1,6 +1,6 @@
 """Re-score a variant's greedy outputs with JSON repair (no generation) and count what it changed.
 
-    python stages/ablation_repair.py sft --test data/validated/test.jsonl --greedy data/predictions/sft.jsonl
+    python -m stages.ablation_repair sft --test data/validated/test.jsonl --greedy data/predictions/sft.jsonl
 
 Writes metrics/ablations/repair/<name>.json (accuracy with Wilson intervals;
 outputs that were malformed JSON, changed by repair, changed into correct
@@ -12,6 +12,7 @@ import argparse
 
 from toolcall import scaffold
 from toolcall.io import read_jsonl, write_json, write_jsonl
+from toolcall.errors import run_stage
 
 
 def main():
@@ -31,4 +32,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

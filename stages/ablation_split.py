@@ -1,6 +1,6 @@
 """Write one ablation's training (and, where it has its own, test) rows from the validated split.
 
-    python stages/ablation_split.py unseen_tools data/validated data/ablations/splits/unseen_tools
+    python -m stages.ablation_split unseen_tools data/validated data/ablations/splits/unseen_tools
 
 Names: unseen_tools, unseen_patterns, diversity_low, diversity_high (see
 ``toolcall.ablations``). Reads params [ablations.<section>]. Writes
@@ -13,7 +13,9 @@ from collections import Counter
 
 from toolcall import ablations
 from toolcall.config import from_params
-from toolcall.io import read_jsonl, read_params, write_jsonl
+from toolcall.data import read_rows
+from toolcall.errors import run_stage
+from toolcall.io import read_params, write_jsonl
 
 
 def main():
@@ -24,8 +26,8 @@ def main():
     args = ap.parse_args()
     section, cls = ablations.SECTIONS[args.name]
     p = from_params(cls, read_params(f"ablations.{section}"), f"ablations.{section}")
-    train, test = ablations.make_split(args.name, read_jsonl(f"{args.validated_dir}/train.jsonl"),
-                                       read_jsonl(f"{args.validated_dir}/test.jsonl"), p)
+    train, test = ablations.make_split(args.name, read_rows(f"{args.validated_dir}/train.jsonl"),
+                                       read_rows(f"{args.validated_dir}/test.jsonl"), p)
     write_jsonl(f"{args.out_dir}/train.jsonl", train)
     print(f"{args.name}: train {len(train)} {dict(Counter(r['category'] for r in train))}")
     if test is not None:
@@ -34,4 +36,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -1,6 +1,6 @@
 """Greedy-decode the test split with one model variant and score it.
 
-    python stages/eval.py sft --model models/base --adapter models/sft
+    python -m stages.eval sft --model models/base --adapter models/sft
 
 Reads params [eval]. Generation runs in one process per core (``--workers``;
 outputs do not depend on it). Writes metrics/eval/<variant>.json (overall and
@@ -12,10 +12,12 @@ import argparse
 import time
 
 from toolcall.config import EvalConfig, from_params
+from toolcall.data import read_rows
 from toolcall.evaluation import score_output, summarize
-from toolcall.io import read_jsonl, read_params, write_json, write_jsonl
+from toolcall.io import json_text, jsonl_text, read_params, write_texts
 from toolcall.prompts import PromptFormat
 from toolcall.sharding import default_workers, generate_sharded
+from toolcall.errors import run_stage
 
 
 def main():
@@ -31,11 +33,11 @@ def main():
     metrics_path = args.metrics or f"metrics/eval/{args.variant}.json"
     predictions_path = args.predictions or f"data/predictions/{args.variant}.jsonl"
     p = from_params(EvalConfig, read_params("eval"), "eval")
+    rows = read_rows(args.test)  # before the slow model load: a bad test file fails at once
     from mlx_lm import load
 
     _, tokenizer = load(args.model, lazy=True)  # the tokenizer only: each worker loads the weights
     fmt = PromptFormat(tokenizer)
-    rows = read_jsonl(args.test)
     prompts = [fmt.encode(fmt.prompt(r["messages"], r["functions"])) for r in rows]
     start = time.perf_counter()
     outputs = generate_sharded(args.model, args.adapter, prompts, workers=args.workers, progress=f"eval {args.variant}",
@@ -49,11 +51,11 @@ def main():
         "tokens_per_second": round(sum(n for _, n in outputs) / seconds, 1),
         "workers": args.workers,
     }
-    write_jsonl(predictions_path, records)
-    write_json(metrics_path, metrics)
+    # Both land together or not at all: a Ctrl-C or a full disk never leaves new predictions beside old metrics.
+    write_texts({predictions_path: jsonl_text(records), metrics_path: json_text(metrics)})
     o = metrics["overall"]
     print(f"{args.variant}: {o['accuracy']:.1%} of {o['n']} (95% CI {o['ci95'][0]:.1%}-{o['ci95'][1]:.1%})")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

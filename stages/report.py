@@ -1,8 +1,8 @@
 """Write the study's reports from the committed metrics.
 
-    python stages/report.py metrics data/predictions reports --variants base sft
-    python stages/report.py metrics data/predictions reports --variants base sft sft_dpo sft_rl --name post_sft
-    python stages/report.py metrics data/predictions reports --variants base sft sft_dpo sft_rl \
+    python -m stages.report metrics data/predictions reports --variants base sft
+    python -m stages.report metrics data/predictions reports --variants base sft sft_dpo sft_rl --name post_sft
+    python -m stages.report metrics data/predictions reports --variants base sft sft_dpo sft_rl \
         --ablations data/ablations/predictions
 
 Each reads only the eval variants it is given (its DVC stage's deps) and
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from toolcall import report
 from toolcall.io import read_json, read_jsonl, write_text
+from toolcall.errors import run_stage
 
 
 def main():
@@ -73,4 +74,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -1,6 +1,6 @@
 """DPO on top of the SFT adapter, with on-policy negatives from the training split.
 
-    python stages/train_dpo.py models/base models/sft data/validated/train.jsonl models/sft_dpo
+    python -m stages.train_dpo models/base models/sft data/validated/train.jsonl models/sft_dpo
 
 Reads params [dpo]; the LoRA shape comes from models/sft/adapter_config.json.
 Samples the SFT model on ``dpo.prompts`` training prompts, pairs the gold
@@ -21,7 +21,9 @@ import numpy as np
 
 from toolcall import checkpoint, dpo, lora
 from toolcall.config import DpoConfig, from_params
-from toolcall.io import read_jsonl, read_params, write_json
+from toolcall.data import read_rows
+from toolcall.errors import run_stage
+from toolcall.io import read_params, write_json
 from toolcall.prompts import PromptFormat
 from toolcall.rollouts import choose_rows, sample
 from toolcall.trainer import StepLog
@@ -39,7 +41,7 @@ def main():
     cfg = from_params(DpoConfig, read_params("dpo"), "dpo")
     model, tokenizer = lora.load_policy(args.model_dir, args.sft_dir)
     fmt = PromptFormat(tokenizer)
-    rows = choose_rows(read_jsonl(args.train), cfg.prompts, cfg.seed)
+    rows = choose_rows(read_rows(args.train), cfg.prompts, cfg.seed)
     train = Path(args.train)
     key = checkpoint.fingerprint("train_dpo", dataclasses.asdict(cfg), checkpoint.files_digest(args.model_dir),
                                  checkpoint.files_digest(args.sft_dir), checkpoint.files_digest(train.parent, train.name))
@@ -81,4 +83,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

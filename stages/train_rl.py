@@ -1,6 +1,6 @@
 """RL on top of the SFT adapter, rewarded by the AST check (rl.algo: rft or grpo).
 
-    python stages/train_rl.py models/base models/sft data/validated/train.jsonl models/sft_rl
+    python -m stages.train_rl models/base models/sft data/validated/train.jsonl models/sft_rl
 
 Reads params [rl]; the LoRA shape comes from models/sft/adapter_config.json.
 Each of ``rl.rounds`` rounds samples fresh training prompts from the current
@@ -16,8 +16,10 @@ from pathlib import Path
 
 from toolcall import checkpoint, lora, rl
 from toolcall.config import RlConfig, from_params
-from toolcall.io import read_jsonl, read_params, write_json
+from toolcall.io import read_params, write_json
 from toolcall.prompts import PromptFormat
+from toolcall.data import read_rows
+from toolcall.errors import run_stage
 
 
 def main():
@@ -32,7 +34,7 @@ def main():
     cfg = from_params(RlConfig, read_params("rl"), "rl")
     model, tokenizer = lora.load_policy(args.model_dir, args.sft_dir)
     fmt = PromptFormat(tokenizer)
-    rows = read_jsonl(args.train)
+    rows = read_rows(args.train)
     train = Path(args.train)
     key = checkpoint.fingerprint("train_rl", dataclasses.asdict(cfg), checkpoint.files_digest(args.model_dir),
                                  checkpoint.files_digest(args.sft_dir), checkpoint.files_digest(train.parent, train.name))
@@ -51,4 +53,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -1,6 +1,6 @@
 """LoRA supervised fine-tuning on the validated training split.
 
-    python stages/train_sft.py models/base data/validated/train.jsonl models/sft
+    python -m stages.train_sft models/base data/validated/train.jsonl models/sft
 
 Reads params [sft]. Loss on the completion (the calls) only when
 ``sft.mask_prompt``. Writes mlx-lm adapters (``mlx_lm.load(base,
@@ -12,7 +12,7 @@ An ablation arm (stage ablation_train) passes ``--overrides SECTION``
 (dotted, repeatable, later ones win) whose keys replace [sft]'s and whose
 ``style`` picks the prompt style (structured | content), e.g.
 
-    python stages/train_sft.py models/base data/validated/train.jsonl models/ablations/format_content \
+    python -m stages.train_sft models/base data/validated/train.jsonl models/ablations/format_content \
         --overrides ablations.sft --overrides ablations.format.content \
         --metrics metrics/ablations/train/format_content.json --live dvclive/ablations/format_content
 """
@@ -23,8 +23,9 @@ import sys
 
 from toolcall import checkpoint, lora
 from toolcall.config import SftConfig, from_params
-from toolcall.data import gold_calls
-from toolcall.io import read_jsonl, read_params, write_json
+from toolcall.data import gold_calls, read_rows
+from toolcall.errors import run_stage
+from toolcall.io import read_params, write_json
 from toolcall.prompts import PromptFormat
 from toolcall.trainer import train_lora
 
@@ -45,7 +46,7 @@ def main():
     cfg = from_params(SftConfig, p, " + ".join(["sft", *args.overrides]))
     model, tokenizer = lora.load_model(args.model_dir)
     fmt = PromptFormat(tokenizer, style)
-    rows = read_jsonl(args.train)
+    rows = read_rows(args.train)
     calls = [gold_calls(row["ground_truth"]) for row in rows]
     examples = [fmt.example(row, c) for row, c in zip(rows, calls)]
     longest = max(len(t) for t, _ in examples)
@@ -84,4 +85,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

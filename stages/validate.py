@@ -1,18 +1,24 @@
 """Validate every row against the model's template; drop bad rows with a reason.
 
-    python stages/validate.py data/split models/base data/validated metrics/validate.json
+    python -m stages.validate data/split models/base data/validated metrics/validate.json
 
-Reads params [validate]. Fails if more than ``max_drop_fraction`` of either
-split is dropped (then the data or the template is broken, not a few rows).
+Reads params [validate]. Training rows that fail are dropped with a reason;
+the stage fails if more than ``max_drop_fraction`` of them are (then the data
+or the template is broken, not a few rows). Test rows are never dropped: the
+test split is exactly what ``split`` wrote, so that every variant is scored on
+the same, complete set and n does not shrink silently; one bad test row fails
+the stage, naming it. Nothing is written when the stage fails.
 """
 
 import argparse
-import sys
 
 from toolcall.config import ValidateConfig, from_params
-from toolcall.io import read_jsonl, read_params, write_json, write_jsonl
+from toolcall.data import read_rows
+from toolcall.errors import DataError
+from toolcall.io import read_params, write_json, write_jsonl
 from toolcall.prompts import PromptFormat
 from toolcall.validate import validate_rows
+from toolcall.errors import run_stage
 
 
 def main():
@@ -26,19 +32,25 @@ def main():
     from mlx_lm.utils import load_tokenizer
 
     fmt = PromptFormat(load_tokenizer(args.model_dir))
-    metrics, failed = {"template": "native" if fmt.native else "project"}, []
+    metrics, kept = {"template": "native" if fmt.native else "project"}, {}
     for split in ("train", "test"):
-        kept, report = validate_rows(read_jsonl(f"{args.split_dir}/{split}.jsonl"), fmt, p.max_seq_len)
-        write_jsonl(f"{args.out_dir}/{split}.jsonl", kept)
+        path = f"{args.split_dir}/{split}.jsonl"
+        kept[split], report = validate_rows(read_rows(path), fmt, p.max_seq_len)
         metrics[split] = report
         print(f"{split}: kept {report['n_kept']}/{report['n_in']}  dropped {report['reasons']}")
-        if report["drop_fraction"] > p.max_drop_fraction:
-            failed.append(f"{split}: dropped {report['drop_fraction']:.1%} > max_drop_fraction "
-                          f"{p.max_drop_fraction:.1%} ({report['reasons']})")
+    if dropped := metrics["test"]["dropped"]:
+        shown = ", ".join(f"{d['id']} ({d['reason']})" for d in dropped[:5])
+        raise DataError(f"{args.split_dir}/test.jsonl: {len(dropped)} test row(s) fail validation: {shown}"
+                        f"{' …' if len(dropped) > 5 else ''}; the test split must stay complete: fix those rows "
+                        "in the data, or change split.seed so that they land in training")
+    if (train := metrics["train"])["drop_fraction"] > p.max_drop_fraction:
+        raise DataError(f"{args.split_dir}/train.jsonl: validation dropped {train['drop_fraction']:.1%} of the "
+                        f"rows > validate.max_drop_fraction {p.max_drop_fraction:.1%} ({train['reasons']}); "
+                        "the data or the template is broken: see the reasons")
+    for split, rows in kept.items():
+        write_jsonl(f"{args.out_dir}/{split}.jsonl", rows)
     write_json(args.metrics, metrics)
-    if failed:
-        sys.exit("validation failed: " + "; ".join(failed) + f" — see {args.metrics}")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

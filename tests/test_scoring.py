@@ -1,12 +1,13 @@
 """toolcall.scoring: the BFCL AST rules one by one, then against the official checker."""
 
 import copy
+import importlib
 import json
 import random
 import sys
 import types
 import zipfile
-from enum import Enum
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -235,42 +236,35 @@ KNOWN_BAD_GOLD = {"parallel_multiple_12", "parallel_multiple_26"}
 
 
 def _load_official(wheel):
-    """Exec the official ast_checker.py with stubs for its bfcl_eval imports (Python path only)."""
+    """Import the official ast_checker from the pinned wheel; only its model registry is stubbed.
 
-    class Language(Enum):
-        PYTHON = "python"
-        JAVA = "java"
-        JAVASCRIPT = "javascript"
+    The wheel goes on sys.path as a zip (nothing installed), so ast_checker.py
+    and everything it imports for the Python path — enums, type mappings, the
+    Java/JS type converters — are BFCL's own files. The one stand-in is
+    ``bfcl_eval.constants.model_config``: importing it builds every model
+    handler and pulls ~30 API SDKs (openai, anthropic, torch, ...), and the
+    checker reads one field from it, ``underscore_to_dot`` of the model's
+    entry, which is False for a model whose calls keep their dotted names
+    (ours: the prompt offers BFCL's names as they are).
+    """
 
     class AnyModel(dict):  # every model name maps to a config that renames nothing
         def __missing__(self, key):
             return types.SimpleNamespace(underscore_to_dot=False)
 
-    def unused(*args, **kwargs):
-        raise AssertionError("only the Python path is exercised")
-
-    stubs = {
-        "bfcl_eval.constants.enums": {"Language": Language},
-        "bfcl_eval.constants.model_config": {"MODEL_CONFIG_MAPPING": AnyModel()},
-        "bfcl_eval.constants.type_mappings": {"JAVA_TYPE_CONVERSION": {}, "JS_TYPE_CONVERSION": {}},
-        "bfcl_eval.eval_checker.ast_eval.type_convertor.java_type_converter": {"java_type_converter": unused},
-        "bfcl_eval.eval_checker.ast_eval.type_convertor.js_type_converter": {"js_type_converter": unused},
-    }
-    modules = {}
-    for name, attrs in stubs.items():
-        parts = name.split(".")
-        for i in range(1, len(parts)):  # parent packages
-            modules.setdefault(".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
-        modules[name] = types.ModuleType(name)
-        vars(modules[name]).update(attrs)
-    with zipfile.ZipFile(wheel) as zf:
-        source = zf.read("bfcl_eval/eval_checker/ast_eval/ast_checker.py").decode()
-    official = types.ModuleType("official_ast_checker")
-    with mock.patch.dict(sys.modules, modules):
-        exec(compile(source, "ast_checker.py", "exec"), vars(official))
+    registry = types.ModuleType("bfcl_eval.constants.model_config")
+    registry.MODEL_CONFIG_MAPPING = AnyModel()
+    with mock.patch.object(sys, "path", [str(wheel), *sys.path]), \
+            mock.patch.dict(sys.modules, {"bfcl_eval.constants.model_config": registry}):
+        for name in [m for m in sys.modules if m == "bfcl_eval" or m.startswith("bfcl_eval.")]:
+            if name != registry.__name__:
+                del sys.modules[name]  # a stale import from elsewhere must not stand in for the wheel's
+        checker = importlib.import_module("bfcl_eval.eval_checker.ast_eval.ast_checker")
+        language = importlib.import_module("bfcl_eval.constants.enums").Language
+    assert Path(checker.__file__).is_relative_to(wheel), checker.__file__
 
     def run(functions, calls, ground_truth, category):
-        out = official.ast_checker(functions, to_bfcl_output(calls), ground_truth, Language.PYTHON, category, "toolcall")
+        out = checker.ast_checker(functions, to_bfcl_output(calls), ground_truth, language.PYTHON, category, "toolcall")
         return (out["valid"], None if out["valid"] else out["error_type"])
 
     return run
@@ -278,13 +272,15 @@ def _load_official(wheel):
 
 @pytest.fixture(scope="module")
 def bfcl():
-    """(official checker, [(id, category, functions, ground_truth)]) from the pinned wheel."""
-    try:
-        from toolcall.fetch import pip_wheel
+    """(official checker, [(id, category, functions, ground_truth)]) from the pinned wheel.
 
-        wheel = pip_wheel(*BFCL_WHEEL)
-    except Exception as e:  # offline without a cached wheel
-        pytest.skip(f"bfcl-eval wheel unavailable: {e}")
+    No skip: if the wheel cannot be fetched (sha256-verified, from the package
+    index or the cache, see toolcall.fetch) or the checker does not import,
+    these tests fail and say why.
+    """
+    from toolcall.fetch import pip_wheel
+
+    wheel = pip_wheel(*BFCL_WHEEL)
     rows = []
     with zipfile.ZipFile(wheel) as zf:
         for file, category in DATA_FILES.items():

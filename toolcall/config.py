@@ -11,13 +11,14 @@ import typing
 from typing import Optional
 
 from .data import CATEGORIES
+from .errors import UserError
 
 LOSSES = ("sigmoid", "ipo")
 ALGOS = ("rft", "grpo")
 DATA_SOURCES = ("wheel", "hub", "local")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A params section that cannot be used; the message names the key."""
 
 

@@ -19,23 +19,17 @@ import zipfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from .errors import DataError
 from .io import parse_jsonl, read_jsonl
 
 CATEGORIES = ("simple", "multiple", "parallel", "parallel_multiple")
-
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message says which file and row."""
 
 
 # ---------------------------------------------------------------- fetching
 
 
 def _parse_lines(text, where):
-    try:
-        return parse_jsonl(text, where)
-    except ValueError as e:
-        raise DataError(str(e)) from None
+    return parse_jsonl(text, where, "the file is truncated or corrupt: fetch it again (data.source) or fix that line")
 
 
 def read_source(source, files, *, wheel=None, local_dir=None, hub_repo=None, hub_revision=None):
@@ -55,7 +49,7 @@ def read_source(source, files, *, wheel=None, local_dir=None, hub_repo=None, hub
         if source == "local":
             path = Path(local_dir) / name
             if not path.exists():
-                raise DataError(f"{path} does not exist (data.local_dir={local_dir})")
+                raise DataError(f"{path} does not exist (data.local_dir={local_dir}); put the BFCL files there or fix data.local_dir")
             return _parse_lines(path.read_text(), str(path))
         if source == "hub":
             # Raw files rather than `datasets.load_dataset`: the schemas' nested
@@ -216,8 +210,36 @@ def split_rows(rows, test_per_category, seed, train_per_category=None, strict=Fa
     return [rows[i] for i in sorted(train)], [rows[i] for i in sorted(test)]
 
 
-def load_categories(data_dir, categories=CATEGORIES):
-    rows = []
-    for cat in categories:
-        rows += read_jsonl(Path(data_dir) / f"{cat}.jsonl")
+ROW_FIELDS = ("id", "category", "messages", "functions", "ground_truth")
+
+
+def read_rows(*paths):
+    """Normalized rows from JSONL files, refused unless every row is usable as a row.
+
+    Each row must have every field of ``ROW_FIELDS``, ids must be unique across
+    the files, and no file may be empty: a row lost or doubled here would
+    silently change what is trained or tested on.
+    """
+    rows, first_seen = [], {}
+    for path in paths:
+        file_rows = read_jsonl(path)
+        if not file_rows:
+            raise DataError(f"{path}: no rows; rerun the stage that writes it (dvc repro) or fix its params")
+        for n, row in enumerate(file_rows, 1):
+            where = f"{path}: row {n}"
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: not a JSON object; fix or regenerate the file (dvc repro)")
+            missing = [k for k in ROW_FIELDS if k not in row]
+            if missing:
+                raise DataError(f"{where} (id {row.get('id', '?')}) lacks {', '.join(missing)}; "
+                                "fix or regenerate the file (dvc repro)")
+            if row["id"] in first_seen:
+                raise DataError(f"{where}: duplicate id {row['id']} (first in {first_seen[row['id']]}); "
+                                "ids must be unique: remove or rename one")
+            first_seen[row["id"]] = where
+        rows += file_rows
     return rows
+
+
+def load_categories(data_dir, categories=CATEGORIES):
+    return read_rows(*(Path(data_dir) / f"{cat}.jsonl" for cat in categories))

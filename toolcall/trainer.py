@@ -23,6 +23,7 @@ from mlx_lm.tuner.trainer import TrainingArgs, train
 from mlx_lm.tuner.utils import build_schedule
 
 from .batches import iterate_batches
+from .errors import UserError
 from .loss import sft_loss
 from .progress import Progress
 
@@ -36,7 +37,7 @@ def make_optimizer(cfg):
     return optim.Adam(learning_rate=schedule)
 
 
-class DivergedError(RuntimeError):
+class DivergedError(UserError):
     """The loss became NaN or infinite; the message names the step."""
 
 

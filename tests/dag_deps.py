@@ -1,0 +1,132 @@
+"""Each DVC stage's code deps, derived from what its script imports.
+
+A stage's code deps are its script plus every ``toolcall`` module it imports,
+transitively (imports inside functions too, and the package's ``__init__``,
+which any ``toolcall.x`` import runs). ``stages/__init__.py``, which
+``python -m stages.<name>`` also runs, is not counted: it holds a docstring
+only (``tests/test_dag.py`` checks that). ``tests/test_dag.py`` fails when
+``dvc.yaml`` lists other ``.py`` files; after moving code around, print the
+right lists with
+
+    python tests/dag_deps.py            # every stage: its code deps as dvc.yaml should list them
+"""
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "toolcall"
+# `python -m stages.eval ...` or `python stages/eval.py ...`: the stage's script.
+SCRIPT = re.compile(r"python\s+(?:-m\s+stages\.(\w+)|stages/(\w+)\.py)")
+
+
+def module_file(name, root=ROOT):
+    """The file of a dotted module name inside the repo, or None (a class, a function, a third-party module)."""
+    path = root.joinpath(*name.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(path, root=ROOT):
+    """Dotted names of the repo modules one file imports (anywhere in it), parents included."""
+    rel = path.relative_to(root).with_suffix("")
+    package = rel.parts[:-1]  # a/b.py and a/__init__.py both live in package a
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            # `from . import x` is relative to the file's package; each extra dot goes one up.
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
+            if node.module:
+                base += node.module.split(".")
+            module = ".".join(base)
+            names.append(module)
+            # `from toolcall import data` imports the module toolcall.data.
+            names += [f"{module}.{alias.name}" for alias in node.names]
+    found = set()
+    for name in names:
+        parts = name.split(".")
+        if parts[0] != PACKAGE:
+            continue
+        for i in range(1, len(parts) + 1):  # importing a.b runs a/__init__.py first
+            if module_file(".".join(parts[:i]), root):
+                found.add(".".join(parts[:i]))
+    return found
+
+
+def code_closure(script, root=ROOT):
+    """The script plus every repo module it reaches through imports, as repo-relative paths."""
+    seen, todo = set(), [Path(script)]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo += [module_file(m, root) for m in imported_modules(path, root)]
+    return {p.relative_to(root).as_posix() for p in seen}
+
+
+def _substitute(value, key, item):
+    def lookup(match):
+        expr = match.group(1)
+        if expr == "key":
+            return str(key)
+        if expr == "item":
+            return str(item)
+        return str(item[expr.removeprefix("item.")])
+
+    return re.sub(r"\$\{\s*([\w.]+)\s*\}", lookup, value)
+
+
+def expanded_stages(root=ROOT):
+    """``{stage name: stage dict}`` of dvc.yaml with every foreach expanded (``name@key``)."""
+    stages = {}
+    for name, stage in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].items():
+        if "foreach" not in stage:
+            stages[name] = stage
+            continue
+        items = stage["foreach"]
+        pairs = items.items() if isinstance(items, dict) else ((i, i) for i in items)
+        for key, item in pairs:
+            do = stage["do"]
+            stages[f"{name}@{key}"] = {
+                "cmd": _substitute(" ".join(do["cmd"].split()), key, item),
+                "deps": [_substitute(d, key, item) for d in do.get("deps", [])],
+            }
+    return stages
+
+
+def code_deps(root=ROOT):
+    """``{stage: (listed code deps, derived code deps)}``: the ``.py`` files in dvc.yaml vs the imports."""
+    out = {}
+    for name, stage in expanded_stages(root).items():
+        match = SCRIPT.search(stage["cmd"])
+        if not match:
+            raise ValueError(f"stage {name}: cannot find its script in cmd {stage['cmd']!r}")
+        script = root / "stages" / f"{match.group(1) or match.group(2)}.py"
+        listed = {d for d in stage.get("deps", []) if d.endswith(".py")}
+        out[name] = (listed, code_closure(script, root))
+    return out
+
+
+def main():
+    """Print each dvc.yaml stage's code deps (a foreach stage once, as its ``do`` lists them)."""
+    derived, differs = {}, set()
+    for name, (listed, closure) in code_deps().items():
+        stage = name.split("@")[0]
+        derived.setdefault(stage, set()).update(closure)
+        if listed != closure:
+            differs.add(stage)
+    for stage, paths in derived.items():
+        flag = "   # differs from dvc.yaml" if stage in differs else ""
+        print(f"{stage}: [{', '.join(sorted(paths, key=lambda p: (not p.startswith('stages/'), p)))}]{flag}")
+
+if __name__ == "__main__":
+    sys.exit(main())

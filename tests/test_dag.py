@@ -1,0 +1,74 @@
+"""dvc.yaml lists exactly the code each stage runs, derived from the scripts' imports (tests/dag_deps.py)."""
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from dag_deps import ROOT, SCRIPT, code_closure, code_deps, expanded_stages
+
+
+def test_every_stage_lists_exactly_its_script_and_imported_modules():
+    wrong = []
+    for stage, (listed, derived) in code_deps().items():
+        if listed != derived:
+            wrong.append(f"{stage}: missing {sorted(derived - listed)}, extra {sorted(listed - derived)}")
+    assert not wrong, "dvc.yaml code deps disagree with the imports (run python tests/dag_deps.py):\n" + "\n".join(wrong)
+
+
+def test_stages_package_init_has_no_code():
+    """Every stage runs it, yet no stage lists it: it must stay a docstring."""
+    body = ast.parse((ROOT / "stages" / "__init__.py").read_text()).body
+    assert [type(node) for node in body] == [ast.Expr] and isinstance(body[0].value, ast.Constant)
+
+
+def test_closure_follows_every_import_form(tmp_path):
+    """from-imports of modules, relative imports, imports inside functions, the package __init__ and its imports."""
+    files = {
+        "toolcall/__init__.py": "from . import blas\n",
+        "toolcall/blas.py": "import os\n",
+        "toolcall/a.py": "from .b import thing\n",
+        "toolcall/b.py": "def thing():\n    from toolcall import c\n",
+        "toolcall/c.py": "import json\n",
+        "toolcall/unused.py": "",
+        "stages/s.py": "import argparse\nfrom toolcall import a\n",
+    }
+    for path, text in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(textwrap.dedent(text))
+    assert code_closure(tmp_path / "stages/s.py", tmp_path) == {
+        "stages/s.py", "toolcall/__init__.py", "toolcall/blas.py", "toolcall/a.py", "toolcall/b.py", "toolcall/c.py"}
+
+
+def test_foreach_stages_are_expanded_and_checked():
+    stages = code_deps(ROOT)
+    assert {"eval@sft", "ablation_train_rl@unseen_tools", "ablation_eval@format_masked"} <= set(stages)
+    listed, derived = stages["eval@sft"]
+    assert "toolcall/stats.py" in derived and "toolcall/__init__.py" in derived  # the deps the issue found missing
+
+
+def test_stage_cmds_run_the_workspace_toolcall(tmp_path):
+    """A copy of the repo (as `dvc exp run --queue` makes under .dvc/tmp/exps/) runs its own code.
+
+    Each stage's cmd runs as DVC runs it: through the shell, from the repo root,
+    with no PYTHONPATH. The copy's toolcall stops at import, printing its own path;
+    an editable install of another checkout, or the tests' own path, must not win.
+    """
+    copy = tmp_path / "exp"
+    for item in ("stages", "toolcall", "dvc.yaml", "params.yaml"):
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, copy / item)
+    with open(copy / "toolcall" / "__init__.py", "a") as f:
+        f.write('\nraise SystemExit("toolcall from " + __file__)\n')
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    scripts = {}
+    for stage, spec in expanded_stages(copy).items():
+        scripts.setdefault(SCRIPT.search(spec["cmd"]).groups(), (stage, spec["cmd"]))
+    assert len(scripts) == len(list((ROOT / "stages").glob("[a-z]*.py")))  # every stage script is exercised
+    for stage, cmd in scripts.values():
+        proc = subprocess.run(cmd, shell=True, cwd=tmp_path / "exp", env=env, capture_output=True, text=True)
+        assert proc.stderr.strip() == f"toolcall from {copy / 'toolcall' / '__init__.py'}", (stage, proc.stderr)
