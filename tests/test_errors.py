@@ -106,9 +106,9 @@ def test_empty_split_file(tmp_path):
     assert msg == f"eval: {tmp_path / 'test.jsonl'}: no rows; rerun the stage that writes it (dvc repro) or fix its params"
     # and split refuses to write an empty side in the first place
     bfcl = write_bfcl(tmp_path / "bfcl", bfcl_rows())
-    params = {"split": {**PARAMS["split"], "test_per_category": 0}}
+    params = {"split": {**PARAMS["split"], "test_per_category": 12}}  # every fixture row goes to test
     msg = one_line_error(stage("split", bfcl, tmp_path / "out", cwd=tmp_path, params=params), "split")
-    assert msg == (f"split: the test split is empty (48 rows in {bfcl}); check split.test_per_category / "
+    assert msg == (f"split: the train split is empty (48 rows in {bfcl}); check split.test_per_category / "
                    "split.train_per_category and data.categories")
     assert not (tmp_path / "out").exists()
 
