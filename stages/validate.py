@@ -25,7 +25,7 @@ def main():
     from mlx_lm.utils import load_tokenizer
 
     fmt = PromptFormat(load_tokenizer(args.model_dir))
-    metrics, failed = {"template": "native" if fmt.native else "project"}, []
+    metrics, failed = {"template": fmt.template_source}, []
     for split in ("train", "test"):
         kept, report = validate_rows(read_jsonl(f"{args.split_dir}/{split}.jsonl"), fmt, p["max_seq_len"])
         write_jsonl(f"{args.out_dir}/{split}.jsonl", kept)

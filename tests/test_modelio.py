@@ -15,6 +15,7 @@ from mlx_lm import load
 from mlx_lm.utils import quantize_model, save_config, save_model
 
 from toolcall.fetch import sha256_file
+from toolcall.prompts import TOOL_TEMPLATE, PromptFormat
 from toolcall.modelio import ModelError, convert_gguf, fetch_model, gguf_to_hf, llama_config, unpermute_qk
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -144,8 +145,10 @@ def test_gguf_wheel_converts_to_same_model(tiny, cache, tmp_path):
         ids = tok.encode(text, add_special_tokens=False)
         assert ids == ref_tok.encode(text, add_special_tokens=False)
         assert tok.decode(ids) == text
-    messages = [{"role": "user", "content": "hi"}]
-    assert tok.apply_chat_template(messages, tokenize=False) == ref_tok.apply_chat_template(messages, tokenize=False)
+    # The GGUF's ChatML ignores tools: the directory gets the template training renders with.
+    messages, functions = [{"role": "user", "content": "hi"}], [{"name": "f", "parameters": {}}]
+    assert PromptFormat(tok).native and tok.chat_template == TOOL_TEMPLATE
+    assert PromptFormat(tok).prompt(messages, functions) == PromptFormat(ref_tok).prompt(messages, functions)
     assert tok.eos_token == "<|im_end|>" and tok.eos_token_ids == {2}
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tok_config["chat_template"] and tok_config["pad_token"] == "<|im_end|>"
@@ -211,7 +214,7 @@ def test_local_source_loads_and_records(tiny, tmp_path):
     assert mx.allclose(logits(out), logits(tiny), atol=1e-6)
     for name in ("config.json", "model.safetensors", *TOKENIZER_FILES):
         assert (out / name).exists(), name
-    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"].startswith("{% for message")
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == TOOL_TEMPLATE
     record = json.loads((out / "toolcall_source.json").read_text())
     assert record["source"] == "local" and record["reference"] == str(tiny.resolve())
     assert record["sha256"] == {"model.safetensors": sha256_file(tiny / "model.safetensors")}

