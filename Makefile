@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: repro ablations test bench env openblas clean-env
+.PHONY: repro ablations export serving test bench env openblas clean-env
 
 # The main study (Table 1 with DPO and RL). The ablations are their own target: hours on a CPU.
 repro: $(STAMP)
@@ -12,6 +12,10 @@ repro: $(STAMP)
 
 ablations: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro report_ablations
+
+# Fused model + GGUF of each tuned variant in models/export/ (not part of repro).
+export: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro export
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

