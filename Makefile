@@ -17,6 +17,10 @@ ablations: $(STAMP)
 export: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro export
 
+# Served / fused / GGUF vs eval on the real tuned model (after repro and export): metrics/serving.json.
+serving: $(STAMP)
+	$(PY) bench/serving.py --variant sft
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 

@@ -74,14 +74,14 @@ def train_tool_caller(model_dir, out_dir, steps=60, seed=0):
     return out_dir, loss
 
 
-def train_lora_adapter(model_dir, out_dir, steps=20, seed=0):
+def train_lora_adapter(model_dir, out_dir, steps=20, learning_rate=1e-2, seed=0):
     """A LoRA adapter (mlx-lm layout) on every linear of ``model_dir``, after ``steps`` steps."""
     mx.random.seed(seed)
     model, tokenizer = load(str(model_dir))
     n_layers = len(model.layers)
     model.freeze()
     linear_to_lora_layers(model, n_layers, LORA)
-    loss = _fit(model, tokenizer, steps, 1e-2)
+    loss = _fit(model, tokenizer, steps, learning_rate)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out_dir / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
