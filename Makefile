@@ -3,8 +3,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: repro ablations test bench env openblas clean-env
+.PHONY: repro ablations export serving test bench env openblas clean-env
 
 # The main study (Table 1 with DPO and RL). The ablations are their own target: hours on a CPU.
 repro: $(STAMP)
@@ -13,7 +14,15 @@ repro: $(STAMP)
 ablations: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro report_ablations
 
-test: $(STAMP)
+# Fused model + GGUF of each tuned variant in models/export/ (not part of repro).
+export: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro export
+
+# Served / fused / GGUF vs eval on the real tuned model (after repro and export): metrics/serving.json.
+serving: $(TEST_STAMP)
+	$(PY) bench/serving.py --variant sft
+
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
@@ -27,6 +36,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
 	touch $@
 
 # MLX's Linux CPU wheel ships reference BLAS; toolcall loads OpenBLAS instead

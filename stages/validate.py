@@ -32,7 +32,7 @@ def main():
     from mlx_lm.utils import load_tokenizer
 
     fmt = PromptFormat(load_tokenizer(args.model_dir))
-    metrics, kept = {"template": "native" if fmt.native else "project"}, {}
+    metrics, kept = {"template": fmt.template_source}, {}
     for split in ("train", "test"):
         path = f"{args.split_dir}/{split}.jsonl"
         kept[split], report = validate_rows(read_rows(path), fmt, p.max_seq_len)

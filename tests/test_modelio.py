@@ -14,7 +14,9 @@ from mlx.utils import tree_flatten
 from mlx_lm import load
 from mlx_lm.utils import quantize_model, save_config, save_model
 
+from toolcall.config import ConfigError
 from toolcall.fetch import sha256_file
+from toolcall.prompts import TOOL_TEMPLATE, PromptFormat
 from toolcall.modelio import ModelError, convert_gguf, fetch_model, gguf_to_hf, llama_config, unpermute_qk
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -107,7 +109,7 @@ def write_wheel(cache, gguf):
     wheel.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.write(gguf, "tiny_gguf/tiny.gguf")
-    return {"source": "gguf_wheel", "wheel": "tiny-gguf==0.1", "sha256": sha256_file(wheel), "member": "tiny_gguf/tiny.gguf"}
+    return {"source": "gguf_wheel", "dtype": "float32", "wheel": "tiny-gguf==0.1", "sha256": sha256_file(wheel), "member": "tiny_gguf/tiny.gguf"}
 
 
 def logits(model_dir):
@@ -144,8 +146,10 @@ def test_gguf_wheel_converts_to_same_model(tiny, cache, tmp_path):
         ids = tok.encode(text, add_special_tokens=False)
         assert ids == ref_tok.encode(text, add_special_tokens=False)
         assert tok.decode(ids) == text
-    messages = [{"role": "user", "content": "hi"}]
-    assert tok.apply_chat_template(messages, tokenize=False) == ref_tok.apply_chat_template(messages, tokenize=False)
+    # The GGUF's ChatML ignores tools: the directory gets the template training renders with.
+    messages, functions = [{"role": "user", "content": "hi"}], [{"name": "f", "parameters": {}}]
+    assert PromptFormat(tok).native and tok.chat_template == TOOL_TEMPLATE
+    assert PromptFormat(tok).prompt(messages, functions) == PromptFormat(ref_tok).prompt(messages, functions)
     assert tok.eos_token == "<|im_end|>" and tok.eos_token_ids == {2}
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tok_config["chat_template"] and tok_config["pad_token"] == "<|im_end|>"
@@ -207,11 +211,11 @@ def test_gguf_keep_stays_quantized_and_loads(tiny, tmp_path):
 
 
 def test_local_source_loads_and_records(tiny, tmp_path):
-    out = fetch_model({"source": "local", "path": str(tiny)}, tmp_path / "out")
+    out = fetch_model({"source": "local", "dtype": "float32", "path": str(tiny)}, tmp_path / "out")
     assert mx.allclose(logits(out), logits(tiny), atol=1e-6)
     for name in ("config.json", "model.safetensors", *TOKENIZER_FILES):
         assert (out / name).exists(), name
-    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"].startswith("{% for message")
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == TOOL_TEMPLATE
     record = json.loads((out / "toolcall_source.json").read_text())
     assert record["source"] == "local" and record["reference"] == str(tiny.resolve())
     assert record["sha256"] == {"model.safetensors": sha256_file(tiny / "model.safetensors")}
@@ -232,7 +236,7 @@ def test_local_quantized_source_is_dequantized_to_float32(tiny, tmp_path):
     for name in TOKENIZER_FILES:
         shutil.copy(tiny / name, quantized)
 
-    out = fetch_model({"source": "local", "path": str(quantized)}, tmp_path / "out")
+    out = fetch_model({"source": "local", "dtype": "float32", "path": str(quantized)}, tmp_path / "out")
     assert "quantization" not in json.loads((out / "config.json").read_text())
     weights = mx.load(str(out / "model.safetensors"))
     assert {v.dtype for v in weights.values()} == {mx.float32}
@@ -244,30 +248,30 @@ def test_local_quantized_source_is_dequantized_to_float32(tiny, tmp_path):
 
 
 def test_unknown_key_rejected():
-    with pytest.raises(ValueError, match="unknown key.*sourc"):
+    with pytest.raises(ConfigError, match=r"unknown keys \['sourc'\]"):
         fetch_model({"sourc": "local"}, "/nonexistent")
-    with pytest.raises(ValueError, match="needs 'path'"):
-        fetch_model({"source": "local"}, "/nonexistent")
+    with pytest.raises(ConfigError, match=r"needs \['path'\]"):
+        fetch_model({"source": "local", "dtype": "float32"}, "/nonexistent")
 
 
 def test_corrupt_safetensors_named(tiny, tmp_path):
     (tiny / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ModelError, match=r"model\.safetensors.*not a readable safetensors"):
-        fetch_model({"source": "local", "path": str(tiny)}, tmp_path / "out")
+        fetch_model({"source": "local", "dtype": "float32", "path": str(tiny)}, tmp_path / "out")
 
 
 @pytest.mark.parametrize("missing", ["tokenizer.json", "config.json", "model.safetensors"])
 def test_missing_file_named(tiny, tmp_path, missing):
     (tiny / missing).unlink()
     with pytest.raises(ModelError, match=rf"{re.escape(str(tiny))}: missing {missing.split('.')[0]}"):
-        fetch_model({"source": "local", "path": str(tiny)}, tmp_path / "out")
+        fetch_model({"source": "local", "dtype": "float32", "path": str(tiny)}, tmp_path / "out")
 
 
 def test_config_weight_shape_mismatch(tiny, tmp_path):
     config = json.loads((tiny / "config.json").read_text())
     (tiny / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
     with pytest.raises(ModelError, match=r"(?s)tiny.*shape.*mlp"):
-        fetch_model({"source": "local", "path": str(tiny)}, tmp_path / "out")
+        fetch_model({"source": "local", "dtype": "float32", "path": str(tiny)}, tmp_path / "out")
 
 
 def test_gguf_metadata_mismatch_named(tiny, tmp_path):
@@ -297,7 +301,7 @@ def test_existing_out_dir_replaced(tiny, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    fetch_model({"source": "local", "path": str(tiny)}, out)
+    fetch_model({"source": "local", "dtype": "float32", "path": str(tiny)}, out)
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -314,7 +318,7 @@ def test_hub_source_uses_snapshot(tiny, tmp_path, monkeypatch):
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    out = fetch_model({"source": "hub", "repo": "someone/tiny", "revision": "v1"}, tmp_path / "out")
+    out = fetch_model({"source": "hub", "dtype": "float32", "repo": "someone/tiny", "revision": "v1"}, tmp_path / "out")
     assert calls[0][:2] == ("someone/tiny", "v1") and "model*.safetensors" in calls[0][2]
     assert json.loads((out / "toolcall_source.json").read_text())["reference"] == "someone/tiny@0123abc"
     assert mx.allclose(logits(out), logits(tiny), atol=1e-6)

@@ -44,7 +44,7 @@ def repo(tmp_path_factory):
     tiny = make_tiny_model(tmp_path_factory.mktemp("tiny"))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"].update(source="local", local_dir=str(FIXTURE))
-    params["model"] = {"source": "local", "path": str(tiny)}
+    params["model"] = {"source": "local", "dtype": "float32", "path": str(tiny)}
     params["split"].update(test_per_category=3)
     params["validate"].update(max_seq_len=4096)  # the tiny byte-level tokenizer makes long sequences
     params["sft"].update(iters=3, batch_size=2, warmup=0, steps_per_report=1, max_seq_len=4096, lora_layers=2)
@@ -91,6 +91,10 @@ def test_repro_runs_every_stage_and_writes_outputs(repo):
         preds = [json.loads(line) for line in (repo / "data" / "predictions" / f"{variant}.jsonl").open()]
         assert len(preds) == 12 and set(preds[0]) >= {"id", "category", "raw", "calls", "valid", "error_type"}
     assert (repo / "models" / "sft" / "adapters.safetensors").exists()
+    for variant in ("sft", "sft_dpo", "sft_rl"):  # the export stages: fused dir + GGUF, parser kept
+        export = repo / "models" / "export" / variant
+        assert (export / "model.gguf").stat().st_size > 0 and not (export / "adapters.safetensors").exists()
+        assert json.loads((export / "tokenizer_config.json").read_text())["tool_parser_type"] == "json_tools"
     assert (repo / "reports" / "report.md").read_text().startswith("# Results")
     assert (repo / "reports" / "report.png").stat().st_size > 1000
     assert json.loads((repo / "metrics" / "validate.json").read_text())["test"]["n_kept"] == 12
@@ -192,4 +196,5 @@ def test_dpo_and_rl_continue_sft_and_rerun_alone(repo):
         f"ablation_eval@{s}_rl" for s in ("unseen_tools", "unseen_patterns")}
     for param, stage, extra in (("dpo.beta=0.2", "dpo", set()), ("rl.learning_rate=0.0002", "rl", rl_arms)):
         assert ran_stages(run(f"dvc exp run -S {param}", repo)) == {f"train_{stage}", f"eval@sft_{stage}",
-                                                                    "report_post_sft", "report_ablations"} | extra
+                                                                    f"export@sft_{stage}", "report_post_sft",
+                                                                    "report_ablations"} | extra

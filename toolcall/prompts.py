@@ -5,6 +5,8 @@ If the model's own template renders ``tools=`` and assistant ``tool_calls``
 the format it was trained on. If the template ignores tools (SmolLM2's plain
 ChatML), the project's ``TOOL_TEMPLATE`` is used: the tools listed in the system
 turn, each call written as ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``.
+fetch_model writes that template into the model directory (``install_tool_template``),
+so ``mlx_lm.load`` and ``mlx_lm.server`` render exactly what training and eval do.
 
 Targets are never hand-built strings (the second seed's run 1 failed that way):
 they are the template's rendering of a structured assistant ``tool_calls``
@@ -77,6 +79,11 @@ def content_call_message(calls):
     return {"role": "assistant", "content": text}
 
 
+# mlx-lm's parser for TOOL_TEMPLATE's calls (mlx_lm/tool_parsers/json_tools.py: the JSON
+# between <tool_call> and </tool_call>). mlx-lm infers a parser from a template only
+# when it spells ``tool_call.name``, which ours does not, so the key must be written.
+TOOL_PARSER = "json_tools"
+
 _PROBE = "probe_function_7f3a"
 
 
@@ -94,6 +101,21 @@ def template_supports_tools(tokenizer):
     return _PROBE in text
 
 
+def install_tool_template(tokenizer):
+    """Give ``tokenizer`` the template PromptFormat renders with, so that saving it
+    carries that template to ``mlx_lm.load`` and ``mlx_lm.server``.
+
+    A template that renders ``tools=`` is kept; otherwise TOOL_TEMPLATE replaces it,
+    with the ``tool_parser_type`` mlx-lm needs to turn the replies into ``tool_calls``.
+    """
+    if not template_supports_tools(tokenizer):
+        tokenizer.chat_template = TOOL_TEMPLATE
+    # Also when TOOL_TEMPLATE came in with the model (e.g. re-importing our own GGUF export).
+    if tokenizer.chat_template == TOOL_TEMPLATE:
+        tokenizer.init_kwargs["tool_parser_type"] = TOOL_PARSER  # save_pretrained writes init_kwargs
+    return tokenizer
+
+
 class PromptFormat:
     """Renders prompts and completions for one tokenizer.
 
@@ -108,6 +130,9 @@ class PromptFormat:
         self.style = style
         self.native = template_supports_tools(tokenizer)
         self.template = None if self.native else TOOL_TEMPLATE
+        # "project" whether TOOL_TEMPLATE is the fallback or was written into the
+        # model directory by fetch_model (install_tool_template); "native" for the model's own.
+        self.template_source = "project" if (self.template or tokenizer.chat_template) == TOOL_TEMPLATE else "native"
         self.eos = tokenizer.eos_token
 
     def _render(self, messages, functions, add_generation_prompt):
