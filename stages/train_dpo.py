@@ -8,7 +8,7 @@ calls (chosen) with failing samples or, where every sample passes, a
 corruption of the gold calls (rejected), then trains the LoRA with the DPO
 loss against the frozen SFT model. Writes mlx-lm adapters to models/sft_dpo,
 metrics/train_dpo.json (pairs per source, sample pass rate, last-steps loss,
-reward margin, preference accuracy, seconds per phase) and step curves under
+reward margin, preference accuracy), seconds per phase beside it (.timings.json) and step curves under
 dvclive/train_dpo.
 """
 
@@ -23,7 +23,7 @@ from toolcall import checkpoint, dpo, lora
 from toolcall.config import DpoConfig, from_params
 from toolcall.data import read_rows
 from toolcall.errors import run_stage
-from toolcall.io import read_params, write_json
+from toolcall.io import read_params, write_json, write_timings
 from toolcall.prompts import PromptFormat
 from toolcall.rollouts import choose_rows, sample
 from toolcall.trainer import StepLog
@@ -77,8 +77,8 @@ def main():
         "pairs_by_source": dpo.count_sources(pairs),
         "epochs": round(cfg.iters * cfg.batch_size / len(pairs), 2),
         "last_10_steps": log.last(10),
-        "seconds": seconds,
     })
+    write_timings(args.metrics, seconds)
     ckpt.clear()
 
 

@@ -6,7 +6,7 @@ Reads params [rl]; the LoRA shape comes from models/sft/adapter_config.json.
 Each of ``rl.rounds`` rounds samples fresh training prompts from the current
 policy, rewards the samples and updates the LoRA (see toolcall/rl.py).
 Writes mlx-lm adapters to models/sft_rl, metrics/train_rl.json (per round:
-mean reward, pass rate, format rate, fraction kept, seconds) and step curves
+mean reward, pass rate, format rate, fraction kept; seconds beside it in .timings.json) and step curves
 under dvclive/train_rl.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from toolcall import checkpoint, lora, rl
 from toolcall.config import RlConfig, from_params
-from toolcall.io import read_params, write_json
+from toolcall.io import read_params, write_json, write_timings
 from toolcall.prompts import PromptFormat
 from toolcall.data import read_rows
 from toolcall.errors import run_stage
@@ -44,11 +44,12 @@ def main():
     with Live(args.live, dvcyaml=None, save_dvc_exp=False) as live:
         rounds = rl.run(model, tokenizer, fmt, rows, cfg, live, ckpt)
     lora.save_adapters(model, lora.read_adapter_config(args.sft_dir), args.out_dir)
+    timed = ("sample_seconds", "train_seconds")
     write_json(args.metrics, {
         "algo": cfg.algo,
-        "rounds": {f"round_{i + 1}": r for i, r in enumerate(rounds)},
-        "train_seconds": round(sum(r["sample_seconds"] + r["train_seconds"] for r in rounds), 1),
+        "rounds": {f"round_{i + 1}": {k: v for k, v in r.items() if k not in timed} for i, r in enumerate(rounds)},
     })
+    write_timings(args.metrics, {f"round_{i + 1}": {k: r[k] for k in timed} for i, r in enumerate(rounds)})
     ckpt.clear()
 
 
