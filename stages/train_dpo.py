@@ -12,13 +12,11 @@ reward margin, preference accuracy), seconds per phase beside it (.timings.json)
 dvclive/train_dpo.
 """
 
-import argparse
-import dataclasses
 import time
-from pathlib import Path
 
 import numpy as np
 
+from toolcall.cli import continuation_parser
 from toolcall import checkpoint, dpo, lora
 from toolcall.config import DpoConfig, from_params
 from toolcall.data import read_rows
@@ -30,21 +28,12 @@ from toolcall.trainer import StepLog
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model_dir")
-    ap.add_argument("sft_dir")
-    ap.add_argument("train")
-    ap.add_argument("out_dir")
-    ap.add_argument("--metrics", default="metrics/train_dpo.json")
-    ap.add_argument("--live", default="dvclive/train_dpo")
-    args = ap.parse_args()
+    args = continuation_parser(__doc__, "train_dpo").parse_args()
     cfg = from_params(DpoConfig, read_params("dpo"), "dpo")
     model, tokenizer = lora.load_policy(args.model_dir, args.sft_dir)
     fmt = PromptFormat(tokenizer)
     rows = choose_rows(read_rows(args.train), cfg.prompts, cfg.seed)
-    train = Path(args.train)
-    key = checkpoint.fingerprint("train_dpo", dataclasses.asdict(cfg), checkpoint.files_digest(args.model_dir),
-                                 checkpoint.files_digest(args.sft_dir), checkpoint.files_digest(train.parent, train.name))
+    key = checkpoint.continuation_key("train_dpo", cfg, args.model_dir, args.sft_dir, args.train)
     ckpt = checkpoint.Checkpoint(args.out_dir, key, cfg.checkpoint_every)
     seconds = {}
 

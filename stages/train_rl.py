@@ -10,10 +10,7 @@ mean reward, pass rate, format rate, fraction kept; seconds beside it in .timing
 under dvclive/train_rl.
 """
 
-import argparse
-import dataclasses
-from pathlib import Path
-
+from toolcall.cli import continuation_parser
 from toolcall import checkpoint, lora, rl
 from toolcall.config import RlConfig, from_params
 from toolcall.io import read_params, write_json, write_timings
@@ -23,21 +20,12 @@ from toolcall.errors import run_stage
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model_dir")
-    ap.add_argument("sft_dir")
-    ap.add_argument("train")
-    ap.add_argument("out_dir")
-    ap.add_argument("--metrics", default="metrics/train_rl.json")
-    ap.add_argument("--live", default="dvclive/train_rl")
-    args = ap.parse_args()
+    args = continuation_parser(__doc__, "train_rl").parse_args()
     cfg = from_params(RlConfig, read_params("rl"), "rl")
     model, tokenizer = lora.load_policy(args.model_dir, args.sft_dir)
     fmt = PromptFormat(tokenizer)
     rows = read_rows(args.train)
-    train = Path(args.train)
-    key = checkpoint.fingerprint("train_rl", dataclasses.asdict(cfg), checkpoint.files_digest(args.model_dir),
-                                 checkpoint.files_digest(args.sft_dir), checkpoint.files_digest(train.parent, train.name))
+    key = checkpoint.continuation_key("train_rl", cfg, args.model_dir, args.sft_dir, args.train)
     ckpt = checkpoint.Checkpoint(args.out_dir, key, every=1)  # after every round
     from dvclive import Live
 
