@@ -8,8 +8,8 @@ calls (chosen) with failing samples or, where every sample passes, a
 corruption of the gold calls (rejected), then trains the LoRA with the DPO
 loss against the frozen SFT model. Writes mlx-lm adapters to models/sft_dpo,
 metrics/train_dpo.json (pairs per source, sample pass rate, last-steps loss,
-reward margin, preference accuracy), seconds per phase beside it (.timings.json) and step curves under
-dvclive/train_dpo.
+reward margin, preference accuracy), the seconds of each phase beside it
+(.timings.json) and step curves under dvclive/train_dpo.
 """
 
 import time
