@@ -6,8 +6,8 @@ Reads params [rl]; the LoRA shape comes from models/sft/adapter_config.json.
 Each of ``rl.rounds`` rounds samples fresh training prompts from the current
 policy, rewards the samples and updates the LoRA (see toolcall/rl.py).
 Writes mlx-lm adapters to models/sft_rl, metrics/train_rl.json (per round:
-mean reward, pass rate, format rate, fraction kept; seconds beside it in .timings.json) and step curves
-under dvclive/train_rl.
+mean reward, pass rate, format rate, samples kept), the seconds of each round
+beside it (.timings.json) and step curves under dvclive/train_rl.
 """
 
 from toolcall.cli import continuation_parser
