@@ -5,11 +5,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: repro ablations export serving test bench env openblas clean-env
+.PHONY: repro exp ablations export serving test bench env openblas clean-env
 
 # The main study (Table 1 with DPO and RL). The ablations are their own target: hours on a CPU.
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro report report_post_sft
+
+# One knob on the main study only, e.g. make exp ARGS="-S sft.lora_rank=16": without targets,
+# dvc exp run would also rerun every ablation arm that reads the changed section.
+exp: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc exp run $(ARGS) report report_post_sft
 
 ablations: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro report_ablations

@@ -17,7 +17,7 @@ import time
 from toolcall import scaffold
 from toolcall.config import EvalConfig, ScaffoldConfig, from_params
 from toolcall.generation import generate
-from toolcall.io import read_jsonl, read_params, write_json, write_jsonl
+from toolcall.io import read_jsonl, read_params, write_json, write_jsonl, write_timings
 from toolcall.prompts import PromptFormat
 from toolcall.errors import run_stage
 from toolcall.lora import load_model
@@ -47,10 +47,10 @@ def main():
     records = scaffold.best_of_n(rows, samples)
     metrics = scaffold.best_of_n_summary(records, {r["id"]: r["valid"] for r in read_jsonl(args.greedy)})
     metrics["settings"] = dataclasses.asdict(s)
-    metrics["generation"] = {"seconds": round(seconds, 1),
-                             "tokens_per_second": round(sum(k for _, k in outputs) / seconds, 1)}
     write_jsonl(f"data/ablations/best_of_n/{args.name}.jsonl", records)
     write_json(f"metrics/ablations/best_of_n/{args.name}.json", metrics)
+    write_timings(f"metrics/ablations/best_of_n/{args.name}.json",
+                  {"seconds": round(seconds, 1), "tokens_per_second": round(sum(k for _, k in outputs) / seconds, 1)})
     o, orc, pc = metrics["overall"], metrics["oracle"], metrics["vs_greedy"]
     print(f"{args.name}: best-of-{n} {o['accuracy']:.1%}, oracle {orc['accuracy']:.1%} of {o['n']}; "
           f"vs greedy {100 * pc['delta']:+.1f} pts (p={pc['p_value']})")

@@ -14,7 +14,7 @@ import time
 from toolcall.config import EvalConfig, from_params
 from toolcall.data import read_rows
 from toolcall.evaluation import score_output, summarize
-from toolcall.io import json_text, jsonl_text, read_params, write_texts
+from toolcall.io import json_text, jsonl_text, read_params, write_texts, write_timings
 from toolcall.prompts import PromptFormat
 from toolcall.sharding import default_workers, generate_sharded
 from toolcall.errors import run_stage
@@ -45,14 +45,11 @@ def main():
     seconds = time.perf_counter() - start
     records = [score_output(row, text) for row, (text, _) in zip(rows, outputs)]
     metrics = summarize(records)
-    metrics["generation"] = {
-        "seconds": round(seconds, 1),
-        "examples_per_second": round(len(rows) / seconds, 3),
-        "tokens_per_second": round(sum(n for _, n in outputs) / seconds, 1),
-        "workers": args.workers,
-    }
     # Both land together or not at all: a Ctrl-C or a full disk never leaves new predictions beside old metrics.
     write_texts({predictions_path: jsonl_text(records), metrics_path: json_text(metrics)})
+    write_timings(metrics_path, {"seconds": round(seconds, 1), "examples_per_second": round(len(rows) / seconds, 3),
+                                 "tokens_per_second": round(sum(n for _, n in outputs) / seconds, 1),
+                                 "workers": args.workers})
     o = metrics["overall"]
     print(f"{args.variant}: {o['accuracy']:.1%} of {o['n']} (95% CI {o['ci95'][0]:.1%}-{o['ci95'][1]:.1%})")
 

@@ -8,43 +8,32 @@ calls (chosen) with failing samples or, where every sample passes, a
 corruption of the gold calls (rejected), then trains the LoRA with the DPO
 loss against the frozen SFT model. Writes mlx-lm adapters to models/sft_dpo,
 metrics/train_dpo.json (pairs per source, sample pass rate, last-steps loss,
-reward margin, preference accuracy, seconds per phase) and step curves under
-dvclive/train_dpo.
+reward margin, preference accuracy), the seconds of each phase beside it
+(.timings.json) and step curves under dvclive/train_dpo.
 """
 
-import argparse
-import dataclasses
 import time
-from pathlib import Path
 
 import numpy as np
 
+from toolcall.cli import continuation_parser
 from toolcall import checkpoint, dpo, lora
 from toolcall.config import DpoConfig, from_params
 from toolcall.data import read_rows
 from toolcall.errors import run_stage
-from toolcall.io import read_params, write_json
+from toolcall.io import read_params, write_json, write_timings
 from toolcall.prompts import PromptFormat
 from toolcall.rollouts import choose_rows, sample
 from toolcall.trainer import StepLog
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model_dir")
-    ap.add_argument("sft_dir")
-    ap.add_argument("train")
-    ap.add_argument("out_dir")
-    ap.add_argument("--metrics", default="metrics/train_dpo.json")
-    ap.add_argument("--live", default="dvclive/train_dpo")
-    args = ap.parse_args()
+    args = continuation_parser(__doc__, "train_dpo").parse_args()
     cfg = from_params(DpoConfig, read_params("dpo"), "dpo")
     model, tokenizer = lora.load_policy(args.model_dir, args.sft_dir)
     fmt = PromptFormat(tokenizer)
     rows = choose_rows(read_rows(args.train), cfg.prompts, cfg.seed)
-    train = Path(args.train)
-    key = checkpoint.fingerprint("train_dpo", dataclasses.asdict(cfg), checkpoint.files_digest(args.model_dir),
-                                 checkpoint.files_digest(args.sft_dir), checkpoint.files_digest(train.parent, train.name))
+    key = checkpoint.continuation_key("train_dpo", cfg, args.model_dir, args.sft_dir, args.train)
     ckpt = checkpoint.Checkpoint(args.out_dir, key, cfg.checkpoint_every)
     seconds = {}
 
@@ -77,8 +66,8 @@ def main():
         "pairs_by_source": dpo.count_sources(pairs),
         "epochs": round(cfg.iters * cfg.batch_size / len(pairs), 2),
         "last_10_steps": log.last(10),
-        "seconds": seconds,
     })
+    write_timings(args.metrics, seconds)
     ckpt.clear()
 
 

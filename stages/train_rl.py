@@ -6,49 +6,38 @@ Reads params [rl]; the LoRA shape comes from models/sft/adapter_config.json.
 Each of ``rl.rounds`` rounds samples fresh training prompts from the current
 policy, rewards the samples and updates the LoRA (see toolcall/rl.py).
 Writes mlx-lm adapters to models/sft_rl, metrics/train_rl.json (per round:
-mean reward, pass rate, format rate, fraction kept, seconds) and step curves
-under dvclive/train_rl.
+mean reward, pass rate, format rate, samples kept), the seconds of each round
+beside it (.timings.json) and step curves under dvclive/train_rl.
 """
 
-import argparse
-import dataclasses
-from pathlib import Path
-
+from toolcall.cli import continuation_parser
 from toolcall import checkpoint, lora, rl
 from toolcall.config import RlConfig, from_params
-from toolcall.io import read_params, write_json
+from toolcall.io import read_params, write_json, write_timings
 from toolcall.prompts import PromptFormat
 from toolcall.data import read_rows
 from toolcall.errors import run_stage
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model_dir")
-    ap.add_argument("sft_dir")
-    ap.add_argument("train")
-    ap.add_argument("out_dir")
-    ap.add_argument("--metrics", default="metrics/train_rl.json")
-    ap.add_argument("--live", default="dvclive/train_rl")
-    args = ap.parse_args()
+    args = continuation_parser(__doc__, "train_rl").parse_args()
     cfg = from_params(RlConfig, read_params("rl"), "rl")
     model, tokenizer = lora.load_policy(args.model_dir, args.sft_dir)
     fmt = PromptFormat(tokenizer)
     rows = read_rows(args.train)
-    train = Path(args.train)
-    key = checkpoint.fingerprint("train_rl", dataclasses.asdict(cfg), checkpoint.files_digest(args.model_dir),
-                                 checkpoint.files_digest(args.sft_dir), checkpoint.files_digest(train.parent, train.name))
+    key = checkpoint.continuation_key("train_rl", cfg, args.model_dir, args.sft_dir, args.train)
     ckpt = checkpoint.Checkpoint(args.out_dir, key, every=1)  # after every round
     from dvclive import Live
 
     with Live(args.live, dvcyaml=None, save_dvc_exp=False) as live:
         rounds = rl.run(model, tokenizer, fmt, rows, cfg, live, ckpt)
     lora.save_adapters(model, lora.read_adapter_config(args.sft_dir), args.out_dir)
+    timed = ("sample_seconds", "train_seconds")
     write_json(args.metrics, {
         "algo": cfg.algo,
-        "rounds": {f"round_{i + 1}": r for i, r in enumerate(rounds)},
-        "train_seconds": round(sum(r["sample_seconds"] + r["train_seconds"] for r in rounds), 1),
+        "rounds": {f"round_{i + 1}": {k: v for k, v in r.items() if k not in timed} for i, r in enumerate(rounds)},
     })
+    write_timings(args.metrics, {f"round_{i + 1}": {k: r[k] for k in timed} for i, r in enumerate(rounds)})
     ckpt.clear()
 
 

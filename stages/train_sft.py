@@ -25,7 +25,7 @@ from toolcall import checkpoint, lora
 from toolcall.config import SftConfig, from_params
 from toolcall.data import gold_calls, read_rows
 from toolcall.errors import run_stage
-from toolcall.io import read_params, write_json
+from toolcall.io import read_params, write_json, write_timings
 from toolcall.prompts import PromptFormat
 from toolcall.trainer import train_lora
 
@@ -76,11 +76,13 @@ def main():
         "examples": len(examples),
         "epochs": round(cfg.iters * cfg.batch_size / len(examples), 2),
         "final_loss": round(result["history"][-1]["loss"], 4),
-        "train_seconds": result["train_seconds"],
-        "tokens_per_second": round(n_tokens * cfg.iters * cfg.batch_size / len(examples) / result["train_seconds"], 1),
         "trainable_parameters": lora.count_trainable(model),
         **format_info,
     })
+    # A resumed run times only its own steps.
+    seconds, steps = result["train_seconds"], result["steps"]
+    write_timings(args.metrics, {"train_seconds": seconds, "steps": steps, "tokens_per_second":
+                                 round(n_tokens / len(examples) * cfg.batch_size * steps / seconds, 1) if steps else None})
     ckpt.clear()
 
 

@@ -5,15 +5,11 @@ from pathlib import Path
 
 import pytest
 
+from configs import section
 from toolcall import data
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bfcl"
-FILES = {
-    "simple": "BFCL_v4_simple_python.json",
-    "multiple": "BFCL_v4_multiple.json",
-    "parallel": "BFCL_v4_parallel.json",
-    "parallel_multiple": "BFCL_v4_parallel_multiple.json",
-}
+FILES = section("data")["files"]
 
 
 def fixture_rows():

@@ -7,7 +7,6 @@ machine.
 """
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -65,27 +64,19 @@ def test_train_sft_twice_writes_identical_adapters(work):
     with busy_cores():
         stage(work, "train_sft.py", "base", "train.jsonl", "sft_b", "--metrics", "b.json", "--live", "live_b")
     assert digests(work / "sft_a") == digests(work / "sft_b")
+    assert (work / "a.json").read_bytes() == (work / "b.json").read_bytes()
 
 
-@pytest.mark.parametrize("script, metrics_key", [("train_dpo.py", "pairs_by_source"), ("train_rl.py", "rounds")])
-def test_dpo_and_rl_twice_write_identical_adapters_pairs_and_samples(work, script, metrics_key):
+@pytest.mark.parametrize("script", ["train_dpo.py", "train_rl.py"])
+def test_dpo_and_rl_twice_write_identical_adapters_pairs_and_samples(work, script):
     if not (work / "sft").exists():
         stage(work, "train_sft.py", "base", "train.jsonl", "sft", "--metrics", "sft.json", "--live", "live_sft")
-    runs = []
     for name in ("x", "y"):
         args = ["base", "sft", "train.jsonl", f"{script}_{name}", "--metrics", f"{script}_{name}.json",
                 "--live", f"live_{script}_{name}"]
-        if name == "y":
-            with busy_cores():
-                stage(work, script, *args)
-        else:
+        with busy_cores(2 if name == "y" else 0):
             stage(work, script, *args)
-        metrics = json.loads((work / f"{script}_{name}.json").read_text())
-        runs.append((digests(work / f"{script}_{name}"), json.dumps(metrics[metrics_key], sort_keys=True,
-                                                                        default=str)))
-    (adapters_x, kept_x), (adapters_y, kept_y) = runs
-    assert adapters_x == adapters_y
-    # Pair sources (DPO) and per-round pass rates and kept samples (RL); seconds aside.
-    strip = lambda s: {k: {kk: vv for kk, vv in v.items() if "seconds" not in kk} if isinstance(v, dict) else v  # noqa: E731
-                       for k, v in json.loads(s).items()}
-    assert strip(kept_x) == strip(kept_y)
+    assert digests(work / f"{script}_x") == digests(work / f"{script}_y")
+    # The metrics (DPO: pairs by source, sample pass rate, last steps' loss and margins; RL: per round
+    # rewards, pass rate, samples kept) hold no timings, so they too are equal byte for byte.
+    assert (work / f"{script}_x.json").read_bytes() == (work / f"{script}_y.json").read_bytes()

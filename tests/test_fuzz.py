@@ -16,17 +16,13 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from configs import section
 from toolcall import data
 from toolcall.parsing import parse_calls
 from toolcall.scoring import check
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bfcl"
-FILES = {
-    "simple": "BFCL_v4_simple_python.json",
-    "multiple": "BFCL_v4_multiple.json",
-    "parallel": "BFCL_v4_parallel.json",
-    "parallel_multiple": "BFCL_v4_parallel_multiple.json",
-}
+FILES = section("data")["files"]
 ROWS = [r for cat, (q, a) in data.read_source("local", FILES, local_dir=FIXTURE).items()
         for r in data.normalize(cat, q, a)]
 CATEGORIES = list(FILES)

@@ -115,7 +115,11 @@ SFT_DOWNSTREAM = {
                                          "format_content", "format_structured", "format_masked")),
     *(f"ablation_{kind}@{arm}" for kind in ("repair", "best_of_n")
       for arm in ("sft", "unseen_tools_sft", "unseen_patterns_sft")),
+    *(f"export@{variant}" for variant in ("sft", "sft_dpo", "sft_rl")),
 }
+# What `make exp` (`dvc exp run ... report report_post_sft`) may rerun: the main study only.
+MAIN_STUDY = {"train_sft", "eval@sft", "train_dpo", "eval@sft_dpo", "train_rl", "eval@sft_rl", "report",
+              "report_post_sft"}
 
 
 def digest(repo, paths):
@@ -142,6 +146,16 @@ def test_changing_a_param_reruns_only_what_depends_on_it(repo):
     assert ran_stages(out) == (SFT_DOWNSTREAM - readers) | inputs_changed
     diff = run("dvc metrics diff", repo)
     assert "metrics/train_sft.json" in diff and "trainable_parameters" in diff  # rank 8 -> 4 halves them
+
+
+def test_the_main_study_command_reruns_the_main_study_only(repo):
+    repo, _ = repo
+    stages = expanded_stages(repo)
+    readers = {"report", "report_post_sft"}
+    before = {s: digest(repo, stages[s]["deps"]) for s in readers}
+    out = run("dvc exp run -S sft.lora_rank=2 report report_post_sft", repo)  # what `make exp` runs
+    inputs_changed = {s for s in readers if digest(repo, stages[s]["deps"]) != before[s]}
+    assert ran_stages(out) == (MAIN_STUDY - readers) | inputs_changed
 
 
 def metrics_of(repo, kind, name):

@@ -11,6 +11,7 @@ run, a rerun with other inputs ignores it. The stage deletes it once its
 outputs are written, and DVC never sees it (``.gitignore``, ``.dvcignore``).
 """
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -48,6 +49,13 @@ def files_digest(directory, pattern="*.safetensors"):
             while block := f.read(1 << 20):
                 h.update(block)
     return h.hexdigest()
+
+
+def continuation_key(stage, cfg, model_dir, sft_dir, train_file):
+    """The fingerprint of a stage that continues the SFT adapter on a training file (DPO, RL)."""
+    train_file = Path(train_file)
+    return fingerprint(stage, dataclasses.asdict(cfg), files_digest(model_dir), files_digest(sft_dir),
+                       files_digest(train_file.parent, train_file.name))
 
 
 class Checkpoint:

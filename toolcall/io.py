@@ -159,6 +159,21 @@ def _open_input(path):
                         "or check the path") from None
 
 
+def timings_path(metrics_path):
+    """Where a stage's wall-clock numbers go: beside its metrics, as ``<name>.timings.json``.
+
+    Kept out of the metrics on purpose: they differ from run to run, so in a
+    DVC output they would change ``dvc.lock`` and ``dvc metrics diff`` on every
+    identical rerun. Git and DVC ignore them (``.gitignore``, ``.dvcignore``).
+    """
+    path = Path(metrics_path)
+    return path.with_name(path.stem + ".timings.json")
+
+
+def write_timings(metrics_path, timings):
+    write_json(timings_path(metrics_path), timings)
+
+
 def read_params(section, path="params.yaml"):
     """One section of params.yaml (stages read only their own); dotted for a nested one: ``ablations.format.content``."""
     import yaml

@@ -53,12 +53,13 @@ class StepLog:
         self.progress = Progress(prefix, total, unit="step", every=0)
         self.history = []
 
-    def __call__(self, step, metrics):
+    def __call__(self, step, metrics, shown=None):
+        """Record ``metrics`` of ``step``; ``shown`` (speeds: they vary run to run) are printed, not kept."""
         if not math.isfinite(metrics["loss"]):
             raise DivergedError(f"{self.prefix}: the loss is {metrics['loss']} at step {step}; "
                                 "lower the learning rate (or raise warmup) and rerun")
         self.history.append({"step": step, **metrics})
-        self.progress.update(step - self.progress.done, **metrics)
+        self.progress.update(step - self.progress.done, **metrics, **(shown or {}))
         self._log(metrics)
 
     def replay(self, history):
@@ -88,8 +89,8 @@ class _Reports(TrainingCallback):
 
     def on_train_loss_report(self, info):
         step = self.start + info["iteration"]
-        self.log(step, {"loss": info["train_loss"], "learning_rate": info["learning_rate"],
-                        "target_tokens_per_s": info["tokens_per_second"]})
+        self.log(step, {"loss": info["train_loss"], "learning_rate": info["learning_rate"]},
+                 shown={"target_tokens_per_s": round(info["tokens_per_second"])})
         self.save(step)
 
 
@@ -113,8 +114,8 @@ def _saver(model, optimizer, checkpoint, log):
 def train_lora(model, examples, cfg, live=None, prefix="train", checkpoint=None):
     """Train the model's LoRA parameters on ``(tokens, prompt_len)`` examples; ``cfg``: a ``TrainConfig``.
 
-    Returns ``{"train_seconds", "history"}``; history rows hold the step and
-    the mean loss since the previous report. With a ``checkpoint`` (whose
+    Returns ``{"train_seconds", "steps", "history"}`` (``steps`` this process
+    ran); history rows hold the step and the mean loss since the previous report. With a ``checkpoint`` (whose
     ``every`` is a multiple of ``steps_per_report`` and ``grad_accumulation``:
     saves happen at reports, between whole updates) a rerun resumes where the
     last one saved.
@@ -139,7 +140,7 @@ def train_lora(model, examples, cfg, live=None, prefix="train", checkpoint=None)
     if args.iters > 0:
         train(model, optimizer, examples, args=args, loss=sft_loss(model), iterate_batches=batches,
               training_callback=_Reports(log, first, _saver(model, optimizer, checkpoint, log)))
-    return {"train_seconds": round(time.perf_counter() - start, 1), "history": log.history}
+    return {"train_seconds": round(time.perf_counter() - start, 1), "steps": args.iters, "history": log.history}
 
 
 def optimize(model, cfg, loss_fn, batches, log, checkpoint=None):
