@@ -92,15 +92,15 @@ def method_note(cfg, family):
     return (f"Paired comparisons on the same items, Δ = the second accuracy minus the first, with its "
             f"{100 * (1 - cfg.alpha):g}% interval by Newcombe's hybrid score method for paired data (1998, method "
             f"10). Verdict: **better** / **worse** when that interval excludes 0; else **equivalent** when the "
-            f"{100 * (1 - 2 * cfg.alpha):g}% interval lies within ±{margin:g} pts (TOST at α={cfg.alpha:g}); else "
-            f"**inconclusive**. A difference that is also within the margin reads \"better, by less than "
-            f"±{margin:g} pts\". MDE: the smallest difference the comparison could detect with "
-            f"{100 * cfg.power:g}% power at two-sided α={cfg.alpha:g} (Connor 1987: McNemar's test at the observed "
-            f"discordance rate, or at the rate the difference itself needs where that is higher); it is about "
-            f"detecting a difference, while equivalence is read from the interval. Multiplicity: this report makes "
-            f"{family} paired comparison{'s' if family != 1 else ''}; Holm p is each exact McNemar p adjusted over "
-            f"all of them (Holm 1979). Verdicts are per comparison and unadjusted: a better/worse whose Holm p is "
-            f"≥ {cfg.alpha:g} does not survive the correction.")
+            f"{100 * (1 - 2 * cfg.alpha):g}% interval lies within ±{margin:g} pts (TOST at α={cfg.alpha:g}: its p "
+            f"is below α exactly then); else **inconclusive**. A difference that is also within the margin reads "
+            f"\"better, by less than ±{margin:g} pts\". MDE: the smallest difference the comparison could detect "
+            f"with {100 * cfg.power:g}% power at two-sided α={cfg.alpha:g} (Connor 1987: McNemar's test at the "
+            f"observed discordance rate, or at the rate the difference itself needs where that is higher); it is "
+            f"about detecting a difference, while equivalence is read from the interval. Multiplicity: this report "
+            f"makes {family} paired comparison{'s' if family != 1 else ''}; Holm p is each exact McNemar p adjusted "
+            f"over all of them (Holm 1979). Verdicts are per comparison and unadjusted: a better/worse whose Holm p "
+            f"is ≥ {cfg.alpha:g} does not survive the correction.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,14 +118,14 @@ def claim_line(claim, holm_p, cfg):
     c = claim.comparison
     return (f"- {claim.label}: **{verdict_text(c, cfg)}**: ours {points(c.delta)} pts {interval(c.ci)} on n={c.n} "
             f"paired items ({c.only_base} vs {c.only_other} discordant; exact McNemar p={c.p_value:.3f}, "
-            f"Holm p={holm_p:.3f}; MDE {detectable(c)}); {claim_relation(c, claim.claimed, cfg, claim.source)}")
+            f"Holm p={holm_p:.3f}, TOST p={c.p_equivalence:.3f}; MDE {detectable(c)}); "
+            f"{claim_relation(c, claim.claimed, cfg, claim.source)}")
 
 
 def render_claims(parts, cfg):
     """Markdown lines from sections' lines and ``Claim``s, Holm-adjusted over every claim among them."""
-    claims = [p for p in parts if isinstance(p, Claim)]
-    adjusted = dict(zip(map(id, claims), holm([c.comparison.p_value for c in claims])))
-    return [claim_line(p, adjusted[id(p)], cfg) if isinstance(p, Claim) else p for p in parts]
+    adjusted = iter(holm([p.comparison.p_value for p in parts if isinstance(p, Claim)]))
+    return [claim_line(p, next(adjusted), cfg) if isinstance(p, Claim) else p for p in parts]
 
 
 def main_table(metrics, predictions, cfg, baseline="base"):
@@ -163,17 +163,19 @@ def step_comparisons(predictions, cfg):
 
 
 def step_table(steps, cfg):
-    """Each step's paired comparison: Δ and interval, McNemar and Holm p, MDE, verdict, and the paper's claim."""
+    """Each step's paired comparison: Δ and interval, McNemar, Holm and TOST p, MDE, verdict, the paper's claim."""
     level = f"{100 * (1 - cfg.alpha):g}% CI"
     lines = [f"| Step | n | Δ accuracy [{level}] | discordant (only before / only after) | exact McNemar p | Holm p "
-             f"| MDE ({100 * cfg.power:g}% power) | verdict | vs the paper |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| TOST p (±{100 * cfg.equivalence_margin:g} pts) | MDE ({100 * cfg.power:g}% power) | verdict "
+             f"| vs the paper |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     adjusted = holm([c.p_value for _, _, c in steps])
     for (before, after, c), holm_p in zip(steps, adjusted):
         claimed = PAPER_TABLE1[after] - PAPER_TABLE1[before]
         lines.append(f"| {VARIANT_NAMES[after]} vs {VARIANT_NAMES[before]} | {c.n} | {points(c.delta)} pts "
                      f"{interval(c.ci)} | {c.only_base} / {c.only_other} | {c.p_value:.3f} | {holm_p:.3f} | "
-                     f"{detectable(c)} | {verdict_text(c, cfg)} | {claim_relation(c, claimed, cfg)} |")
+                     f"{c.p_equivalence:.3f} | {detectable(c)} | {verdict_text(c, cfg)} | "
+                     f"{claim_relation(c, claimed, cfg)} |")
     return "\n".join(lines)
 
 
@@ -378,8 +380,8 @@ def format_section(kinds, metrics, predictions, cfg):
     seed = SEED_FORMAT
     return lines + [
         "",
-        _compare(predictions, "format_content", "format_structured",
-                 seed["format_structured"] - seed["format_content"], "run 1 → run 2 (structured targets)", cfg, "seed"),
+        _compare(predictions, "format_content", "format_structured", seed["format_structured"] - seed["format_content"],
+                 "run 1 → run 2 (structured targets)", cfg, "seed"),
         _compare(predictions, "format_structured", "format_masked", seed["format_masked"] - seed["format_structured"],
                  "run 2 → run 3 (completion-only loss; the seed's gain came from a larger max_length, "
                  "its loss flag was a no-op)", cfg, "seed"),
