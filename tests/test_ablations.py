@@ -196,7 +196,7 @@ CFG = ReportConfig(equivalence_margin=0.05, alpha=0.05, power=0.8)
     ((200, 0, 0, 0), 0.0, "holds (equivalent)"),
     ((4000, 100, 300, 5600), 0.0, "holds up to the margin"),
     ((0, 0, 20, 180), 0.0, "not reproduced: it helps"),
-    ((47, 5, 11, 137), 1.0, "not testable at this n"),
+    ((47, 5, 11, 137), 1.0, "undecided at this n"),
     ((47, 5, 11, 137), None, "paper: no number given"),
 ])
 def test_claim_relation(table, claimed, relation):

@@ -70,7 +70,7 @@ def claim_relation(c, claimed, cfg, source="paper"):
         if c.verdict in ("better", "worse"):
             return head + (f"not reproduced: it {'helps' if c.verdict == 'better' else 'hurts'} and is not shown "
                            f"to stay within ±{margin:g} pts")
-        return head + f"not testable at this n: neither a difference nor equivalence shown (MDE {detectable(c)})"
+        return head + f"undecided at this n: neither a difference nor equivalence shown (MDE {detectable(c)})"
     sign = 1 if claimed > 0 else -1
     lo, hi = sorted((sign * c.ci[0], sign * c.ci[1]))
     target = abs(claimed) / 100
