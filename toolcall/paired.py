@@ -8,7 +8,9 @@ interval for paired data (method 10), equivalence is TOST within a margin
 (read off the same interval at twice the alpha), power is Connor's
 approximation for McNemar's test, and a family of tests gets Holm's
 adjustment. Kept apart from ``stats`` (Wilson, exact McNemar), which the
-training and eval stages import: only the report stages depend on this file.
+training and eval stages import, so that changing how the reports judge a
+difference does not make DVC retrain or re-evaluate: only the report stages
+depend on this file.
 """
 
 import dataclasses
@@ -18,7 +20,6 @@ from statistics import NormalDist
 from .stats import mcnemar_exact, wilson
 
 _NORMAL = NormalDist()
-VERDICTS = ("better", "worse", "equivalent", "inconclusive")
 
 
 def z_two_sided(confidence):
