@@ -11,7 +11,9 @@ from test_data import fixture_rows
 from toolcall import ablations, data, scaffold
 from toolcall.config import AblationSplitConfig, DiversityConfig
 from toolcall.parsing import parse_calls
-from toolcall.report import claim_verdict
+from toolcall import report
+from toolcall.config import ReportConfig
+from toolcall.paired import compare_table
 
 
 def near_duplicate_keys(rows):
@@ -176,13 +178,63 @@ def test_json_repair_leaves_valid_and_tagless_outputs_alone():
     assert [r["changed"] for r in scaffold.repair([ROW], greedy)] == [False, False]
 
 
-@pytest.mark.parametrize("pc, paper_delta, word", [
-    ({"n": 200, "delta": 0.0, "only_base": 0, "only_other": 0, "p_value": 1.0}, 0, "reproduced"),
-    ({"n": 200, "delta": 0.01, "only_base": 0, "only_other": 2, "p_value": 0.5}, 0, "inside the noise"),
-    ({"n": 200, "delta": 0.1, "only_base": 0, "only_other": 20, "p_value": 0.0001}, 0, "contradicted"),
-    ({"n": 80, "delta": 0.3, "only_base": 2, "only_other": 26, "p_value": 0.0001}, 49.0, "reproduced"),
-    ({"n": 80, "delta": -0.3, "only_base": 26, "only_other": 2, "p_value": 0.0001}, 49.0, "contradicted"),
-    ({"n": 80, "delta": 0.05, "only_base": 3, "only_other": 7, "p_value": 0.34}, 26.0, "inside the noise at this n"),
+CFG = ReportConfig(equivalence_margin=0.05, alpha=0.05, power=0.8)
+
+
+# Tables are (both, only_base, only_other, neither); claims in points, as the reports pass them.
+@pytest.mark.parametrize("table, claimed, relation", [
+    # The sign alone no longer reproduces a claim: unseen tools 0 -> 16% against the paper's 30 -> 79%.
+    ((0, 0, 13, 67), 49.0, "same direction, smaller than claimed (95% CI excludes it)"),
+    ((24, 3, 24, 149), 12.5, "consistent with the claimed size (95% CI includes it)"),
+    ((0, 0, 60, 140), 10.0, "same direction, larger than claimed"),
+    ((0, 30, 0, 170), 10.0, "opposite direction (95% CI excludes it)"),
+    ((0, 30, 0, 170), -5.0, "same direction, larger than claimed"),  # a claimed loss, and a larger one
+    ((0, 0, 1, 49), 42.0, "direction not shown, smaller than claimed"),
+    ((27, 3, 0, 170), 30.0, "no effect beyond ±5 pts, smaller than claimed"),
+    # Claims of no effect (the paper's "< 1 point", "no benefit") are equivalence tests within the margin.
+    ((51, 1, 2, 146), 0.7, "holds (equivalent)"),
+    ((200, 0, 0, 0), 0.0, "holds (equivalent)"),
+    ((4000, 100, 300, 5600), 0.0, "holds up to the margin"),
+    ((0, 0, 20, 180), 0.0, "not reproduced: it helps"),
+    ((47, 5, 11, 137), 1.0, "undecided at this n"),
+    ((47, 5, 11, 137), None, "paper: no number given"),
 ])
-def test_claim_verdict(pc, paper_delta, word):
-    assert claim_verdict(pc, paper_delta).startswith(f"**{word}")
+def test_claim_relation(table, claimed, relation):
+    assert relation in report.claim_relation(compare_table(table, 0.05, 0.05, 0.8), claimed, CFG)
+
+
+def test_claims_are_rendered_with_holm_over_the_whole_family():
+    strong = compare_table((0, 0, 13, 67), 0.05, 0.05, 0.8)  # exact McNemar p = 2 / 2^13
+    weak = compare_table((47, 5, 11, 137), 0.05, 0.05, 0.8)  # p = 0.2101
+    lines = report.render_claims(["## A section", report.Claim("strong", strong, 49.0),
+                                  report.Claim("weak", weak, None), "- other: not run"], CFG)
+    assert lines[0] == "## A section" and lines[3] == "- other: not run"
+    assert lines[1].startswith("- strong: **better**: ours +16.2 pts [+8.3, +25.8] on n=80 paired items")
+    assert f"Holm p={2 * strong.p_value:.3f}" in lines[1] and f"Holm p={weak.p_value:.3f}" in lines[2]
+    assert lines[2].startswith("- weak: **inconclusive**") and "MDE 5.6 pts" in lines[2]
+
+
+def test_scaffold_table_rebuilds_the_paired_table_from_metrics():
+    # Best-of-N on 60 items: 19 correct, 4 lost and 1 gained against greedy -> 18 both, 37 neither.
+    m = {"overall": {"n": 60, "correct": 19}, "vs_greedy": {"n": 60, "only_base": 4, "only_other": 1}}
+    assert report.scaffold_table(m) == (18, 4, 1, 37)
+    with pytest.raises(ValueError):
+        report.scaffold_table({**m, "overall": {"n": 200, "correct": 19}})
+
+
+def test_step_table_and_ablation_sections_render(tmp_path):
+    ids = [f"q{i}" for i in range(40)]
+    predictions = {"base": {i: False for i in ids}, "sft": {i: k % 2 == 0 for k, i in enumerate(ids)},
+                   "sft_dpo": {i: k % 2 == 0 for k, i in enumerate(ids)}}
+    steps = report.step_comparisons(predictions, CFG)
+    table = report.step_table(steps, CFG)
+    assert "| SFT vs Base model | 40 | +50.0 pts" in table and "| SFT + DPO vs SFT | 40 | +0.0 pts" in table
+    assert "consistent with the claimed size" in table and "no effect beyond ±5 pts: holds (equivalent)" in table
+    metric = {"overall": {"accuracy": 0.5, "n": 40, "correct": 20, "ci95": [0.35, 0.65]}, "by_category": {}}
+    (tmp_path / "ablations" / "eval").mkdir(parents=True)
+    for arm in ("diversity_low", "diversity_high"):
+        (tmp_path / "ablations" / "eval" / f"{arm}.json").write_text(json.dumps(metric))
+    lines = report.ablation_sections(tmp_path, tmp_path / "none", {"base": metric}, {
+        "diversity_low": predictions["sft"], "diversity_high": {i: not v for i, v in predictions["sft"].items()}}, CFG)
+    assert lines[0].startswith("Paired comparisons") and "makes 1 paired comparison;" in lines[0]
+    assert any(line.startswith("- low → high diversity: **inconclusive**") for line in lines)

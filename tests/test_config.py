@@ -4,13 +4,13 @@ import pytest
 from configs import config, section
 
 from toolcall.config import (AblationSplitConfig, ConfigError, DataConfig, DiversityConfig, DpoConfig, EvalConfig,
-                             RlConfig, ScaffoldConfig, SftConfig, SplitConfig, ValidateConfig, categories,
-                             from_params)
+                             ReportConfig, RlConfig, ScaffoldConfig, SftConfig, SplitConfig, ValidateConfig,
+                             categories, from_params)
 
 SECTIONS = [(DataConfig, "data"), (SplitConfig, "split"), (ValidateConfig, "validate"), (SftConfig, "sft"),
             (EvalConfig, "eval"), (DpoConfig, "dpo"), (RlConfig, "rl"), (ScaffoldConfig, "ablations.scaffold"),
             (AblationSplitConfig, "ablations.unseen_tools"), (AblationSplitConfig, "ablations.unseen_patterns"),
-            (DiversityConfig, "ablations.diversity")]
+            (DiversityConfig, "ablations.diversity"), (ReportConfig, "report")]
 
 
 @pytest.mark.parametrize("cls, name", SECTIONS)
@@ -62,6 +62,9 @@ def test_a_missing_key_is_an_error_not_a_hidden_default():
     (EvalConfig, "eval", "max_tokens", 1.5, r"\[eval\]\.max_tokens=1.5: expected int"),
     (ScaffoldConfig, "ablations.scaffold", "temperature", 0.0, r"temperature=0.0 must be > 0"),
     (DiversityConfig, "ablations.diversity", "budget", -3, r"budget=-3 must be >= 1"),
+    (ReportConfig, "report", "equivalence_margin", 5, r"\[report\]: equivalence_margin=5.0 must be in \(0, 1\)"),
+    (ReportConfig, "report", "alpha", 0.5, r"\[report\]: alpha=0.5 must be in"),
+    (ReportConfig, "report", "power", 1.0, r"\[report\]: power=1.0 must be in"),
 ])
 def test_impossible_params_are_refused_with_the_key(cls, name, key, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -306,3 +306,20 @@ class DiversityConfig:
 
     def check(self):
         yield from _at_least_one(self, ("budget",))
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportConfig:
+    """params.yaml [report]: how the reports judge a paired difference (toolcall/paired.py)."""
+
+    equivalence_margin: float  # accuracy units: 0.05 = +/- 5 points counts as no effect
+    alpha: float  # two-sided level of the difference interval; TOST uses the 1 - 2 alpha interval
+    power: float  # the power at which the minimum detectable difference is stated
+
+    def check(self):
+        if not 0 < self.equivalence_margin < 1:
+            yield f"equivalence_margin={self.equivalence_margin} must be in (0, 1) (accuracy units: 0.05 = 5 points)"
+        if not 0 < self.alpha < 0.5:
+            yield f"alpha={self.alpha} must be in (0, 0.5)"
+        if not 0 < self.power < 1:
+            yield f"power={self.power} must be in (0, 1)"

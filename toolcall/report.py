@@ -1,10 +1,13 @@
-"""The study's report: our numbers with n and 95% intervals, beside the papers'."""
+"""The study's report: our numbers with n and 95% intervals, beside the papers', with a verdict per comparison."""
 
+import dataclasses
+import math
 from pathlib import Path
+from typing import Optional
 
 from .data import CATEGORIES
 from .io import read_json, read_jsonl
-from .stats import paired_comparison
+from .paired import Comparison, compare, compare_table, holm
 
 # "What Actually Improves LLM Tool Calling?" Table 1 (overall accuracy, %).
 PAPER_TABLE1 = {"base": 9.7, "sft": 57.0, "sft_dpo": 57.7, "sft_rl": 58.0}
@@ -21,32 +24,130 @@ def cell(m):
     return f"{pct(m['accuracy'])} [{100 * lo:.1f}–{100 * hi:.1f}] (n={m['n']})"
 
 
-def verdict(p_value, delta):
-    if p_value >= 0.05:
-        return "inside the noise at this n"
-    return "better" if delta > 0 else "worse"
+def points(x):
+    """An accuracy difference in points: ``+3.0``."""
+    return f"{100 * x:+.1f}"
 
 
-def main_table(metrics, predictions, baseline="sft"):
-    """Table 1 layout: overall and per category, the paper beside us, paired tests."""
+def interval(ci):
+    """``[-1.1, +7.1]``: an interval of differences, in points."""
+    return f"[{points(ci[0])}, {points(ci[1])}]"
+
+
+def detectable(c):
+    """The minimum detectable difference, in points, or why there is none."""
+    return f"{100 * c.mde:.1f} pts" if math.isfinite(c.mde) else "none (too few items)"
+
+
+def verdict_text(c, cfg):
+    """The four-way verdict as the reports print it; a difference smaller than the margin says so."""
+    margin = f"±{100 * cfg.equivalence_margin:g} pts"
+    if c.verdict == "equivalent":
+        return f"equivalent within {margin}"
+    if c.verdict in ("better", "worse") and c.within_margin:
+        return f"{c.verdict}, by less than {margin}"
+    return c.verdict
+
+
+def claim_relation(c, claimed, cfg, source="paper"):
+    """Our comparison against a claimed change (points; None: the source gives no number).
+
+    A claimed change smaller than the equivalence margin (the paper's "< 1
+    point" for DPO and RL, "no benefit" for scaffolding) is a claim of no
+    relevant effect and is tested as equivalence. A larger one is checked for
+    direction and size: is the claimed value inside our interval?
+    """
+    if claimed is None:
+        return f"{source}: no number given"
+    margin = 100 * cfg.equivalence_margin
+    level = f"{100 * (1 - cfg.alpha):g}% CI"
+    if abs(claimed) < margin:
+        head = f"{source} {claimed:+.1f} pts, a claim of no effect beyond ±{margin:g} pts: "
+        if c.verdict == "equivalent":
+            return head + "holds (equivalent)"
+        if c.within_margin:
+            return head + f"holds up to the margin (a difference, but smaller than ±{margin:g} pts)"
+        if c.verdict in ("better", "worse"):
+            return head + (f"not reproduced: it {'helps' if c.verdict == 'better' else 'hurts'} and is not shown "
+                           f"to stay within ±{margin:g} pts")
+        return head + f"undecided at this n: neither a difference nor equivalence shown (MDE {detectable(c)})"
+    sign = 1 if claimed > 0 else -1
+    lo, hi = sorted((sign * c.ci[0], sign * c.ci[1]))
+    target = abs(claimed) / 100
+    tail = f"{source} {claimed:+.1f} pts"
+    if lo <= target <= hi:
+        return f"{tail}: consistent with the claimed size ({level} includes it)"
+    same, opposite = ("better", "worse") if sign > 0 else ("worse", "better")
+    if c.verdict == opposite:
+        return f"{tail}: opposite direction ({level} excludes it)"
+    size = "smaller" if hi < target else "larger"
+    direction = {same: "same direction, ", "equivalent": f"no effect beyond ±{margin:g} pts, "}.get(
+        c.verdict, "direction not shown, ")
+    return f"{tail}: {direction}{size} than claimed ({level} excludes it)"
+
+
+def method_note(cfg, family):
+    """What every verdict in a report means, and the multiplicity of its ``family`` of paired tests."""
+    margin = 100 * cfg.equivalence_margin
+    return (f"Paired comparisons on the same items, Δ = the second accuracy minus the first, with its "
+            f"{100 * (1 - cfg.alpha):g}% interval by Newcombe's hybrid score method for paired data (1998, method "
+            f"10). Verdict: **better** / **worse** when that interval excludes 0; else **equivalent** when the "
+            f"{100 * (1 - 2 * cfg.alpha):g}% interval lies within ±{margin:g} pts (TOST at α={cfg.alpha:g}: its p "
+            f"is below α exactly then); else **inconclusive**. A difference that is also within the margin reads "
+            f"\"better, by less than ±{margin:g} pts\". MDE: the smallest difference the comparison could detect "
+            f"with {100 * cfg.power:g}% power at two-sided α={cfg.alpha:g} (Connor 1987: McNemar's test at the "
+            f"observed discordance rate, or at the rate the difference itself needs where that is higher); it is "
+            f"about detecting a difference, while equivalence is read from the interval. Multiplicity: this report "
+            f"makes {family} paired comparison{'s' if family != 1 else ''}; Holm p is each exact McNemar p adjusted "
+            f"over all of them (Holm 1979). Verdicts are per comparison and unadjusted: a better/worse whose Holm p "
+            f"is ≥ {cfg.alpha:g} does not survive the correction.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """A comparison to render once the whole report's family is known (for Holm)."""
+
+    label: str
+    comparison: Comparison
+    claimed: Optional[float]  # the source's change in points; None: no number given
+    source: str = "paper"
+
+
+def claim_line(claim, holm_p, cfg):
+    """``- label: **verdict**: ours Δ [CI] ...; paper ...: relation``."""
+    c = claim.comparison
+    return (f"- {claim.label}: **{verdict_text(c, cfg)}**: ours {points(c.delta)} pts {interval(c.ci)} on n={c.n} "
+            f"paired items ({c.only_base} vs {c.only_other} discordant; exact McNemar p={c.p_value:.3f}, "
+            f"Holm p={holm_p:.3f}, TOST p={c.p_equivalence:.3f}; MDE {detectable(c)}); "
+            f"{claim_relation(c, claim.claimed, cfg, claim.source)}")
+
+
+def render_claims(parts, cfg):
+    """Markdown lines from sections' lines and ``Claim``s, Holm-adjusted over every claim among them."""
+    adjusted = iter(holm([p.comparison.p_value for p in parts if isinstance(p, Claim)]))
+    return [claim_line(p, next(adjusted), cfg) if isinstance(p, Claim) else p for p in parts]
+
+
+def main_table(metrics, predictions, cfg, baseline="base"):
+    """Table 1 layout: overall and per category, the paper beside us, each variant's paired Δ against the baseline."""
     variants = [v for v in VARIANT_NAMES if v in metrics]
     cats = [c for c in CATEGORIES if any(c in metrics[v]["by_category"] for v in variants)]
+    level = f"{100 * (1 - cfg.alpha):g}%"
     lines = [
-        "| Method | Ours, overall | Paper | " + " | ".join(cats) + " | vs " + VARIANT_NAMES.get(baseline, baseline)
-        + " (paired McNemar) |",
+        "| Method | Ours, overall | Paper | " + " | ".join(cats) + " | Δ vs " + VARIANT_NAMES.get(baseline, baseline)
+        + f", paired {level} CI |",
         "|---" * (len(cats) + 4) + "|",
     ]
     for v in variants:
         m = metrics[v]
         per_cat = [cell(m["by_category"][c]) if c in m["by_category"] else "—" for c in cats]
-        compare = "—"
+        delta = "—"
         if v != baseline and baseline in predictions and v in predictions:
-            pc = paired_comparison(predictions[baseline], predictions[v])
-            compare = (f"{100 * pc['delta']:+.1f} pts, p={pc['p_value']:.3f} "
-                       f"({pc['only_base']} vs {pc['only_other']} discordant): {verdict(pc['p_value'], pc['delta'])}")
+            c = compare(predictions[baseline], predictions[v], cfg.equivalence_margin, cfg.alpha, cfg.power)
+            delta = f"{points(c.delta)} pts {interval(c.ci)}"
         paper = f"{PAPER_TABLE1[v]:.1f}%" if v in PAPER_TABLE1 else "—"
         lines.append(f"| {VARIANT_NAMES[v]} | {cell(m['overall'])} | {paper} | " + " | ".join(per_cat)
-                     + f" | {compare} |")
+                     + f" | {delta} |")
     return "\n".join(lines)
 
 
@@ -54,17 +155,27 @@ def main_table(metrics, predictions, baseline="sft"):
 STEPS = (("base", "sft"), ("sft", "sft_dpo"), ("sft", "sft_rl"))
 
 
-def step_table(predictions):
-    """Paired exact McNemar test of each step in STEPS that has predictions on both sides."""
-    lines = ["| Step | n | Δ accuracy | discordant (only before / only after) | exact McNemar p | Paper Δ | verdict |",
-             "|---|---|---|---|---|---|---|"]
-    for before, after in STEPS:
-        if before in predictions and after in predictions:
-            pc = paired_comparison(predictions[before], predictions[after])
-            lines.append(f"| {VARIANT_NAMES[after]} vs {VARIANT_NAMES[before]} | {pc['n']} | "
-                         f"{100 * pc['delta']:+.1f} pts | {pc['only_base']} / {pc['only_other']} | "
-                         f"{pc['p_value']:.3f} | {PAPER_TABLE1[after] - PAPER_TABLE1[before]:+.1f} pts | "
-                         f"{verdict(pc['p_value'], pc['delta'])} |")
+def step_comparisons(predictions, cfg):
+    """``[(before, after, Comparison)]`` for each step in STEPS with predictions on both sides."""
+    return [(before, after, compare(predictions[before], predictions[after], cfg.equivalence_margin, cfg.alpha,
+                                    cfg.power))
+            for before, after in STEPS if before in predictions and after in predictions]
+
+
+def step_table(steps, cfg):
+    """Each step's paired comparison: Δ and interval, McNemar, Holm and TOST p, MDE, verdict, the paper's claim."""
+    level = f"{100 * (1 - cfg.alpha):g}% CI"
+    lines = [f"| Step | n | Δ accuracy [{level}] | discordant (only before / only after) | exact McNemar p | Holm p "
+             f"| TOST p (±{100 * cfg.equivalence_margin:g} pts) | MDE ({100 * cfg.power:g}% power) | verdict "
+             f"| vs the paper |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    adjusted = holm([c.p_value for _, _, c in steps])
+    for (before, after, c), holm_p in zip(steps, adjusted):
+        claimed = PAPER_TABLE1[after] - PAPER_TABLE1[before]
+        lines.append(f"| {VARIANT_NAMES[after]} vs {VARIANT_NAMES[before]} | {c.n} | {points(c.delta)} pts "
+                     f"{interval(c.ci)} | {c.only_base} / {c.only_other} | {c.p_value:.3f} | {holm_p:.3f} | "
+                     f"{c.p_equivalence:.3f} | {detectable(c)} | {verdict_text(c, cfg)} | "
+                     f"{claim_relation(c, claimed, cfg)} |")
     return "\n".join(lines)
 
 
@@ -130,25 +241,25 @@ def load_ablations(metrics_dir, predictions_dir):
     return kinds, predictions
 
 
-def claim_verdict(pc, paper_delta, source="paper"):
-    """Our paired change against a claimed one (points; 0 claims no effect): reproduced, contradicted, or noise."""
-    if pc["p_value"] >= 0.05:
-        word = "reproduced" if paper_delta == 0 and pc["only_base"] == pc["only_other"] == 0 else \
-            "inside the noise at this n"
-    elif paper_delta == 0:
-        word = "contradicted (it helps)" if pc["delta"] > 0 else "reproduced (no benefit: it hurts)"
-    else:
-        word = "reproduced" if (pc["delta"] > 0) == (paper_delta > 0) else "contradicted"
-    claimed = "no change" if paper_delta == 0 else f"{paper_delta:+.1f} pts"
-    return (f"**{word}**: ours {100 * pc['delta']:+.1f} pts on n={pc['n']} paired items "
-            f"(exact McNemar p={pc['p_value']:.3f}, {pc['only_base']} vs {pc['only_other']} discordant); "
-            f"{source} {claimed}")
-
-
-def _compare(predictions, a, b, paper_delta, label, source="paper"):
+def _compare(predictions, a, b, claimed, label, cfg, source="paper"):
+    """A ``Claim`` for arm ``b`` against arm ``a`` on their shared items, or a "not run" line."""
     if a in predictions and b in predictions:
-        return f"- {label}: " + claim_verdict(paired_comparison(predictions[a], predictions[b]), paper_delta, source)
+        c = compare(predictions[a], predictions[b], cfg.equivalence_margin, cfg.alpha, cfg.power)
+        return Claim(label, c, claimed, source)
     return f"- {label}: not run"
+
+
+def scaffold_table(m):
+    """The paired table of a scaffolding arm against its greedy outputs, from its metrics.
+
+    ``vs_greedy`` keeps the discordant counts; the items both get right are
+    the arm's correct ones less those only it gets right.
+    """
+    vs = m["vs_greedy"]
+    if vs["n"] != m["overall"]["n"]:
+        raise ValueError(f"vs_greedy covers {vs['n']} items, the arm's metrics {m['overall']['n']}")
+    both = m["overall"]["correct"] - vs["only_other"]
+    return both, vs["only_base"], vs["only_other"], vs["n"] - both - vs["only_base"] - vs["only_other"]
 
 
 def _label(variant):
@@ -159,7 +270,7 @@ def _label(variant):
     return VARIANT_NAMES.get(variant, variant)
 
 
-def scaffold_section(kinds, metrics):
+def scaffold_section(kinds, metrics, cfg):
     """JSON repair and best-of-N per variant, each against its own greedy outputs."""
     repair, best = kinds.get("repair", {}), kinds.get("best_of_n", {})
     names = sorted(set(repair) | set(best), key=lambda v: (v not in VARIANT_NAMES, v))
@@ -181,17 +292,18 @@ def scaffold_section(kinds, metrics):
         if b:
             s = b["settings"]
             row += [f"{cell(b['overall'])} N={s['n']}, T={s['temperature']}",
-                    f"{100 * b['vs_greedy']['delta']:+.1f} pts", cell(b["oracle"])]
+                    f"{points(b['vs_greedy']['delta'])} pts", cell(b["oracle"])]
         else:
             row += ["—"] * 3
         lines.append("| " + " | ".join(row) + " |")
         for kind, m in (("JSON repair", r), ("best-of-N", b)):
             if m:
-                verdicts.append(f"- {_label(v)}, {kind}: " + claim_verdict(m["vs_greedy"], 0))
+                c = compare_table(scaffold_table(m), cfg.equivalence_margin, cfg.alpha, cfg.power)
+                verdicts.append(Claim(f"{_label(v)}, {kind}", c, 0.0))
     return lines + [""] + verdicts + [""]
 
 
-def generalization_section(kinds, predictions):
+def generalization_section(kinds, predictions, cfg):
     """Paper Table 2: base vs SFT (vs SFT + scaffolding, vs RL) on splits whose tools or pattern are unseen."""
     ev, repair, best = (kinds.get(k, {}) for k in ("eval", "repair", "best_of_n"))
     splits = [s for s in PAPER_TABLE2 if f"{s}_base" in ev or f"{s}_sft" in ev]
@@ -208,11 +320,11 @@ def generalization_section(kinds, predictions):
         cells = [cell(m["overall"]) if m else "not run" for m in found]
         base, sft = PAPER_TABLE2[s]
         lines.append(f"| {ARM_NAMES[s]} | " + " | ".join(cells) + f" | {base:.0f}% → {sft:.0f}% |")
-        verdicts.append(_compare(predictions, f"{s}_base", f"{s}_sft", sft - base, f"{ARM_NAMES[s]}, base → SFT"))
+        verdicts.append(_compare(predictions, f"{s}_base", f"{s}_sft", sft - base, f"{ARM_NAMES[s]}, base → SFT",
+                                 cfg))
         if f"{s}_rl" in predictions and f"{s}_sft" in predictions:
-            pc = paired_comparison(predictions[f"{s}_sft"], predictions[f"{s}_rl"])
-            verdicts.append(f"- {ARM_NAMES[s]}, SFT → RL (does RL generalize better? the paper gives no number): "
-                            f"{100 * pc['delta']:+.1f} pts, p={pc['p_value']:.3f}: {verdict(pc['p_value'], pc['delta'])}")
+            verdicts.append(_compare(predictions, f"{s}_sft", f"{s}_rl", None,
+                                     f"{ARM_NAMES[s]}, SFT → RL (does RL generalize better?)", cfg))
         else:
             verdicts.append(f"- {ARM_NAMES[s]}, SFT → RL: not run (stages ablation_train_rl@{s}, "
                             f"ablation_eval@{s}_rl)")
@@ -224,7 +336,7 @@ def _arm_row(name, m, paper, cats, extra=()):
     return "| " + " | ".join([name, cell(m["overall"]), paper, *per_cat, *extra]) + " |"
 
 
-def diversity_section(kinds, predictions):
+def diversity_section(kinds, predictions, cfg):
     """Paper Table 3: the same budget from simple only vs an equal share of every category."""
     ev, train = kinds.get("eval", {}), kinds.get("train", {})
     arms = [a for a in PAPER_TABLE3 if a in ev]
@@ -239,10 +351,11 @@ def diversity_section(kinds, predictions):
         epochs = str(train[a]["epochs"]) if a in train else "—"
         lines.append(_arm_row(ARM_NAMES[a], ev[a], f"{PAPER_TABLE3[a]:.1f}%", CATEGORIES, [epochs]))
     delta = PAPER_TABLE3["diversity_high"] - PAPER_TABLE3["diversity_low"]
-    return lines + ["", _compare(predictions, "diversity_low", "diversity_high", delta, "low → high diversity"), ""]
+    return lines + ["", _compare(predictions, "diversity_low", "diversity_high", delta, "low → high diversity", cfg),
+                     ""]
 
 
-def format_section(kinds, metrics, predictions):
+def format_section(kinds, metrics, predictions, cfg):
     """The second seed's format runs on the same data, steps and max length."""
     ev, train = kinds.get("eval", {}), kinds.get("train", {})
     arms = [a for a in SEED_FORMAT if a.startswith("format_") and a in ev]
@@ -267,18 +380,23 @@ def format_section(kinds, metrics, predictions):
     seed = SEED_FORMAT
     return lines + [
         "",
-        _compare(predictions, "format_content", "format_structured",
-                 seed["format_structured"] - seed["format_content"], "run 1 → run 2 (structured targets)", "seed"),
+        _compare(predictions, "format_content", "format_structured", seed["format_structured"] - seed["format_content"],
+                 "run 1 → run 2 (structured targets)", cfg, "seed"),
         _compare(predictions, "format_structured", "format_masked", seed["format_masked"] - seed["format_structured"],
                  "run 2 → run 3 (completion-only loss; the seed's gain came from a larger max_length, "
-                 "its loss flag was a no-op)", "seed"),
+                 "its loss flag was a no-op)", cfg, "seed"),
         "",
     ]
 
 
-def ablation_sections(metrics_dir, ablation_predictions_dir, metrics, predictions):
-    """Every ablation section that has results, as markdown lines (main ``metrics``/``predictions`` for base/sft)."""
+def ablation_sections(metrics_dir, ablation_predictions_dir, metrics, predictions, cfg):
+    """Every ablation section that has results, as markdown lines (main ``metrics``/``predictions`` for base/sft).
+
+    Every claim in them is one family for Holm's adjustment.
+    """
     kinds, abl_predictions = load_ablations(metrics_dir, ablation_predictions_dir)
     predictions = {**predictions, **abl_predictions}
-    return (scaffold_section(kinds, metrics) + generalization_section(kinds, predictions)
-            + diversity_section(kinds, predictions) + format_section(kinds, metrics, predictions))
+    parts = (scaffold_section(kinds, metrics, cfg) + generalization_section(kinds, predictions, cfg)
+             + diversity_section(kinds, predictions, cfg) + format_section(kinds, metrics, predictions, cfg))
+    family = sum(isinstance(p, Claim) for p in parts)
+    return [method_note(cfg, family), ""] + render_claims(parts, cfg)

@@ -1,0 +1,248 @@
+"""Paired comparisons that can say "no effect": interval, four-way verdict, power, multiplicity.
+
+Two variants scored on the same items make a paired 2x2 table ``(both,
+only_base, only_other, neither)``: items both get right, only the first,
+only the second, neither. The difference in accuracy is
+``(only_other - only_base) / n``. Its interval is Newcombe's hybrid score
+interval for paired data (method 10), equivalence is TOST within a margin
+(read off the same interval at twice the alpha), power is Connor's
+approximation for McNemar's test, and a family of tests gets Holm's
+adjustment. Kept apart from ``stats`` (Wilson, exact McNemar), which the
+training and eval stages import, so that changing how the reports judge a
+difference does not make DVC retrain or re-evaluate: only the report stages
+depend on this file.
+"""
+
+import dataclasses
+import math
+from statistics import NormalDist
+
+from .stats import mcnemar_exact, wilson
+
+_NORMAL = NormalDist()
+
+
+def z_two_sided(confidence):
+    """The standard normal quantile of a two-sided interval at ``confidence`` (0.95 -> 1.96, 0.90 -> 1.645)."""
+    return _NORMAL.inv_cdf(0.5 + confidence / 2)
+
+
+def paired_table(base, other):
+    """``(both, only_base, only_other, neither)`` over the ids two ``{id: correct}`` maps share."""
+    ids = set(base) & set(other)
+    both = sum(1 for i in ids if base[i] and other[i])
+    only_base = sum(1 for i in ids if base[i] and not other[i])
+    only_other = sum(1 for i in ids if other[i] and not base[i])
+    return both, only_base, only_other, len(ids) - both - only_base - only_other
+
+
+def _size(table):
+    if min(table) < 0:
+        raise ValueError(f"paired table {table} has a negative count")
+    n = sum(table)
+    if n == 0:
+        raise ValueError("no paired items: a paired difference needs at least one item scored by both")
+    return n
+
+
+def newcombe_phi(table):
+    """Newcombe's continuity-corrected phi between the two variants' correctness.
+
+    The correlation enters the interval because paired accuracies move
+    together. As in Newcombe (1998), the numerator ``both*neither -
+    only_base*only_other`` is shrunk by n/2 toward 0 when positive (0 if
+    within n/2), kept when negative, and phi is 0 when any margin is empty.
+    """
+    both, only_base, only_other, neither = table
+    n = _size(table)
+    margins = (both + only_other) * (only_base + neither) * (both + only_base) * (only_other + neither)
+    if margins == 0:
+        return 0.0
+    cross = both * neither - only_base * only_other
+    if cross > n / 2:
+        cross -= n / 2
+    elif cross >= 0:
+        cross = 0
+    return cross / math.sqrt(margins)
+
+
+def _newcombe(table, z):
+    both, only_base, only_other, _ = table
+    n = _size(table)
+    p_other, p_base = (both + only_other) / n, (both + only_base) / n
+    lo_other, hi_other = wilson(both + only_other, n, z)
+    lo_base, hi_base = wilson(both + only_base, n, z)
+    phi = newcombe_phi(table)
+    d_lo_other, d_hi_other = p_other - lo_other, hi_other - p_other
+    d_lo_base, d_hi_base = p_base - lo_base, hi_base - p_base
+    # max(0, .): rounding can leave a tiny negative when phi is near 1 and the two distances match.
+    down = math.sqrt(max(0.0, d_lo_other**2 - 2 * phi * d_lo_other * d_hi_base + d_hi_base**2))
+    up = math.sqrt(max(0.0, d_hi_other**2 - 2 * phi * d_hi_other * d_lo_base + d_lo_base**2))
+    delta = p_other - p_base
+    return max(-1.0, delta - down), min(1.0, delta + up)
+
+
+def newcombe_interval(table, confidence=0.95):
+    """Interval for accuracy(other) - accuracy(base) from a paired table: Newcombe's method 10.
+
+    Newcombe RG (1998), "Improved confidence intervals for the difference
+    between binomial proportions based on paired data", Statistics in
+    Medicine 17:2635-2650, method 10 (the hybrid score, "square-and-add"
+    interval): take each variant's Wilson interval (l, u around p) and
+    combine the distances on the sides that widen the difference, with the
+    correlation ``newcombe_phi``:
+    lower = d - sqrt((p_o - l_o)^2 - 2 phi (p_o - l_o)(u_b - p_b) + (u_b - p_b)^2),
+    upper = d + sqrt((u_o - p_o)^2 - 2 phi (u_o - p_o)(p_b - l_b) + (p_b - l_b)^2).
+    Unlike the Wald interval it does not collapse to a point when no item
+    changed, and it stays inside [-1, 1]. Raises ValueError on an empty table.
+    """
+    return _newcombe(table, z_two_sided(confidence))
+
+
+def one_sided_p(table, bound, above):
+    """p-value of H0: diff <= bound against diff > bound (``above``), or of diff >= bound against diff < bound.
+
+    Obtained by inverting the Newcombe interval: the smallest alpha at which
+    the one-sided 1 - alpha limit (the limit of the two-sided 1 - 2 alpha
+    interval) excludes ``bound``, found by bisection on z. So "p < alpha" is
+    the same decision as "the 1 - 2 alpha interval excludes the bound", which
+    makes TOST and the interval rule agree. When the estimate itself lies in
+    H0 the p-value is 1 minus that of the opposite one-sided test (0.5 at the
+    bound).
+    """
+    _, only_base, only_other, _ = table
+    delta = (only_other - only_base) / _size(table)
+    if delta == bound:
+        return 0.5
+    if (delta < bound) == above:
+        return 1.0 - one_sided_p(table, bound, not above)
+
+    def excludes(z):
+        lo, hi = _newcombe(table, z)
+        return lo > bound if above else hi < bound
+
+    inside, outside = 0.0, 40.0  # z=0 is the point estimate itself, which excludes the bound
+    if excludes(outside):
+        return _NORMAL.cdf(-outside)
+    for _ in range(80):
+        mid = (inside + outside) / 2
+        inside, outside = (mid, outside) if excludes(mid) else (inside, mid)
+    return _NORMAL.cdf(-inside)
+
+
+def tost_p(table, margin):
+    """TOST p-value for equivalence within +/- ``margin`` (Schuirmann 1987): the larger of the two one-sided p's.
+
+    H0: |diff| >= margin. Rejected at alpha exactly when the 1 - 2 alpha
+    Newcombe interval lies inside (-margin, +margin) (see ``one_sided_p``).
+    """
+    return max(one_sided_p(table, -margin, above=True), one_sided_p(table, margin, above=False))
+
+
+def minimum_detectable_difference(n, discordant, alpha=0.05, power=0.8):
+    """Smallest |diff| a paired comparison of ``n`` items detects with ``power`` (two-sided ``alpha``).
+
+    Connor RJ (1987), "Sample size for testing differences in proportions
+    for the paired-sample design", Biometrics 43:207-211: McNemar's test on n
+    pairs with discordance rate psi detects diff when
+    sqrt(n) diff = z_a sqrt(psi) + z_b sqrt(psi - diff^2),
+    z_a = z(1 - alpha/2), z_b = z(power). Solved for diff:
+    diff = sqrt(psi) k, k = (sqrt(n) z_a + z_b sqrt(n - z_a^2 + z_b^2)) / (n + z_b^2).
+    psi is the observed ``discordant / n``, but a difference needs at least
+    as many discordant items as it moves (psi >= diff), so psi is raised to
+    diff where the observed rate is lower: then diff = k^2, the floor for
+    this n. Returns inf when n is too small for any difference up to 1 to
+    be detectable. An approximation for planning: the verdicts come from
+    the Newcombe interval, not from this test.
+    """
+    if n < 1 or not 0 <= discordant <= n:
+        raise ValueError(f"need 0 <= discordant <= n and n >= 1, got discordant={discordant}, n={n}")
+    z_a, z_b = _NORMAL.inv_cdf(1 - alpha / 2), _NORMAL.inv_cdf(power)
+    slack = n - z_a**2 + z_b**2
+    if slack < 0:
+        return math.inf
+    k = (math.sqrt(n) * z_a + z_b * math.sqrt(slack)) / (n + z_b**2)
+    diff = k * math.sqrt(max(discordant / n, k * k))
+    return diff if diff <= 1 else math.inf
+
+
+def holm(p_values):
+    """Holm's step-down adjusted p-values, in the input order (Holm 1979, Scand J Statist 6:65-70).
+
+    The i-th smallest of m p-values is multiplied by m - i + 1 (i from 1),
+    made non-decreasing along that order, and capped at 1; rejecting where
+    the adjusted p < alpha keeps the chance of any false rejection in the
+    family at most alpha.
+    """
+    m = len(p_values)
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda j: p_values[j])):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def verdict(ci, ci_equivalence, margin):
+    """``(word, within_margin)``: the four-way verdict from the two intervals of a difference.
+
+    - ``better``: the 1 - alpha interval lies above 0; ``worse``: below 0;
+    - ``equivalent``: neither, and the 1 - 2 alpha interval lies inside
+      (-margin, +margin) (TOST at alpha);
+    - ``inconclusive``: neither a difference nor equivalence is shown.
+    A difference comes first: an interval that excludes 0 *and* sits within
+    the margin is ``better``/``worse`` with ``within_margin`` True (real,
+    but smaller than the margin calls relevant).
+    """
+    lo, hi = ci
+    within = -margin < ci_equivalence[0] and ci_equivalence[1] < margin
+    if lo > 0:
+        return "better", within
+    if hi < 0:
+        return "worse", within
+    return ("equivalent" if within else "inconclusive"), within
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """One paired comparison, other against base, with everything the reports show."""
+
+    table: tuple  # (both, only_base, only_other, neither)
+    delta: float  # accuracy(other) - accuracy(base)
+    ci: tuple  # 1 - alpha Newcombe interval
+    ci_equivalence: tuple  # 1 - 2 alpha Newcombe interval (TOST)
+    p_value: float  # exact McNemar, two-sided
+    p_equivalence: float  # TOST
+    mde: float  # minimum detectable |delta| at the configured power
+    verdict: str
+    within_margin: bool
+
+    @property
+    def n(self):
+        return sum(self.table)
+
+    @property
+    def only_base(self):
+        return self.table[1]
+
+    @property
+    def only_other(self):
+        return self.table[2]
+
+
+def compare_table(table, margin, alpha, power):
+    """The ``Comparison`` of a paired table; ``margin`` and the result in accuracy units (0.05 = 5 points)."""
+    table = tuple(table)
+    n = _size(table)
+    ci = newcombe_interval(table, 1 - alpha)
+    ci_equivalence = newcombe_interval(table, 1 - 2 * alpha)
+    word, within = verdict(ci, ci_equivalence, margin)
+    return Comparison(table=table, delta=(table[2] - table[1]) / n, ci=ci, ci_equivalence=ci_equivalence,
+                      p_value=mcnemar_exact(table[1], table[2]), p_equivalence=tost_p(table, margin),
+                      mde=minimum_detectable_difference(n, table[1] + table[2], alpha, power),
+                      verdict=word, within_margin=within)
+
+
+def compare(base, other, margin, alpha, power):
+    """The ``Comparison`` of two ``{id: correct}`` maps on the ids they share."""
+    return compare_table(paired_table(base, other), margin, alpha, power)
