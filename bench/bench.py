@@ -323,7 +323,8 @@ def worker_eval(spec):
     if spec["arm"] == "sharded":  # what the eval stage runs: one process per core
         from toolcall.sharding import generate_sharded
 
-        generate_sharded(spec["model"], spec.get("adapter"), prompts[:2], workers=spec["workers"], max_tokens=4)
+        generate_sharded(spec["model"], spec.get("adapter"), prompts[:2], workers=spec["workers"], max_tokens=4,
+                         **spec.get("kwargs", {}))
         t0 = time.perf_counter()  # timed from here: the workers' model loading is part of the eval's cost
         res = generate_sharded(spec["model"], spec.get("adapter"), prompts, workers=spec["workers"],
                                max_tokens=max_tokens, return_tokens=True, **spec.get("kwargs", {}))

@@ -48,5 +48,5 @@ def test_shared_prefill_gives_what_plain_generation_gives(tiny):  # noqa: F811
     prompts = [tokenizer.encode("What is the weather in Paris?"), tokenizer.encode("Call the function")]
     greedy = rollouts.sample(model, tokenizer, prompts, k=2, temperature=0.0, max_tokens=8, seed=0,
                               batch_size=4, label=None)
-    plain = generate(model, tokenizer, prompts, max_tokens=8, return_tokens=True)
+    plain = generate(model, tokenizer, prompts, max_tokens=8, batch_size=4, return_tokens=True)
     assert [[ids for _, ids in group] for group in greedy] == [[ids, ids] for _, _, ids in plain]

@@ -12,6 +12,6 @@ def test_generation_split_over_processes_gives_what_one_process_gives(tiny, tmp_
     base = make_tiny_model(tmp_path / "base")  # deterministic: the fixture's base model again
     texts = ["What is the weather in Paris?", "Call the function", "Paris", "The capital of France is Paris."]
     prompts = [tokenizer.encode(t) for t in texts]
-    one = generate(model, tokenizer, prompts, max_tokens=8)
-    assert generate_sharded(base, sft, prompts, workers=2, max_tokens=8) == one
-    assert generate_sharded(base, sft, prompts, workers=1, max_tokens=8) == one
+    one = generate(model, tokenizer, prompts, max_tokens=8, batch_size=4)
+    assert generate_sharded(base, sft, prompts, workers=2, max_tokens=8, batch_size=4) == one
+    assert generate_sharded(base, sft, prompts, workers=1, max_tokens=8, batch_size=4) == one
