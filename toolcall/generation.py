@@ -12,9 +12,12 @@ from mlx_lm.sample_utils import make_sampler
 from .progress import Progress
 
 
-def generate(model, tokenizer, prompts, max_tokens=256, temperature=0.0, batch_size=32,
+def generate(model, tokenizer, prompts, *, max_tokens, batch_size, temperature=0.0,
              seed=None, progress=None, return_tokens=False, caches=None):
     """Complete each token-id prompt; return ``[(text, n_generated_tokens)]`` in input order.
+
+    ``max_tokens`` and ``batch_size`` (sequences decoded side by side) have no
+    defaults here: they are params (``eval``, ``dpo``, ``rl``) the caller passes.
 
     ``progress``: a label; when given, reports items done, tokens/s and ETA.
     ``return_tokens``: return ``(text, n, token_ids)`` instead, the ids exactly as
