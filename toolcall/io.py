@@ -159,6 +159,9 @@ def _open_input(path):
                         "or check the path") from None
 
 
+TIMINGS_SUFFIX = ".timings.json"
+
+
 def timings_path(metrics_path):
     """Where a stage's wall-clock numbers go: beside its metrics, as ``<name>.timings.json``.
 
@@ -167,7 +170,7 @@ def timings_path(metrics_path):
     identical rerun. Git and DVC ignore them (``.gitignore``, ``.dvcignore``).
     """
     path = Path(metrics_path)
-    return path.with_name(path.stem + ".timings.json")
+    return path.with_name(path.stem + TIMINGS_SUFFIX)
 
 
 def write_timings(metrics_path, timings):

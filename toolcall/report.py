@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from .data import CATEGORIES
-from .io import read_json, read_jsonl
+from .io import TIMINGS_SUFFIX, read_json, read_jsonl
 from .paired import Comparison, compare, compare_table, holm
 
 # "What Actually Improves LLM Tool Calling?" Table 1 (overall accuracy, %).
@@ -234,7 +234,8 @@ ARM_NAMES = {
 def load_ablations(metrics_dir, predictions_dir):
     """``({kind: {arm: metrics}}, {arm: {id: valid}})`` from metrics/ablations/<kind>/ and the arms' predictions."""
     root = Path(metrics_dir, "ablations")
-    kinds = {d.name: {p.stem: read_json(p) for p in sorted(d.glob("*.json"))}
+    # Wall-clock numbers beside the metrics (io.timings_path) are not arms.
+    kinds = {d.name: {p.stem: read_json(p) for p in sorted(d.glob("*.json")) if not p.name.endswith(TIMINGS_SUFFIX)}
              for d in sorted(root.iterdir()) if d.is_dir()} if root.is_dir() else {}
     predictions = {p.stem: {r["id"]: r["valid"] for r in read_jsonl(p)}
                    for p in sorted(Path(predictions_dir).glob("*.jsonl"))}
