@@ -1032,7 +1032,7 @@ def build_tiny_repo(where):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"].update(source="local", local_dir=str(fixture))
     params["model"] = {"source": "local", "path": tiny}
-    params["split"].update(test_per_category=3)
+    params["split"].update(test_per_category=3, valid_per_category=2)
     params["validate"].update(max_seq_len=4096)
     params["sft"].update(iters=3, batch_size=2, warmup=0, steps_per_report=1, max_seq_len=4096, lora_layers=2)
     params["eval"].update(max_tokens=8, batch_size=4)

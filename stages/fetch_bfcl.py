@@ -1,10 +1,13 @@
-"""Fetch BFCL's four AST categories into one normalized JSONL per category.
+"""Fetch BFCL's four AST categories, and the extra training sources, into normalized JSONL files.
 
     python -m stages.fetch_bfcl data/bfcl
 
 Reads params [data]. Default source: the pinned ``bfcl-eval`` wheel from the
 package index (sha256-verified, dependencies not installed); ``hub`` and
-``local`` sources read the same file layout from elsewhere.
+``local`` sources read the same file layout from elsewhere. Writes
+``<category>.jsonl`` per category and ``extra/<name>.jsonl`` per extra source
+(``data.extra``: other BFCL files, training only; exec answers, Python call
+strings, parsed into possible answers).
 """
 
 import argparse
@@ -22,13 +25,16 @@ def main():
     args = ap.parse_args()
     p = from_params(DataConfig, read_params("data"), "data")
     wheel = pip_wheel(p.wheel, p.wheel_sha256) if p.source == "wheel" else None
+    where = dict(wheel=wheel, local_dir=p.local_dir, hub_repo=p.hub_repo, hub_revision=p.hub_revision)
     files = {cat: p.files[cat] for cat in p.categories}
-    raw = data.read_source(p.source, files, wheel=wheel, local_dir=p.local_dir,
-                           hub_repo=p.hub_repo, hub_revision=p.hub_revision)
-    for cat, (questions, answers) in raw.items():
-        rows = data.normalize(cat, questions, answers, where=files[cat])
-        write_jsonl(f"{args.out_dir}/{cat}.jsonl", rows)
-        print(f"{cat}: {len(rows)} rows")
+    # Everything is read and parsed before anything is written: a bad file leaves no output.
+    out = {f"{cat}.jsonl": data.normalize(cat, questions, answers, where=files[cat])
+           for cat, (questions, answers) in data.read_source(p.source, files, **where).items()}
+    out |= {f"extra/{name}.jsonl": rows
+            for name, rows in data.read_extra(p.source, p.extra_files, p.extra, **where).items()}
+    for name, rows in out.items():
+        write_jsonl(f"{args.out_dir}/{name}", rows)
+        print(f"{name}: {len(rows)} rows")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
     python -m stages.validate data/split models/base data/validated metrics/validate.json
 
-Reads params [validate]. Training rows that fail are dropped with a reason;
-the stage fails if more than ``max_drop_fraction`` of them are (then the data
-or the template is broken, not a few rows). Test rows are never dropped: the
+Reads params [validate]. Training and validation rows that fail are dropped
+with a reason (counted per source in the metrics); the stage fails if more
+than ``max_drop_fraction`` of the rows of one source on one side are (then
+the data or the template is broken, not a few rows; an extra source's rows
+past ``max_seq_len`` do not count). Test rows are never dropped: the
 test split is exactly what ``split`` wrote, so that every variant is scored on
 the same, complete set and n does not shrink silently; one bad test row fails
 the stage, naming it. Nothing is written when the stage fails.
@@ -17,7 +19,7 @@ from toolcall.data import read_rows
 from toolcall.errors import DataError
 from toolcall.io import read_params, write_json, write_jsonl
 from toolcall.prompts import PromptFormat
-from toolcall.validate import validate_rows
+from toolcall.validate import excess_drops, validate_rows
 from toolcall.errors import run_stage
 
 
@@ -33,7 +35,7 @@ def main():
 
     fmt = PromptFormat(load_tokenizer(args.model_dir))
     metrics, kept = {"template": fmt.template_source}, {}
-    for split in ("train", "test"):
+    for split in ("train", "valid", "test"):
         path = f"{args.split_dir}/{split}.jsonl"
         kept[split], report = validate_rows(read_rows(path), fmt, p.max_seq_len)
         metrics[split] = report
@@ -43,10 +45,11 @@ def main():
         raise DataError(f"{args.split_dir}/test.jsonl: {len(dropped)} test row(s) fail validation: {shown}"
                         f"{' …' if len(dropped) > 5 else ''}; the test split must stay complete: fix those rows "
                         "in the data, or change split.seed so that they land in training")
-    if (train := metrics["train"])["drop_fraction"] > p.max_drop_fraction:
-        raise DataError(f"{args.split_dir}/train.jsonl: validation dropped {train['drop_fraction']:.1%} of the "
-                        f"rows > validate.max_drop_fraction {p.max_drop_fraction:.1%} ({train['reasons']}); "
-                        "the data or the template is broken: see the reasons")
+    for split in ("train", "valid"):
+        for source, (fraction, reasons) in excess_drops(metrics[split], p.max_drop_fraction).items():
+            raise DataError(f"{args.split_dir}/{split}.jsonl: validation dropped {fraction:.1%} of the {source} "
+                            f"rows > validate.max_drop_fraction {p.max_drop_fraction:.1%} ({reasons}); "
+                            "the data or the template is broken: see the reasons")
     for split, rows in kept.items():
         write_jsonl(f"{args.out_dir}/{split}.jsonl", rows)
     write_json(args.metrics, metrics)

@@ -9,7 +9,7 @@ import pytest
 
 from test_data import fixture_rows
 from toolcall import ablations, data, scaffold
-from toolcall.config import AblationSplitConfig, DiversityConfig
+from toolcall.config import AblationSplitConfig, DiversityConfig, ExtraDataConfig
 from toolcall.parsing import parse_calls
 from toolcall import report
 from toolcall.config import ReportConfig
@@ -71,6 +71,42 @@ def test_diversity_arms_have_the_same_budget_and_their_categories():
     assert Counter(r["category"] for r in high) == {"simple": 3, "multiple": 3, "parallel": 2, "parallel_multiple": 2}
     with pytest.raises(data.DataError, match="lower ablations.diversity.budget"):
         ablations.make_split("diversity_low", rows, [], DiversityConfig(seed=0, budget=13))
+
+
+def with_extra():
+    """The fixture rows, split as the main study splits them, with the fixture's extra sources on the training side."""
+    from test_data import fixture_extra
+
+    extra = [r for rows in fixture_extra().values() for r in rows]
+    train, valid, test, _ = data.split_study(fixture_rows(), extra, 2, 1, seed=0)
+    return train, valid, test
+
+
+def test_extra_without_drops_the_extra_sources_but_those_kept():
+    train, _, _ = with_extra()
+    without, no_test = ablations.make_split("extra_without", train, [], ExtraDataConfig(keep=[]))
+    assert no_test is None and without == [r for r in train if not data.is_extra(r)] and len(without) < len(train)
+    some, _ = ablations.make_split("extra_without", train, [], ExtraDataConfig(keep=["exec_simple"]))
+    assert {r.get("source") for r in some} == {None, "exec_simple"}
+    with pytest.raises(data.DataError, match=r"ablations.extra.keep names \['exec_simpel'\]"):
+        ablations.make_split("extra_without", train, [], ExtraDataConfig(keep=["exec_simpel"]))
+
+
+def test_unseen_splits_with_extra_rows_test_on_the_paper_rows_only():
+    train, valid, test = with_extra()
+    tools, tools_test = ablations.make_split("unseen_tools", train, test, AblationSplitConfig(seed=0, test_per_category=2),
+                                             valid=valid)
+    assert not any(data.is_extra(r) for r in tools_test) and any(data.is_extra(r) for r in tools)
+    assert not near_duplicate_keys(tools) & near_duplicate_keys(tools_test)
+    # The paper rows of every side are re-split: none is lost, none doubled.
+    assert sorted(r["id"] for r in tools + tools_test if not data.is_extra(r)) == sorted(
+        r["id"] for r in train + valid + test if not data.is_extra(r))
+    patterns, patterns_test = ablations.make_split("unseen_patterns", train, test,
+                                                   AblationSplitConfig(seed=0, test_per_category=3), valid=valid)
+    assert {r["category"] for r in patterns} == {"simple", "multiple", "parallel"}  # no parallel_multiple extra rows
+    assert any(data.is_extra(r) for r in patterns) and not any(data.is_extra(r) for r in patterns_test)
+    assert not ({f["name"] for r in patterns for f in r["functions"]}
+                & {f["name"] for r in patterns_test for f in r["functions"]})
 
 
 # ---------------------------------------------------------------- scaffolding
@@ -238,3 +274,21 @@ def test_step_table_and_ablation_sections_render(tmp_path):
         "diversity_low": predictions["sft"], "diversity_high": {i: not v for i, v in predictions["sft"].items()}}, CFG)
     assert lines[0].startswith("Paired comparisons") and "makes 1 paired comparison;" in lines[0]
     assert any(line.startswith("- low → high diversity: **inconclusive**") for line in lines)
+
+
+def test_extra_sources_section_compares_the_two_arms_on_the_same_items(tmp_path):
+    ids = [f"q{i}" for i in range(40)]
+    metric = {"overall": {"accuracy": 0.5, "n": 40, "correct": 20, "ci95": [0.35, 0.65]}, "by_category": {}}
+    for kind in ("eval", "train"):
+        (tmp_path / "ablations" / kind).mkdir(parents=True)
+    for arm, rows in (("extra_without", 689), ("extra_with", 1718)):
+        (tmp_path / "ablations" / "eval" / f"{arm}.json").write_text(json.dumps(metric))
+        (tmp_path / "ablations" / "train" / f"{arm}.json").write_text(json.dumps({"examples": rows}))
+    lines = report.ablation_sections(tmp_path, tmp_path / "none", {}, {
+        "extra_without": {i: k < 10 for k, i in enumerate(ids)}, "extra_with": {i: k < 30 for k, i in enumerate(ids)}},
+        CFG)
+    assert "## Extra training sources (BFCL live_* / exec_* rows from the same wheel)" in lines
+    assert any(line.startswith("| Without the extra sources | 50.0% [35.0–65.0] (n=40) |") and line.endswith(
+        "| 689 |") for line in lines)
+    assert any(line.startswith("- without → with the extra sources: **better**: ours +50.0 pts") and
+               line.endswith("this study: no number given") for line in lines)

@@ -4,13 +4,13 @@ import pytest
 from configs import config, section
 
 from toolcall.config import (AblationSplitConfig, ConfigError, DataConfig, DiversityConfig, DpoConfig, EvalConfig,
-                             ReportConfig, RlConfig, ScaffoldConfig, SftConfig, SplitConfig, ValidateConfig,
-                             categories, from_params)
+                             ExtraDataConfig, ReportConfig, RlConfig, ScaffoldConfig, SftConfig, SplitConfig,
+                             ValidateConfig, categories, extra_sources, from_params)
 
 SECTIONS = [(DataConfig, "data"), (SplitConfig, "split"), (ValidateConfig, "validate"), (SftConfig, "sft"),
             (EvalConfig, "eval"), (DpoConfig, "dpo"), (RlConfig, "rl"), (ScaffoldConfig, "ablations.scaffold"),
             (AblationSplitConfig, "ablations.unseen_tools"), (AblationSplitConfig, "ablations.unseen_patterns"),
-            (DiversityConfig, "ablations.diversity"), (ReportConfig, "report")]
+            (DiversityConfig, "ablations.diversity"), (ExtraDataConfig, "ablations.extra"), (ReportConfig, "report")]
 
 
 @pytest.mark.parametrize("cls, name", SECTIONS)
@@ -56,6 +56,16 @@ def test_a_missing_key_is_an_error_not_a_hidden_default():
     (DataConfig, "data", "source", "ftp", r"\[data\]: source='ftp' must be one of"),
     (DataConfig, "data", "categories", ["simple", "exotic"], r"\[data\]: categories=.*must be a non-empty list"),
     (SplitConfig, "split", "test_per_category", 0, r"\[split\]: test_per_category=0 must be >= 1"),
+    (SplitConfig, "split", "valid_per_category", 0, r"\[split\]: valid_per_category=0 must be >= 1"),
+    (DataConfig, "data", "extra", ["live_simple", "live_complex"], r"\[data\]: extra=.*must name each source at most "
+     r"once, from extra_files \['exec_multiple'"),
+    (DataConfig, "data", "extra", ["live_simple", "live_simple"], r"\[data\]: extra=.*at most once"),
+    (DataConfig, "data", "extra", "live_simple", r"\[data\]\.extra='live_simple': expected list"),
+    (DataConfig, "data", "extra_files", {"live_simple": {"category": "live", "questions": "q.json", "answers": "a.json"}},
+     r"\[data\]: extra_files\.live_simple=.*must be \{category: one of"),
+    (DataConfig, "data", "extra_files", {"live_simple": {"category": "simple", "questions": "q.json"}},
+     r"extra_files\.live_simple=.*must be"),
+    (ExtraDataConfig, "ablations.extra", "keep", [1], r"\[ablations.extra\]: keep=\[1\] must be a list of extra"),
     (SplitConfig, "split", "train_per_category", "all", r"train_per_category='all': expected int or null"),
     (ValidateConfig, "validate", "max_drop_fraction", 1.5, r"max_drop_fraction=1.5 must be in \[0, 1\]"),
     (EvalConfig, "eval", "batch_size", 0, r"\[eval\]: batch_size=0 must be >= 1"),
@@ -85,3 +95,6 @@ def test_stages_reading_only_the_categories_check_them_too():
     assert categories(["simple"]) == ["simple"]
     with pytest.raises(ConfigError, match=r"\[data\]: categories="):
         categories("simple")
+    assert extra_sources([]) == [] and extra_sources(["exec_simple"]) == ["exec_simple"]
+    with pytest.raises(ConfigError, match=r"\[data\]: extra='exec_simple' must be a list of distinct"):
+        extra_sources("exec_simple")

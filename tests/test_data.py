@@ -1,5 +1,6 @@
 """BFCL normalization and the leakage-free split."""
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -7,6 +8,8 @@ import pytest
 
 from configs import section
 from toolcall import data
+from toolcall.fetch import pip_wheel, sha256_file
+from toolcall.io import write_jsonl
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bfcl"
 FILES = section("data")["files"]
@@ -101,3 +104,142 @@ def test_held_out_category_split_trains_on_the_others():
     assert {r["category"] for r in test} == {"parallel_multiple"}
     assert "parallel_multiple" not in {r["category"] for r in train}
     assert not offered(train) & offered(test)
+
+
+# ---------------------------------------------------------------- extra sources (exec call strings)
+
+COUNTER = {"name": "count", "parameters": {"type": "dict", "properties": {"numbers": {"type": "array"}}}}
+
+
+@pytest.mark.parametrize("text, gold", [
+    ("f(n=20, k=5, p=0.6)", {"f": {"n": [20], "k": [5], "p": [0.6]}}),  # keyword only
+    ("f(x=-3, y=-2.5, z=+1)", {"f": {"x": [-3], "y": [-2.5], "z": [1]}}),  # negative numbers
+    ("f(q='Paris, France (FR)', r=\"it's, \\\"quoted\\\"\")",  # commas, parentheses and quotes inside strings
+     {"f": {"q": ["Paris, France (FR)"], "r": ['it\'s, "quoted"']}}),
+    ("f(v=[0.5, [1, -2], (3, 4)], t=(45.42, -75.69), e=[])",  # nested lists; tuples become lists
+     {"f": {"v": [[0.5, [1, -2], [3, 4]]], "t": [[45.42, -75.69]], "e": [[]]}}),
+    ("f(d={'a': 1, 'b': {'c': [1, 2]}}, ds=[{'k': 'v'}, {'k': 'w'}])",  # dicts in BFCL's {key: [allowed]} form
+     {"f": {"d": [{"a": [1], "b": [{"c": [[1, 2]]}]}], "ds": [[{"k": ["v"]}, {"k": ["w"]}]]}}),
+    ("f(p=1/6, amount=500*500, flag=True, none=None)",  # arithmetic on numbers: the value the call receives
+     {"f": {"p": [1 / 6], "amount": [250000], "flag": [True], "none": [None]}}),
+    ("geo.distance(a=1)", {"geo.distance": {"a": [1]}}),  # a dotted name
+    ("f()", {"f": {}}),
+    ("count([1,3,4,6,8])", {"count": {"numbers": [[1, 3, 4, 6, 8]]}}),  # positional: the only parameter
+])
+def test_exec_call_strings_parse_into_possible_answers(text, gold):
+    assert data.parse_call(text, [COUNTER], "x.json: row r") == gold
+
+
+def test_parsed_exec_answers_give_back_the_calls_as_written():
+    text = "f(d={'a': 1, 'b': {'c': [1, 2]}}, ds=[{'k': 'v'}], s='a, b', n=-1)"
+    (gt,) = [data.parse_call(text, [], "x.json: row r")]
+    assert data.gold_calls([gt]) == [{"name": "f", "arguments": {"d": {"a": 1, "b": {"c": [1, 2]}},
+                                                                   "ds": [{"k": "v"}], "s": "a, b", "n": -1}}]
+
+
+@pytest.mark.parametrize("text, why", [
+    ("f(x=y)", "not a literal value: y"),
+    ("f(x=g(1))", r"not a literal value: g\(1\)"),
+    ("f(x='a' + 1)", r"not a literal value: 'a' \+ 1"),
+    ("f(x={1, 2})", "not a literal value"),  # a set has no JSON form
+    ("f(x={1: 'a'})", "dict keys must be strings"),
+    ("f(x=1/0)", "division by zero"),
+    ("f(1, 2)", "positional arguments need a function with exactly one parameter"),
+    ("count(1, numbers=2)", "parameter numbers given twice"),
+    ("f(*args)", "positional arguments"),
+    ("f(**kw)", r"\*\*kw names no parameter"),
+    ("x = 1", "invalid syntax"),
+    ("[f(x=1)]", "not a function call"),
+    ("f(x=1", "never closed|unexpected EOF"),
+])
+def test_exec_call_strings_that_cannot_be_read_are_refused_naming_the_row(text, why):
+    with pytest.raises(data.DataError) as e:
+        data.parse_call(text, [COUNTER], "BFCL_v4_exec_simple.json: row exec_simple_7")
+    msg = str(e.value)
+    assert msg.startswith(f"BFCL_v4_exec_simple.json: row exec_simple_7: cannot read the answer {text!r} as a call (")
+    assert re.search(why, msg) and msg.endswith("fix that answer or leave its source out of data.extra")
+
+
+DATA = section("data")
+
+
+def fixture_extra():
+    return data.read_extra("local", DATA["extra_files"], DATA["extra"], local_dir=FIXTURE)
+
+
+def test_extra_sources_are_normalized_like_the_paper_rows_and_carry_their_source():
+    extra = fixture_extra()
+    assert list(extra) == DATA["extra"] and all(len(rows) == 3 for rows in extra.values())
+    for name, rows in extra.items():
+        for r in rows:
+            assert list(r) == ["id", "category", "source", "messages", "functions", "ground_truth"]
+            assert r["source"] == name and r["category"] == DATA["extra_files"][name]["category"]
+            assert data.is_extra(r) and all(len(e) == 1 for e in r["ground_truth"])
+    (positional,) = [r for r in extra["exec_parallel_multiple"] if r["id"] == "exec_parallel_multiple_18"]
+    assert positional["ground_truth"][0] == {"calculate_mean": {"numbers": [[1, 3, 4, 6, 8]]}}
+    assert not any(data.is_extra(r) for r in fixture_rows())
+
+
+def keys(rows, strict=False):
+    return {k for r in rows for fn in r["functions"] for k in data.function_keys(fn, strict)}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_validation_and_extra_rows_keep_every_side_function_disjoint(seed):
+    paper, extra = fixture_rows(), [r for rows in fixture_extra().values() for r in rows]
+    train, valid, test, dropped = data.split_study(paper, extra, 3, 2, seed)
+    assert Counter(r["category"] for r in test) == {c: 3 for c in data.CATEGORIES}
+    assert Counter(r["category"] for r in valid) == {c: 2 for c in data.CATEGORIES}
+    assert not keys(train) & keys(valid) and not keys(train) & keys(test) and not keys(valid) & keys(test)
+    assert not any(data.is_extra(r) for r in valid + test)
+    # Every extra row is in training, unless it offers a held-out function: then it is dropped.
+    assert [r for r in train if data.is_extra(r)] == [r for r in extra if r not in dropped]
+    assert all(keys([r]) & keys(valid + test) for r in dropped)
+    assert sorted(r["id"] for r in train + valid + test + dropped) == sorted(r["id"] for r in paper + extra)
+    # The test side is exactly the one drawn with neither a validation side nor extra rows.
+    assert test == data.split_rows(paper, 3, seed)[1]
+    assert data.split_study(paper, extra, 3, 2, seed) == (train, valid, test, dropped)  # same seed, same split
+
+
+def test_an_extra_row_offering_a_test_function_is_dropped():
+    paper, extra = fixture_rows(), [r for rows in fixture_extra().values() for r in rows]
+    # Seed 2 draws the fixture rows whose functions these two exec rows offer into test or validation.
+    train, _, _, dropped = data.split_study(paper, extra, 3, 2, seed=2)
+    assert [r["id"] for r in dropped] == ["exec_simple_46", "exec_parallel_23"]
+    assert len([r for r in train if data.is_extra(r)]) == len(extra) - 2
+
+
+def test_a_validation_side_that_does_not_fit_is_refused():
+    with pytest.raises(data.DataError, match="cannot fill the validation split.*lower split.valid_per_category"):
+        data.split_sides(fixture_rows(), 3, 10, 0)
+
+
+# The committed run's data/split/test.jsonl (dvc.lock), written before the extra
+# sources and the validation side existed: the paper's test split must not move.
+TEST_SPLIT_SHA256 = "4608ab53dc44395b471f91ecb5a2e88d60f8f36f986a3260dfdf1a4715ff7185"
+WHEEL_COUNTS = {"live_simple": 258, "live_multiple": 1053, "live_parallel": 16, "live_parallel_multiple": 24,
+                "exec_simple": 100, "exec_multiple": 50, "exec_parallel": 50, "exec_parallel_multiple": 40}
+
+
+@pytest.fixture(scope="module")
+def wheel_rows():
+    """(paper rows, extra rows) of the pinned wheel, read as stage fetch_bfcl reads them (no skip: fetch fails loud)."""
+    wheel = pip_wheel(DATA["wheel"], DATA["wheel_sha256"])
+    raw = data.read_source("wheel", DATA["files"], wheel=wheel)
+    paper = [r for cat, (q, a) in raw.items() for r in data.normalize(cat, q, a)]
+    extra = data.read_extra("wheel", DATA["extra_files"], DATA["extra"], wheel=wheel)
+    return paper, extra
+
+
+def test_default_test_split_is_byte_identical_with_extra_sources_and_validation(wheel_rows, tmp_path):
+    paper, extra = wheel_rows
+    assert {name: len(rows) for name, rows in extra.items()} == WHEEL_COUNTS  # every exec answer parses
+    p = section("split")
+    train, valid, test, dropped = data.split_study(paper, [r for rows in extra.values() for r in rows],
+                                                   p["test_per_category"], p["valid_per_category"], p["seed"],
+                                                   p["train_per_category"])
+    write_jsonl(tmp_path / "test.jsonl", test)
+    assert sha256_file(tmp_path / "test.jsonl") == TEST_SPLIT_SHA256
+    assert Counter(r["category"] for r in valid) == {c: p["valid_per_category"] for c in data.CATEGORIES}
+    assert not keys(train) & keys(valid + test) and not keys(valid) & keys(test)
+    assert len(train) + len(valid) + len(test) + len(dropped) == 1000 + sum(WHEEL_COUNTS.values())

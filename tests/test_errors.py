@@ -58,13 +58,19 @@ def bfcl_rows():
 
 
 def write_bfcl(dir_, rows_by_cat):
+    """data/bfcl as fetch_bfcl writes it: ``rows_by_cat``, and the fixture's extra sources under extra/."""
+    from toolcall import data
+
     dir_.mkdir(parents=True, exist_ok=True)
     for cat, rows in rows_by_cat.items():
         io.write_jsonl(dir_ / f"{cat}.jsonl", rows)
+    extra = data.read_extra("local", PARAMS["data"]["extra_files"], PARAMS["data"]["extra"], local_dir=FIXTURE)
+    for name, rows in extra.items():
+        io.write_jsonl(dir_ / "extra" / f"{name}.jsonl", rows)
     return dir_
 
 
-SPLIT = {"split": {**PARAMS["split"], "test_per_category": 3}}
+SPLIT = {"split": {**PARAMS["split"], "test_per_category": 3, "valid_per_category": 2}}
 
 
 # ---- data files
@@ -106,7 +112,9 @@ def test_empty_split_file(tmp_path):
     assert msg == f"eval: {tmp_path / 'test.jsonl'}: no rows; rerun the stage that writes it (dvc repro) or fix its params"
     # and split refuses to write an empty side in the first place
     bfcl = write_bfcl(tmp_path / "bfcl", bfcl_rows())
-    params = {"split": {**PARAMS["split"], "test_per_category": 12}}  # every fixture row goes to test
+    # every fixture row goes to test or validation, and no extra source fills training
+    params = {"split": {**PARAMS["split"], "test_per_category": 11, "valid_per_category": 1},
+              "data": {**PARAMS["data"], "extra": []}}
     msg = one_line_error(stage("split", bfcl, tmp_path / "out", cwd=tmp_path, params=params), "split")
     assert msg == (f"split: the train split is empty (48 rows in {bfcl}); check split.test_per_category / "
                    "split.train_per_category and data.categories")
@@ -131,6 +139,20 @@ def test_missing_and_truncated_local_bfcl_files(tmp_path):
     msg = one_line_error(stage("fetch_bfcl", tmp_path / "out", cwd=tmp_path, params=params), "fetch_bfcl")
     assert msg.startswith(f"fetch_bfcl: {cut}:12: not valid JSON (") and "truncated or corrupt" in msg
     assert not (tmp_path / "out" / "multiple.jsonl").exists()
+
+
+def test_an_exec_answer_that_is_not_a_readable_call(tmp_path):
+    src = shutil.copytree(FIXTURE, tmp_path / "bfcl")
+    answers = src / "unused_datasets" / "possible_answer" / "BFCL_v4_exec_simple.json"
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    rows[1]["ground_truth"] = ["calc(x=y)"]
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = {"data": {**PARAMS["data"], "source": "local", "local_dir": str(src)}}
+    msg = one_line_error(stage("fetch_bfcl", tmp_path / "out", cwd=tmp_path, params=params), "fetch_bfcl")
+    assert msg == (f"fetch_bfcl: unused_datasets/possible_answer/BFCL_v4_exec_simple.json: row {rows[1]['id']}: "
+                   "cannot read the answer 'calc(x=y)' as a call (not a literal value: y); fix that answer or leave "
+                   "its source out of data.extra")
+    assert not (tmp_path / "out").exists()  # not even the files read before it
 
 
 def test_wheel_with_wrong_sha256_is_refused_and_not_kept(tmp_path, monkeypatch):
@@ -248,7 +270,8 @@ def split_files(dir_, bad_test_row=False):
     test = [r for cat in rows.values() for r in cat[:3]]
     if bad_test_row:
         test[4]["ground_truth"] = [{"no_such_function": {}}]
-    io.write_jsonl(dir_ / "train.jsonl", train)
+    io.write_jsonl(dir_ / "train.jsonl", train[2:])
+    io.write_jsonl(dir_ / "valid.jsonl", train[:2])
     io.write_jsonl(dir_ / "test.jsonl", test)
     return test
 

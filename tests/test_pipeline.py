@@ -45,7 +45,7 @@ def repo(tmp_path_factory):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"].update(source="local", local_dir=str(FIXTURE))
     params["model"] = {"source": "local", "dtype": "float32", "path": str(tiny)}
-    params["split"].update(test_per_category=3)
+    params["split"].update(test_per_category=3, valid_per_category=2)
     params["validate"].update(max_seq_len=4096)  # the tiny byte-level tokenizer makes long sequences
     params["sft"].update(iters=3, batch_size=2, warmup=0, steps_per_report=1, max_seq_len=4096, lora_layers=2)
     params["eval"].update(max_tokens=8, batch_size=4)
@@ -97,7 +97,11 @@ def test_repro_runs_every_stage_and_writes_outputs(repo):
         assert json.loads((export / "tokenizer_config.json").read_text())["tool_parser_type"] == "json_tools"
     assert (repo / "reports" / "report.md").read_text().startswith("# Results")
     assert (repo / "reports" / "report.png").stat().st_size > 1000
-    assert json.loads((repo / "metrics" / "validate.json").read_text())["test"]["n_kept"] == 12
+    validate = json.loads((repo / "metrics" / "validate.json").read_text())
+    assert validate["test"]["n_kept"] == 12 and validate["valid"]["n_kept"] == 8
+    assert len((repo / "data" / "validated" / "valid.jsonl").read_text().splitlines()) == 8
+    extra = yaml.safe_load((repo / "params.yaml").read_text())["data"]["extra"]
+    assert set(validate["train"]["by_source"]) == {"paper", *extra} and set(validate["valid"]["by_source"]) == {"paper"}
     assert "up to date" in run("dvc status", repo)
 
 
@@ -108,11 +112,12 @@ SFT_DOWNSTREAM = {
     "train_sft", "eval@sft", "train_dpo", "eval@sft_dpo", "train_rl", "eval@sft_rl",
     "report", "report_post_sft", "report_ablations",
     *(f"ablation_train@{arm}" for arm in ("unseen_tools", "unseen_patterns", "diversity_low", "diversity_high",
-                                          "format_content", "format_structured", "format_masked")),
+                                          "extra_without", "extra_with", "format_content", "format_structured",
+                                          "format_masked")),
     "ablation_train_rl@unseen_tools", "ablation_train_rl@unseen_patterns",
     *(f"ablation_eval@{arm}" for arm in ("unseen_tools_sft", "unseen_patterns_sft", "unseen_tools_rl",
-                                         "unseen_patterns_rl", "diversity_low", "diversity_high",
-                                         "format_content", "format_structured", "format_masked")),
+                                         "unseen_patterns_rl", "diversity_low", "diversity_high", "extra_without",
+                                         "extra_with", "format_content", "format_structured", "format_masked")),
     *(f"ablation_{kind}@{arm}" for kind in ("repair", "best_of_n")
       for arm in ("sft", "unseen_tools_sft", "unseen_patterns_sft")),
     *(f"export@{variant}" for variant in ("sft", "sft_dpo", "sft_rl")),
@@ -172,7 +177,7 @@ def test_ablation_arms_write_metrics_and_report_sections(repo):
     best = metrics_of(repo, "best_of_n", "base")
     assert best["overall"]["n"] == 4 and best["oracle"]["correct"] >= best["overall"]["correct"]
     report = (repo / "reports" / "ablations.md").read_text()
-    for title in ("## Scaffolding", "## Table 2", "## Table 3", "second seed's format"):
+    for title in ("## Scaffolding", "## Table 2", "## Table 3", "## Extra training sources", "second seed's format"):
         assert title in report
 
 

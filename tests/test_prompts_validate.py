@@ -10,8 +10,8 @@ from toolcall.data import gold_calls
 from toolcall.parsing import parse_calls
 from toolcall.prompts import TOOL_TEMPLATE, PromptFormat, template_supports_tools
 from toolcall.schema import to_json_schema
-from toolcall.validate import validate_rows
-from test_data import fixture_rows
+from toolcall.validate import excess_drops, validate_rows
+from test_data import fixture_extra, fixture_rows
 
 # A template that renders tools natively (Qwen2.5's layout, shortened).
 NATIVE = (
@@ -104,6 +104,28 @@ def test_validation_drops_bad_rows_with_reasons(tokenizers):
     _, short = validate_rows(good, fmt, max_seq_len=64)
     assert short["reasons"] == {"target:too_long": len(good)}
     json.dumps(report)  # the metrics file must be serializable
+
+
+def test_every_extra_fixture_row_validates_and_counts_by_source(tokenizers):
+    fmt = PromptFormat(tokenizers[0])
+    extra = [r for rows in fixture_extra().values() for r in rows]
+    kept, report = validate_rows(fixture_rows()[:12] + extra, fmt, max_seq_len=8192)
+    assert len(kept) == 12 + len(extra)  # the exec answers, parsed, pass the AST check and round-trip
+    assert report["by_source"]["paper"] == {"n_in": 12, "n_kept": 12, "reasons": {}}
+    assert report["by_source"]["exec_parallel_multiple"] == {"n_in": 3, "n_kept": 3, "reasons": {}}
+
+
+def test_too_long_rows_of_an_extra_source_do_not_count_as_a_broken_source(tokenizers):
+    fmt = PromptFormat(tokenizers[0])
+    paper = [r for r in fixture_rows() if r["category"] == "simple"]
+    extra = [{**r, "source": "live_simple"} for r in paper]
+    _, report = validate_rows(paper + extra, fmt, max_seq_len=64)  # every row is too long
+    assert report["by_source"]["live_simple"]["reasons"] == {"target:too_long": 12}
+    assert excess_drops(report, 0.05) == {"paper": (1.0, {"target:too_long": 12})}
+    bad = [broken(r, "unknown_function") for r in extra[:2]] + extra[2:]
+    _, report = validate_rows(paper + bad, fmt, max_seq_len=4096)
+    assert excess_drops(report, 0.05) == {"live_simple": (2 / 12, {"gold:unknown_function": 2})}
+    assert excess_drops(report, 0.2) == {}
 
 
 def test_hub_data_source_reads_a_snapshot_layout(monkeypatch, tmp_path):

@@ -12,14 +12,23 @@ no ablation needs to validate again.
   the call pattern is what is new (paper Table 2, "unseen patterns").
 * ``diversity_low`` / ``diversity_high``: ``budget`` training rows, all from
   simple or an equal share of each category, drawn from the main training
-  split; both are scored on the main test split (paper Table 3).
+  split (extra sources included); both are scored on the main test split
+  (paper Table 3).
+* ``extra_without``: the main training split less the extra sources' rows
+  (all but ``keep``), against SFT on the whole training split
+  (``extra_with``, stage ablation_train), both scored on the main test split.
+
+The unseen_* splits re-split the paper's rows (training, validation and test
+sides together) and then add the extra rows that offer no function of their
+test side, as the main split does (unseen_tools by its strict keys;
+unseen_patterns only those of the training patterns).
 """
 
 import random
 from collections import defaultdict
 
-from .config import AblationSplitConfig, DiversityConfig
-from .data import CATEGORIES, DataError, split_rows
+from .config import AblationSplitConfig, DiversityConfig, ExtraDataConfig
+from .data import CATEGORIES, DataError, add_extra, is_extra, split_rows
 
 PATTERN_TEST = ("parallel_multiple",)
 PATTERN_TRAIN = ("simple", "multiple", "parallel")
@@ -27,7 +36,8 @@ DIVERSITY = {"diversity_low": ("simple",), "diversity_high": CATEGORIES}
 # params.yaml [ablations.<section>] each split reads.
 SECTIONS = {"unseen_tools": ("unseen_tools", AblationSplitConfig),
             "unseen_patterns": ("unseen_patterns", AblationSplitConfig),
-            "diversity_low": ("diversity", DiversityConfig), "diversity_high": ("diversity", DiversityConfig)}
+            "diversity_low": ("diversity", DiversityConfig), "diversity_high": ("diversity", DiversityConfig),
+            "extra_without": ("extra", ExtraDataConfig)}
 
 
 def budget_subset(rows, budget, seed, categories):
@@ -46,16 +56,32 @@ def budget_subset(rows, budget, seed, categories):
     return [rows[i] for i in sorted(chosen)]
 
 
-def make_split(name, train, test, p):
+def without_extra(train, keep):
+    """The training rows less those of the extra sources not in ``keep``."""
+    missing = sorted(set(keep) - {row["source"] for row in train if is_extra(row)})
+    if missing:
+        raise DataError(f"ablations.extra.keep names {missing}, but no training row comes from them: "
+                        "use sources of data.extra")
+    return [row for row in train if not is_extra(row) or row["source"] in keep]
+
+
+def make_split(name, train, test, p, valid=()):
     """``(train_rows, test_rows)`` of one split, ``p`` its config (``SECTIONS``).
 
-    ``test_rows`` is None where the main test split is used.
+    ``test_rows`` is None where the main test split is used. ``valid`` (the
+    main validation side) joins the pool the unseen_* splits re-split.
     """
+    paper = [row for row in train if not is_extra(row)] + list(valid) + list(test)
+    extra = [row for row in train if is_extra(row)]
     if name == "unseen_tools":
-        return split_rows(train + test, p.test_per_category, p.seed, strict=True)
+        train, test = split_rows(paper, p.test_per_category, p.seed, strict=True)
+        return train + add_extra(extra, test, strict=True)[0], test
     if name == "unseen_patterns":
-        return split_rows(train + test, p.test_per_category, p.seed,
-                          test_categories=PATTERN_TEST, train_categories=PATTERN_TRAIN)
+        train, test = split_rows(paper, p.test_per_category, p.seed,
+                                 test_categories=PATTERN_TEST, train_categories=PATTERN_TRAIN)
+        return train + add_extra([row for row in extra if row["category"] in PATTERN_TRAIN], test)[0], test
     if name in DIVERSITY:
         return budget_subset(train, p.budget, p.seed, DIVERSITY[name]), None
+    if name == "extra_without":
+        return without_extra(train, p.keep), None
     raise ValueError(f"unknown ablation split {name!r}: expected one of {sorted(SECTIONS)}")

@@ -67,6 +67,13 @@ def categories(value):
     return value
 
 
+def extra_sources(value):
+    """params.yaml [data.extra], checked, for the stages that read only that key."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or len(set(value)) != len(value):
+        raise ConfigError(f"params.yaml [data]: extra={value!r} must be a list of distinct source names")
+    return value
+
+
 def _at_least_one(cfg, keys):
     for key in keys:
         if getattr(cfg, key) < 1:
@@ -218,6 +225,8 @@ class DataConfig:
     local_dir: Optional[str]
     categories: list
     files: dict
+    extra: list  # extra training sources (names in extra_files); their rows only ever join the training side
+    extra_files: dict  # name -> {category: the call pattern of its answers, questions: path, answers: path}
 
     def check(self):
         if self.source not in DATA_SOURCES:
@@ -228,6 +237,14 @@ class DataConfig:
         missing = [c for c in self.categories if c not in self.files]
         if missing:
             yield f"files has no entry for categories {missing}"
+        for name, spec in self.extra_files.items():
+            if not (isinstance(spec, dict) and set(spec) == {"category", "questions", "answers"}
+                    and spec["category"] in CATEGORIES and all(isinstance(spec[k], str) for k in ("questions", "answers"))):
+                yield (f"extra_files.{name}={spec!r} must be {{category: one of {CATEGORIES}, questions: path, "
+                       "answers: path}}")
+        named = all(isinstance(name, str) and name in self.extra_files for name in self.extra)
+        if not named or len(set(self.extra)) != len(self.extra):
+            yield f"extra={self.extra} must name each source at most once, from extra_files {sorted(self.extra_files)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,10 +253,11 @@ class SplitConfig:
 
     seed: int
     test_per_category: int
+    valid_per_category: int
     train_per_category: Optional[int]
 
     def check(self):
-        yield from _at_least_one(self, ("test_per_category",))
+        yield from _at_least_one(self, ("test_per_category", "valid_per_category"))
         if self.train_per_category is not None:
             yield from _at_least_one(self, ("train_per_category",))
 
@@ -306,6 +324,17 @@ class DiversityConfig:
 
     def check(self):
         yield from _at_least_one(self, ("budget",))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtraDataConfig:
+    """params.yaml [ablations.extra]: the training split with the extra sources left out."""
+
+    keep: list  # extra sources this arm still trains on ([]: the paper's four categories only)
+
+    def check(self):
+        if not all(isinstance(name, str) for name in self.keep):
+            yield f"keep={self.keep} must be a list of extra source names (data.extra)"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -228,6 +228,7 @@ ARM_NAMES = {
     "format_content": "Run 1: calls as text in assistant content",
     "format_structured": "Run 2: structured `tool_calls`, loss on every token",
     "format_masked": "Run 3: structured `tool_calls`, loss on the completion only",
+    "extra_without": "Without the extra sources", "extra_with": "With the extra sources (data.extra)",
 }
 
 
@@ -356,6 +357,26 @@ def diversity_section(kinds, predictions, cfg):
                      ""]
 
 
+def extra_section(kinds, predictions, cfg):
+    """Issue 16: SFT on the training split without vs with the extra sources, same settings, same test items."""
+    ev, train = kinds.get("eval", {}), kinds.get("train", {})
+    arms = [a for a in ("extra_without", "extra_with") if a in ev]
+    if not arms:
+        return []
+    lines = ["## Extra training sources (BFCL live_* / exec_* rows from the same wheel)", "",
+             "SFT with the `sft` LoRA settings and `ablations.sft` steps on the training split less the extra "
+             "sources' rows, and on all of it; both scored on the main test split (the paper's four "
+             "categories, function-disjoint from every training row).", "",
+             "| Training data | Ours, overall | " + " | ".join(CATEGORIES) + " | training rows |",
+             "|---" * (len(CATEGORIES) + 3) + "|"]
+    for a in arms:
+        per_cat = [cell(ev[a]["by_category"][c]) if c in ev[a]["by_category"] else "—" for c in CATEGORIES]
+        rows = str(train.get(a, {}).get("examples", "—"))
+        lines.append("| " + " | ".join([ARM_NAMES[a], cell(ev[a]["overall"]), *per_cat, rows]) + " |")
+    return lines + ["", _compare(predictions, "extra_without", "extra_with", None, "without → with the extra sources",
+                                 cfg, "this study"), ""]
+
+
 def format_section(kinds, metrics, predictions, cfg):
     """The second seed's format runs on the same data, steps and max length."""
     ev, train = kinds.get("eval", {}), kinds.get("train", {})
@@ -398,6 +419,7 @@ def ablation_sections(metrics_dir, ablation_predictions_dir, metrics, prediction
     kinds, abl_predictions = load_ablations(metrics_dir, ablation_predictions_dir)
     predictions = {**predictions, **abl_predictions}
     parts = (scaffold_section(kinds, metrics, cfg) + generalization_section(kinds, predictions, cfg)
-             + diversity_section(kinds, predictions, cfg) + format_section(kinds, metrics, predictions, cfg))
+             + diversity_section(kinds, predictions, cfg) + extra_section(kinds, predictions, cfg)
+             + format_section(kinds, metrics, predictions, cfg))
     family = sum(isinstance(p, Claim) for p in parts)
     return [method_note(cfg, family), ""] + render_claims(parts, cfg)

@@ -54,16 +54,29 @@ def row_problem(row, fmt, max_seq_len):
     return None, len(tokens)
 
 
+PAPER = "paper"  # how reports name the rows of the paper's four files, which carry no ``source``
+TOO_LONG = "target:too_long"
+
+
 def validate_rows(rows, fmt, max_seq_len):
-    """Split rows into kept and dropped; return ``(kept, report)``."""
+    """Split rows into kept and dropped; return ``(kept, report)``.
+
+    ``report["by_source"]`` counts rows in and kept, and the reasons, per
+    source (``PAPER`` for the paper's rows, else the extra source's name).
+    """
     kept, dropped, lengths = [], [], []
+    by_source = {}
     for row in rows:
         reason, n_tokens = row_problem(row, fmt, max_seq_len)
+        counts = by_source.setdefault(row.get("source", PAPER), {"n_in": 0, "n_kept": 0, "reasons": Counter()})
+        counts["n_in"] += 1
         if reason:
             dropped.append({"id": row.get("id"), "reason": reason})
+            counts["reasons"][reason] += 1
         else:
             kept.append(row)
             lengths.append(n_tokens)
+            counts["n_kept"] += 1
     report = {
         "n_in": len(rows),
         "n_kept": len(kept),
@@ -73,6 +86,22 @@ def validate_rows(rows, fmt, max_seq_len):
         "by_category": dict(Counter(r["category"] for r in kept)),
         "tokens_mean": round(sum(lengths) / len(lengths), 1) if lengths else 0,
         "tokens_max": max(lengths, default=0),
+        "by_source": {src: {**c, "reasons": dict(c["reasons"])} for src, c in by_source.items()},
         "dropped": dropped,
     }
     return kept, report
+
+
+def excess_drops(report, max_drop_fraction):
+    """``{source: (fraction, reasons)}`` for each source of ``report`` that lost more than ``max_drop_fraction``
+    of its rows: a broken template or data file, not a few bad rows.
+
+    An extra source's rows past ``max_seq_len`` do not count: they only show
+    how long its schemas are (live_multiple offers many long functions per row).
+    """
+    excess = {}
+    for source, c in report["by_source"].items():
+        counted = {r: n for r, n in c["reasons"].items() if source == PAPER or r != TOO_LONG}
+        if c["n_in"] and sum(counted.values()) / c["n_in"] > max_drop_fraction:
+            excess[source] = (sum(counted.values()) / c["n_in"], counted)
+    return excess
