@@ -299,7 +299,7 @@ def _take_scarcest_first(groups, rows, quota):
     row: taken in plain seeded order, groups of parallel_multiple alone use up
     that quota before enough multiple rows are reached (after the default test
     draw, a validation side could not hold even 10 multiple rows); in this
-    order it fills 40 per category (seeds 0-4).
+    order 40 per category fit (seeds 0-4).
     """
     available = Counter(rows[i]["category"] for group in groups for i in group)
     taken, left = [], list(groups)
