@@ -118,7 +118,7 @@ SFT_DOWNSTREAM = {
     *(f"ablation_eval@{arm}" for arm in ("unseen_tools_sft", "unseen_patterns_sft", "unseen_tools_rl",
                                          "unseen_patterns_rl", "diversity_low", "diversity_high", "extra_without",
                                          "extra_with", "format_content", "format_structured", "format_masked")),
-    *(f"ablation_{kind}@{arm}" for kind in ("repair", "best_of_n")
+    *(f"ablation_{kind}@{arm}" for kind in ("repair", "best_of_n", "constrained")
       for arm in ("sft", "unseen_tools_sft", "unseen_patterns_sft")),
     *(f"export@{variant}" for variant in ("sft", "sft_dpo", "sft_rl")),
 }
@@ -176,6 +176,10 @@ def test_ablation_arms_write_metrics_and_report_sections(repo):
                                                                 "changed_and_correct"}
     best = metrics_of(repo, "best_of_n", "base")
     assert best["overall"]["n"] == 4 and best["oracle"]["correct"] >= best["overall"]["correct"]
+    for arm, n in (("base", 12), ("sft", 12), ("unseen_tools_sft", 4), ("unseen_patterns_sft", 2)):
+        c = metrics_of(repo, "constrained", arm)  # every item; at 8 tokens too, none unparseable
+        assert c["overall"]["n"] == c["vs_greedy"]["n"] == c["constrained"]["unconstrained_same_as_greedy"] == n
+        assert c["constrained"]["unparseable"] == c["constrained"]["unoffered_names"] == 0
     report = (repo / "reports" / "ablations.md").read_text()
     for title in ("## Scaffolding", "## Table 2", "## Table 3", "## Extra training sources", "second seed's format"):
         assert title in report

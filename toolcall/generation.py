@@ -3,7 +3,8 @@
 Prompts go in longest first, so sequences that share a batch have similar
 lengths and the batch drains evenly; each sequence stops at its own
 end-of-turn token. Greedy by default; a temperature gives sampling (best-of-N,
-DPO negatives, RL rollouts).
+DPO negatives, RL rollouts). Per-prompt logits processors (``constrained``'s
+grammars) are optional; without them the batch is sampled in one call as before.
 """
 
 from mlx_lm.generate import BatchGenerator
@@ -13,7 +14,7 @@ from .progress import Progress
 
 
 def generate(model, tokenizer, prompts, *, max_tokens, batch_size, temperature=0.0,
-             seed=None, progress=None, return_tokens=False, caches=None):
+             seed=None, progress=None, return_tokens=False, caches=None, logits_processors=None):
     """Complete each token-id prompt; return ``[(text, n_generated_tokens)]`` in input order.
 
     ``max_tokens`` and ``batch_size`` (sequences decoded side by side) have no
@@ -25,6 +26,9 @@ def generate(model, tokenizer, prompts, *, max_tokens, batch_size, temperature=0
     ``caches``: per prompt, an mlx-lm prompt cache already holding all of it but
     its last token, which alone is then given in ``prompts``: several samples
     of one prompt then share a single prefill.
+    ``logits_processors``: per prompt, a list of mlx-lm logits processors
+    (``processor(tokens, logits) -> logits``, ``tokens`` the prompt and what was
+    sampled so far), e.g. ``constrained.Constraint``.
     """
     import mlx.core as mx
 
@@ -39,7 +43,8 @@ def generate(model, tokenizer, prompts, *, max_tokens, batch_size, temperature=0
     )
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     uids = gen.insert([prompts[i] for i in order], [max_tokens] * len(order),
-                      caches=[caches[i] for i in order] if caches else None)
+                      caches=[caches[i] for i in order] if caches else None,
+                      logits_processors=[logits_processors[i] for i in order] if logits_processors else None)
     index = dict(zip(uids, order))
     tokens = {uid: [] for uid in uids}
     bar = Progress(progress, len(prompts), unit="seq") if progress else None

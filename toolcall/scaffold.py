@@ -1,4 +1,4 @@
-"""Inference-time scaffolding: JSON repair and best-of-N, neither of which sees the answer.
+"""Inference-time scaffolding: JSON repair, best-of-N and constrained decoding; none sees the answer.
 
 The paper's claim: both give no benefit when the model already writes valid
 JSON. JSON repair (``json_repair.repair_json``) is tried only on a block that
@@ -8,6 +8,8 @@ parses and fits the offered function schemas (``output_problem``), else the
 most frequent one; the choice reads ``row["functions"]`` and nothing else, so
 it is usable at inference time. Scoring every sample gives the oracle pass@N
 (any of N correct), an upper bound no selector without the answer reaches.
+Schema-constrained decoding (``constrained``) is scored here like the others,
+against the greedy outputs on the same items.
 """
 
 import json
@@ -102,4 +104,36 @@ def repair_summary(old, new):
         "changed_and_correct": sum(r["changed"] and r["valid"] for r in new),
     }
     metrics["vs_greedy"] = paired_comparison({r["id"]: r["valid"] for r in old}, {r["id"]: r["valid"] for r in new})
+    return metrics
+
+
+# What constrained decoding rules out: a parsed call naming what was not offered.
+UNOFFERED = ("schema:unknown_function", "schema:unknown_parameter")
+
+
+def constrained_records(rows, outputs):
+    """Prediction records of constrained outputs ``[(text, n_generated, n_finishing)]``, scored."""
+    return [{**score_output(row, text), "generated_tokens": n, "finishing_tokens": k}
+            for row, (text, n, k) in zip(rows, outputs)]
+
+
+def constrained_summary(rows, records, greedy, unconstrained):
+    """Metrics of constrained decoding, a paired test against the greedy records, and its guarantees.
+
+    ``unconstrained``: ``[(text, n)]``, the same items decoded again without
+    the constraint in the same run (the speed baseline); how many of them equal
+    the greedy predictions shows the baseline is the greedy eval itself.
+    """
+    metrics = summarize(records)
+    metrics["vs_greedy"] = paired_comparison({r["id"]: r["valid"] for r in greedy},
+                                             {r["id"]: r["valid"] for r in records})
+    metrics["constrained"] = {
+        "finished_at_max_tokens": sum(r["finishing_tokens"] > 0 for r in records),
+        "unparseable": sum((r["error_type"] or "").startswith("parse:") for r in records),
+        "unoffered_names": sum(any(call_problem(c, row["functions"]) in UNOFFERED for c in r["calls"])
+                               for row, r in zip(rows, records)),
+        "generated_tokens": sum(r["generated_tokens"] for r in records),
+        "unconstrained_tokens": sum(n for _, n in unconstrained),
+        "unconstrained_same_as_greedy": sum(text == g["raw"] for (text, _), g in zip(unconstrained, greedy)),
+    }
     return metrics

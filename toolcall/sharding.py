@@ -21,15 +21,21 @@ def default_workers():
     return os.cpu_count() or 1
 
 
-def generate_sharded(model_dir, adapter_dir, prompts, workers=None, progress=None, **kwargs):
+def generate_sharded(model_dir, adapter_dir, prompts, workers=None, progress=None, generator=None, per_prompt=None,
+                     **kwargs):
     """``generation.generate`` over ``workers`` processes; same return value, input order.
 
     ``kwargs`` go to ``generate`` (``max_tokens``, ``batch_size``); the model is
-    loaded in each worker from ``model_dir`` and ``adapter_dir``.
+    loaded in each worker from ``model_dir`` and ``adapter_dir``. ``generator``:
+    another function with ``generate``'s signature to run instead (a module-level
+    one: workers import it, e.g. ``constrained.generate``); ``per_prompt``: its
+    keyword arguments that hold one entry per prompt (``{"grammars": [...]}``),
+    dealt out with the prompts.
     """
+    per_prompt = per_prompt or {}
     workers = max(1, min(workers or default_workers(), len(prompts)))
     if workers == 1:
-        return _generate_share(model_dir, adapter_dir, prompts, progress, kwargs, threads=None)
+        return _generate_share(model_dir, adapter_dir, prompts, progress, {**kwargs, **per_prompt}, None, generator)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     shares = [order[j::workers] for j in range(workers)]
     # spawn, not fork: MLX's and OpenBLAS's threads do not survive a fork. A Pool,
@@ -38,7 +44,8 @@ def generate_sharded(model_dir, adapter_dir, prompts, workers=None, progress=Non
     with multiprocessing.get_context("spawn").Pool(workers, initializer=_ignore_sigint) as pool:
         results = pool.starmap(_generate_share, [
             (model_dir, adapter_dir, [prompts[i] for i in share], progress and f"{progress} {j + 1}/{workers}",
-             kwargs, 1) for j, share in enumerate(shares)])  # re-raises a worker's error here
+             {**kwargs, **{k: [v[i] for i in share] for k, v in per_prompt.items()}}, 1, generator)
+            for j, share in enumerate(shares)])  # re-raises a worker's error here
     out = [None] * len(prompts)
     for share, result in zip(shares, results):
         for i, r in zip(share, result):
@@ -52,11 +59,11 @@ def _ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _generate_share(model_dir, adapter_dir, prompts, progress, kwargs, threads):
+def _generate_share(model_dir, adapter_dir, prompts, progress, kwargs, threads, generator):
     from . import blas
     from .generation import generate
     from .lora import load_model
 
     model, tokenizer = load_model(model_dir, adapter_dir)
     with blas.threads(threads):
-        return generate(model, tokenizer, prompts, progress=progress, **kwargs)
+        return (generator or generate)(model, tokenizer, prompts, progress=progress, **kwargs)

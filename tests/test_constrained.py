@@ -1,0 +1,241 @@
+"""Schema-constrained decoding: the grammar admits the offered calls only, and decoding under it always parses.
+
+Real parts only: llguidance's matcher on the tiny model's byte-level tokenizer,
+mlx-lm's batch generator, the project's parser and scorer. The tiny random
+model, left alone, never writes a tool call; held to the grammar it must write
+calls that parse and name only what was offered, for fuzzed schemas, names
+and prompts and any ``max_tokens``.
+"""
+
+import random
+
+import pytest
+from hypothesis import given
+
+import toolcall  # noqa: F401  (first: loads OpenBLAS before mlx)
+from test_fuzz import ROWS, fuzz, random_schema_and_answer, seeds
+from tiny_adapter import CALLS, FUNCTIONS, MESSAGES, train_tool_caller
+from tiny_model import make_tiny_model
+from toolcall import constrained, data, generation, lora, report, scaffold
+from toolcall.config import ReportConfig
+from toolcall.evaluation import score_output
+from toolcall.parsing import parse_calls
+from toolcall.prompts import PromptFormat
+from toolcall.schema import call_problem
+from toolcall.sharding import generate_sharded
+
+# What the grammar rules out, as schema.call_problem names it.
+RULED_OUT = ("schema:unknown_function", "schema:unknown_parameter", "schema:missing_required")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = make_tiny_model(tmp_path_factory.mktemp("tiny"))
+    model, tokenizer = lora.load_model(base)
+    fmt = PromptFormat(tokenizer)
+    return base, model, tokenizer, fmt, constrained.Decoder(tokenizer)
+
+
+def accepts(decoder, grammar, text, fmt):
+    """Whether the grammar allows ``text`` token by token (as the tokenizer splits it) and then end of turn."""
+    c = decoder.constraint(grammar)
+    for token in fmt.encode(text):
+        if not c.allowed()[token]:
+            return False
+        c.matcher.consume_token(token)
+    return c.matcher.is_accepting()
+
+
+def completion(fmt, row, calls):
+    """What the model is trained to write for ``calls``, without the end-of-turn token."""
+    return fmt.completion(row["messages"], row["functions"], calls)[: -len(fmt.eos)]
+
+
+def test_call_format_is_read_off_the_template(tiny):
+    _, _, _, fmt, _ = tiny
+    assert constrained.call_format(fmt) == constrained.CallFormat(
+        "<tool_call>", "</tool_call>\n<tool_call>", "</tool_call>", ", ", ": ", False)
+
+
+def test_grammar_accepts_every_gold_call_of_the_fixture_rows_in_any_argument_order(tiny):
+    _, _, _, fmt, decoder = tiny
+    cf = constrained.call_format(fmt)
+    for row in ROWS:
+        grammar = constrained.grammar(row["functions"], cf)
+        gold = data.gold_calls(row["ground_truth"])
+        assert accepts(decoder, grammar, completion(fmt, row, gold), fmt), row["id"]
+        reordered = [{**c, "arguments": dict(reversed(c["arguments"].items()))} for c in gold[::-1]]
+        assert accepts(decoder, grammar, completion(fmt, row, reordered), fmt), row["id"]
+
+
+WEATHER = [
+    {"name": "get_weather", "description": "", "parameters": {"type": "dict", "properties": {
+        "city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer"}, "coords": {"type": "tuple", "items": {"type": "float"}}}, "required": ["city"]}},
+    {"name": "math.hypot", "description": "", "parameters": {"type": "dict", "properties": {
+        "x": {"type": "float"}, "y": {"type": "float"}}, "required": ["x", "y"]}},
+]
+W = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "functions": WEATHER}
+CALL = '{"name": "get_weather", "arguments": '
+ALLOWED = [
+    [{"name": "get_weather", "arguments": {"city": "Paris"}}],
+    [{"name": "get_weather", "arguments": {"unit": "celsius", "coords": [48.9, 2], "city": "Paris", "days": 3}}],
+    [{"name": "get_weather", "arguments": {"city": "Paris", "days": None}}],  # an optional one may be null
+    [{"name": "math.hypot", "arguments": {"y": 4, "x": 3.5}}, {"name": "get_weather", "arguments": {"city": "é"}}],
+]
+REFUSED = {
+    "unoffered function": '<tool_call>{"name": "get_forecast", "arguments": {"city": "Paris"}}</tool_call>',
+    "unoffered parameter": f'<tool_call>{CALL}{{"city": "Paris", "country": "FR"}}}}</tool_call>',
+    "required one missing": f'<tool_call>{CALL}{{"unit": "celsius"}}}}</tool_call>',
+    "a parameter twice": f'<tool_call>{CALL}{{"city": "Paris", "city": "Rome"}}}}</tool_call>',
+    "string for an integer": f'<tool_call>{CALL}{{"city": "Paris", "days": "3"}}}}</tool_call>',
+    "float for an integer": f'<tool_call>{CALL}{{"city": "Paris", "days": 2.5}}}}</tool_call>',
+    "not in the enum": f'<tool_call>{CALL}{{"city": "Paris", "unit": "kelvin"}}}}</tool_call>',
+    "array items of another type": f'<tool_call>{CALL}{{"city": "Paris", "coords": ["48.9"]}}}}</tool_call>',
+    "a required one null": f'<tool_call>{CALL}{{"city": null}}}}</tool_call>',
+    "other separators": '<tool_call>{"name":"get_weather","arguments":{"city":"Paris"}}</tool_call>',
+    "text before the call": f'Sure. <tool_call>{CALL}{{"city": "Paris"}}}}</tool_call>',
+    "text after the call": f'<tool_call>{CALL}{{"city": "Paris"}}}}</tool_call> Done.',
+    "no call at all": "",
+    "an unclosed call": f'<tool_call>{CALL}{{"city": "Paris"}}}}',
+}
+
+
+def test_grammar_allows_the_offered_calls_and_refuses_anything_else(tiny):
+    _, _, _, fmt, decoder = tiny
+    grammar = constrained.grammar(WEATHER, constrained.call_format(fmt))
+    for calls in ALLOWED:
+        assert accepts(decoder, grammar, completion(fmt, W, calls), fmt), calls
+    for what, text in REFUSED.items():
+        assert not accepts(decoder, grammar, text, fmt), what
+
+
+def test_grammar_names_what_it_cannot_express(tiny):
+    _, _, _, fmt, _ = tiny
+    cf = constrained.call_format(fmt)
+    with pytest.raises(ValueError, match="unsupported BFCL parameter type 'set'"):
+        constrained.grammar([{"name": "f", "parameters": {"properties": {"p": {"type": "set"}}}}], cf)
+    many = {f"p{i}": {"type": "integer"} for i in range(65)}
+    with pytest.raises(ValueError, match="65 parameters; at most 64"):
+        constrained.grammar([{"name": "f", "parameters": {"properties": many}}], cf)
+
+
+# Characters a fuzzed name or prompt may hold: JSON's and Lark's escapes, unicode, a control character.
+ODD = 'ab._-"\\ /:{}<>é日🙂\x00\n'
+
+
+def odd_text(rng, size):
+    return "".join(rng.choice(ODD) for _ in range(rng.randint(0, size)))
+
+
+def renamed(rng, functions, ground_truth):
+    """The same schemas and answers under fuzzed function and parameter names."""
+    def fuzzed(old):  # a prefix keeps names unique
+        return odd_text(rng, 4) + old if rng.random() < 0.5 else old
+
+    names, out = {}, []
+    for f in functions:
+        props = f["parameters"]["properties"]
+        names[f["name"]] = fuzzed(f["name"]), {p: fuzzed(p) for p in props}
+        name, params = names[f["name"]]
+        out.append({**f, "name": name, "parameters": {
+            **f["parameters"], "properties": {params[p]: spec for p, spec in props.items()},
+            "required": [params[p] for p in f["parameters"]["required"]]}})
+    truth = [{names[n][0]: {names[n][1][p]: v for p, v in args.items()}}
+             for entry in ground_truth for n, args in entry.items()]
+    return out, truth
+
+
+def test_constrained_decoding_of_the_random_model_always_parses_and_names_only_what_was_offered(tiny):
+    _, model, tokenizer, fmt, _ = tiny
+    cf = constrained.call_format(fmt)
+    seen = []
+
+    @fuzz(40)
+    @given(seed=seeds)
+    def prop(seed):
+        rng = random.Random(seed)
+        rows = []
+        for i in range(3):
+            functions, ground_truth = renamed(rng, *random_schema_and_answer(rng))
+            rows.append({"id": f"q{i}", "category": rng.choice(["simple", "multiple", "parallel", "parallel_multiple"]),
+                         "messages": [{"role": "user", "content": odd_text(rng, 40)}],
+                         "functions": functions, "ground_truth": ground_truth})
+        max_tokens = rng.choice([1, 3, 12, 40])
+        prompts = [fmt.encode(fmt.prompt(r["messages"], r["functions"])) for r in rows]
+        outputs = constrained.generate(model, tokenizer, prompts, grammars=[constrained.grammar(r["functions"], cf)
+                                                                            for r in rows],
+                                       max_tokens=max_tokens, batch_size=2)
+        for row, (text, n, finishing) in zip(rows, outputs):
+            parsed = parse_calls(text)
+            assert parsed.error_type is None and parsed.calls, text
+            assert not [p for c in parsed.calls if (p := call_problem(c, row["functions"])) in RULED_OUT], text
+            assert n <= max_tokens and (finishing == 0 or n == max_tokens)
+            record = score_output(row, text)  # the eval's scorer takes them as they are
+            assert record["valid"] in (True, False) and not (record["error_type"] or "").startswith("parse:")
+            seen.append(finishing)
+
+    prop()
+    assert len(seen) >= 120 and any(seen) and not all(seen)  # both ways of ending were exercised
+
+
+def test_left_alone_the_random_model_writes_no_call(tiny):
+    _, model, tokenizer, fmt, _ = tiny
+    prompts = [fmt.encode(fmt.prompt(r["messages"], r["functions"])) for r in ROWS[:6]]
+    for text, _ in generation.generate(model, tokenizer, prompts, max_tokens=40, batch_size=3):
+        assert parse_calls(text).error_type is not None
+
+
+def test_a_constraint_leaves_the_other_sequences_of_its_batch_alone(tiny):
+    _, model, tokenizer, fmt, decoder = tiny
+    rows = ROWS[:4]
+    prompts = [fmt.encode(fmt.prompt(r["messages"], r["functions"])) for r in rows]
+    plain = generation.generate(model, tokenizer, prompts, max_tokens=24, batch_size=4)
+    cf = constrained.call_format(fmt)
+    processors = [[decoder.constraint(constrained.grammar(r["functions"], cf))] if i % 2 == 0 else None
+                  for i, r in enumerate(rows)]
+    mixed = generation.generate(model, tokenizer, prompts, max_tokens=24, batch_size=4, logits_processors=processors)
+    assert mixed[1] == plain[1] and mixed[3] == plain[3]
+    assert mixed[0] != plain[0] and mixed[0][0].startswith("<tool_call>")
+
+
+def test_a_model_that_already_answers_right_is_not_changed_by_the_constraint(tmp_path):
+    tuned, _ = train_tool_caller(make_tiny_model(tmp_path / "random"), tmp_path / "tuned")
+    model, tokenizer = lora.load_model(tuned)
+    fmt = PromptFormat(tokenizer)
+    prompt = [fmt.encode(fmt.prompt(MESSAGES, FUNCTIONS))]
+    [(plain, _)] = generation.generate(model, tokenizer, prompt, max_tokens=200, batch_size=1)
+    assert parse_calls(plain).calls == CALLS
+    grammar = constrained.grammar(FUNCTIONS, constrained.call_format(fmt))
+    [(text, _, finishing)] = constrained.generate(model, tokenizer, prompt, grammars=[grammar], max_tokens=200,
+                                                  batch_size=1)
+    assert (text, finishing) == (plain, 0)
+
+
+def test_constrained_decoding_split_over_processes_gives_the_in_process_outputs(tiny):
+    base, model, tokenizer, fmt, _ = tiny
+    rows = ROWS[::6]
+    prompts = [fmt.encode(fmt.prompt(r["messages"], r["functions"])) for r in rows]
+    cf = constrained.call_format(fmt)
+    grammars = [constrained.grammar(r["functions"], cf) for r in rows]
+    one = constrained.generate(model, tokenizer, prompts, grammars=grammars, max_tokens=16, batch_size=4)
+    assert generate_sharded(base, None, prompts, workers=2, generator=constrained.generate,
+                            per_prompt={"grammars": grammars}, max_tokens=16, batch_size=4) == one
+
+
+def test_constrained_summary_and_its_report_row():
+    rows = [{"id": f"q{i}", "category": "simple", "functions": WEATHER,
+             "ground_truth": [{"get_weather": {"city": ["Paris"]}}]} for i in range(3)]
+    right = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    wrong = '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
+    records = scaffold.constrained_records(rows, [(right, 20, 0), (wrong, 30, 0), (right, 40, 5)])
+    greedy = [{"id": "q0", "raw": "x", "valid": False}, {"id": "q1", "raw": "y", "valid": True},
+              {"id": "q2", "raw": "z", "valid": False}]
+    m = scaffold.constrained_summary(rows, records, greedy, [("x", 7), ("other", 8), ("z", 9)])
+    assert m["overall"]["correct"] == 2 and m["vs_greedy"] == {**m["vs_greedy"], "only_base": 1, "only_other": 2}
+    assert m["constrained"] == {"finished_at_max_tokens": 1, "unparseable": 0, "unoffered_names": 0,
+                                "generated_tokens": 90, "unconstrained_tokens": 24, "unconstrained_same_as_greedy": 2}
+    lines = report.scaffold_section({"constrained": {"sft": m}}, {"sft": m},
+                                    ReportConfig(equivalence_margin=0.05, alpha=0.05, power=0.8))
+    assert any(line.startswith("| SFT |") and line.endswith("| +33.3 pts |") for line in lines)
+    assert any(isinstance(c, report.Claim) and c.label == "SFT, constrained decoding" for c in lines)
