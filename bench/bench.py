@@ -240,7 +240,7 @@ def worker_train(spec):
     trainer.iterate_batches = _batch_counter(trainer.iterate_batches, counts, per_row=1)
     u0, s0 = _rusage()
     t0 = time.perf_counter()
-    trainer.train_lora(model, examples, cfg.train())
+    trainer.train_lora(model, examples, cfg.train(len(examples)))
     wall = time.perf_counter() - t0
     u1, s1 = _rusage()
     return {
@@ -800,7 +800,8 @@ def bench_train(args, params):
 
     sft = dict(params["sft"])
     cfg = dict(from_params(SftConfig, sft, "sft").__dict__)
-    cfg.update(iters=args.train_steps, steps_per_report=1, warmup=min(cfg["warmup"], args.train_steps - 1))
+    cfg.update(iters=args.train_steps, epochs=None, steps_per_report=1,
+               warmup=min(cfg["warmup"], args.train_steps - 1))
     if cfg["grad_accumulation"] != 1:
         raise SystemExit("bench assumes sft.grad_accumulation == 1")
     n_rows = args.train_steps * cfg["batch_size"]
@@ -1034,7 +1035,8 @@ def build_tiny_repo(where):
     params["model"] = {"source": "local", "path": tiny}
     params["split"].update(test_per_category=3, valid_per_category=2)
     params["validate"].update(max_seq_len=4096)
-    params["sft"].update(iters=3, batch_size=2, warmup=0, steps_per_report=1, max_seq_len=4096, lora_layers=2)
+    params["sft"].update(iters=3, epochs=None, batch_size=2, warmup=0, steps_per_report=1, max_seq_len=4096,
+                         lora_layers=2)
     params["eval"].update(max_tokens=8, batch_size=4)
     for section, values in overrides.items():
         params.setdefault(section, {}).update(values)

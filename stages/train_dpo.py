@@ -1,17 +1,23 @@
-"""DPO on top of the SFT adapter, with on-policy negatives from the training split.
+"""DPO on top of the SFT adapter, with on-policy negatives; held-out pairs from the validation split.
 
-    python -m stages.train_dpo models/base models/sft data/validated/train.jsonl models/sft_dpo
+    python -m stages.train_dpo models/base models/sft data/validated/train.jsonl models/sft_dpo \
+        --valid data/validated/valid.jsonl
 
 Reads params [dpo]; the LoRA shape comes from models/sft/adapter_config.json.
 Samples the SFT model on ``dpo.prompts`` training prompts, pairs the gold
 calls (chosen) with failing samples or, where every sample passes, a
-corruption of the gold calls (rejected), then trains the LoRA with the DPO
-loss against the frozen SFT model. Writes mlx-lm adapters to models/sft_dpo,
+corruption of the gold calls (rejected), then trains the LoRA for
+``dpo.epochs`` passes over the pairs with the DPO loss against the frozen SFT
+model. Pairs built the same way from ``dpo.valid_prompts`` validation prompts
+are held out and scored every ``dpo.steps_per_eval`` steps and at the end:
+pair accuracy (the chosen row's implicit reward above the rejected one's)
+and mean reward margin. Writes mlx-lm adapters to models/sft_dpo,
 metrics/train_dpo.json (pairs per source, sample pass rate, last-steps loss,
-reward margin, preference accuracy), the seconds of each phase beside it
-(.timings.json) and step curves under dvclive/train_dpo.
+reward margin and preference accuracy, the held-out scores), the seconds of
+each phase beside it (.timings.json) and step curves under dvclive/train_dpo.
 """
 
+import math
 import time
 
 import numpy as np
@@ -27,35 +33,49 @@ from toolcall.rollouts import choose_rows, sample
 from toolcall.trainer import StepLog
 
 
+def preference_pairs(model, tokenizer, fmt, rows, cfg, seed, label):
+    """``(pairs, sample verdicts)`` from the SFT model's samples on ``rows``' prompts."""
+    prompts = [fmt.encode(fmt.prompt(r["messages"], r["functions"])) for r in rows]
+    samples = sample(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.temperature, cfg.max_tokens,
+                     seed, cfg.sample_batch, label=label)
+    return dpo.build_pairs(rows, samples, fmt, np.random.default_rng(seed), cfg.max_tokens)
+
+
 def main():
-    args = continuation_parser(__doc__, "train_dpo").parse_args()
+    ap = continuation_parser(__doc__, "train_dpo")
+    ap.add_argument("--valid", required=True, help="validation rows (JSONL) whose prompts give the held-out pairs")
+    args = ap.parse_args()
     cfg = from_params(DpoConfig, read_params("dpo"), "dpo")
     model, tokenizer = lora.load_policy(args.model_dir, args.sft_dir)
     fmt = PromptFormat(tokenizer)
     rows = choose_rows(read_rows(args.train), cfg.prompts, cfg.seed)
-    key = checkpoint.continuation_key("train_dpo", cfg, args.model_dir, args.sft_dir, args.train)
+    valid_rows = choose_rows(read_rows(args.valid), cfg.valid_prompts, cfg.seed)
+    key = checkpoint.continuation_key("train_dpo", cfg, args.model_dir, args.sft_dir, args.train, args.valid)
     ckpt = checkpoint.Checkpoint(args.out_dir, key, cfg.checkpoint_every)
     seconds = {}
 
     start = time.perf_counter()
-    prompts = [fmt.encode(fmt.prompt(r["messages"], r["functions"])) for r in rows]
-    samples = sample(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.temperature, cfg.max_tokens,
-                     cfg.seed, cfg.sample_batch, label="dpo sample")
-    pairs, verdicts = dpo.build_pairs(rows, samples, fmt, np.random.default_rng(cfg.seed))
+    pairs, verdicts = preference_pairs(model, tokenizer, fmt, rows, cfg, cfg.seed, "dpo sample")
+    # Another seed than the training prompts': the two sets of draws stay independent.
+    heldout, heldout_verdicts = preference_pairs(model, tokenizer, fmt, valid_rows, cfg, cfg.seed + 1,
+                                                 "dpo held-out sample")
     seconds["sample"] = round(time.perf_counter() - start, 1)
     print(f"{len(pairs)} pairs from {len(rows)} prompts: {dpo.count_sources(pairs)}; "
-          f"sample pass rate {np.mean(verdicts):.1%}", flush=True)
+          f"sample pass rate {np.mean(verdicts):.1%}; {len(heldout)} held-out pairs from {len(valid_rows)} "
+          "validation prompts", flush=True)
 
     start = time.perf_counter()
     ref = dpo.reference_logps(model, pairs, cfg.loss_type)
+    heldout_ref = dpo.reference_logps(model, heldout, cfg.loss_type)
     seconds["reference"] = round(time.perf_counter() - start, 1)
 
     from dvclive import Live
 
     start = time.perf_counter()
+    train_cfg = cfg.train(len(pairs))
     with Live(args.live, dvcyaml=None, save_dvc_exp=False) as live:
-        log = StepLog(live, "dpo", cfg.iters)
-        dpo.train(model, pairs, ref, cfg, log, ckpt)
+        log = StepLog(live, "dpo", train_cfg.iters)
+        dpo.train(model, pairs, ref, cfg, log, ckpt, heldout=(heldout, heldout_ref))
     seconds["train"] = round(time.perf_counter() - start, 1)
     lora.save_adapters(model, lora.read_adapter_config(args.sft_dir), args.out_dir)
     write_json(args.metrics, {
@@ -64,8 +84,18 @@ def main():
         "sample_pass_rate": round(float(np.mean(verdicts)), 4),
         "pairs": len(pairs),
         "pairs_by_source": dpo.count_sources(pairs),
-        "epochs": round(cfg.iters * cfg.batch_size / len(pairs), 2),
+        "steps": train_cfg.iters,
+        "epochs": round(train_cfg.iters / math.ceil(len(pairs) / cfg.batch_size), 2),
         "last_10_steps": log.last(10),
+        "heldout": {
+            "prompts": len(valid_rows),
+            "pairs": len(heldout),
+            "pairs_by_source": dpo.count_sources(heldout),
+            "sample_pass_rate": round(float(np.mean(heldout_verdicts)), 4),
+            # After the last step (the curve, every steps_per_eval steps, is in dvclive).
+            "accuracy": round(log.latest("heldout_accuracy"), 4),
+            "reward_margin": round(log.latest("heldout_reward_margin"), 4),
+        },
     })
     write_timings(args.metrics, seconds)
     ckpt.clear()

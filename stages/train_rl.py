@@ -6,8 +6,9 @@ Reads params [rl]; the LoRA shape comes from models/sft/adapter_config.json.
 Each of ``rl.rounds`` rounds samples fresh training prompts from the current
 policy, rewards the samples and updates the LoRA (see toolcall/rl.py).
 Writes mlx-lm adapters to models/sft_rl, metrics/train_rl.json (per round:
-mean reward, pass rate, format rate, samples kept), the seconds of each round
-beside it (.timings.json) and step curves under dvclive/train_rl.
+mean reward, pass rate, format rate, samples kept; the update steps in all),
+the seconds of each round beside it (.timings.json), and under
+dvclive/train_rl the step curves and each round's reward and kept count.
 """
 
 from toolcall.cli import continuation_parser
@@ -35,6 +36,7 @@ def main():
     timed = ("sample_seconds", "train_seconds")
     write_json(args.metrics, {
         "algo": cfg.algo,
+        "steps": sum(cfg.iters for r in rounds if r["updated"]),
         "rounds": {f"round_{i + 1}": {k: v for k, v in r.items() if k not in timed} for i, r in enumerate(rounds)},
     })
     write_timings(args.metrics, {f"round_{i + 1}": {k: r[k] for k in timed} for i, r in enumerate(rounds)})

@@ -1,12 +1,18 @@
-"""LoRA supervised fine-tuning on the validated training split.
+"""LoRA supervised fine-tuning on the validated training split, its length chosen on the validation split.
 
-    python -m stages.train_sft models/base data/validated/train.jsonl models/sft
+    python -m stages.train_sft models/base data/validated/train.jsonl models/sft --valid data/validated/valid.jsonl
 
 Reads params [sft]. Loss on the completion (the calls) only when
-``sft.mask_prompt``. Writes mlx-lm adapters (``mlx_lm.load(base,
-adapter_path=models/sft)`` works), metrics/train_sft.json, and step curves
-under dvclive/train_sft for ``dvc plots show``. No example may exceed
-max_seq_len: the stage fails rather than train on a cut target.
+``sft.mask_prompt``. The budget is ``sft.epochs`` passes over the training
+rows (or ``sft.iters`` steps). With ``--valid``, the validation rows' loss is
+measured at step 0, every ``sft.steps_per_eval`` steps and after the last;
+the adapter written is the one of the lowest, and ``sft.patience``
+evaluations without a new lowest stop training early. Writes mlx-lm adapters
+(``mlx_lm.load(base, adapter_path=models/sft)`` works), metrics/train_sft.json
+(the chosen step and epoch, the lowest validation loss), and the training and
+validation loss curves under dvclive/train_sft for ``dvc plots show``. No
+example may exceed max_seq_len: the stage fails rather than train on a cut
+target.
 
 An ablation arm (stage ablation_train) passes ``--overrides SECTION``
 (dotted, repeatable, later ones win) whose keys replace [sft]'s and whose
@@ -19,6 +25,7 @@ An ablation arm (stage ablation_train) passes ``--overrides SECTION``
 
 import argparse
 import dataclasses
+import math
 import sys
 
 from toolcall import checkpoint, lora
@@ -37,6 +44,7 @@ def main():
     ap.add_argument("out_dir")
     ap.add_argument("--metrics", default="metrics/train_sft.json")
     ap.add_argument("--live", default="dvclive/train_sft")
+    ap.add_argument("--valid", help="validation rows (JSONL) that choose the step whose adapter is kept")
     ap.add_argument("--overrides", action="append", default=[], metavar="SECTION")
     args = ap.parse_args()
     p = read_params("sft")
@@ -49,7 +57,8 @@ def main():
     rows = read_rows(args.train)
     calls = [gold_calls(row["ground_truth"]) for row in rows]
     examples = [fmt.example(row, c) for row, c in zip(rows, calls)]
-    longest = max(len(t) for t, _ in examples)
+    valid = [fmt.example(row, gold_calls(row["ground_truth"])) for row in read_rows(args.valid)] if args.valid else []
+    longest = max(len(t) for t, _ in examples + valid)
     if longest > cfg.max_seq_len:
         sys.exit(f"train_sft: an example has {longest} tokens > max_seq_len={cfg.max_seq_len}; "
                  "raise max_seq_len or drop long rows in validation rather than cut targets")
@@ -61,21 +70,34 @@ def main():
             ex != structured.example(row, c) for ex, row, c in zip(examples, rows, calls))
     if not cfg.mask_prompt:
         examples = [(t, 1) for t, _ in examples]  # every token after the first is a target
+        valid = [(t, 1) for t, _ in valid]
+    train_cfg = cfg.train(len(examples))
     lora.add_lora(model, lora.adapter_config(cfg), cfg.seed)
     print(f"{len(examples)} examples, {lora.count_trainable(model):,} trainable parameters")
     from dvclive import Live
 
     key = checkpoint.fingerprint("train_sft", dataclasses.asdict(cfg), style, checkpoint.examples_digest(examples),
-                                 checkpoint.files_digest(args.model_dir))
+                                 checkpoint.examples_digest(valid), checkpoint.files_digest(args.model_dir))
     ckpt = checkpoint.Checkpoint(args.out_dir, key, cfg.checkpoint_every)
     with Live(args.live, dvcyaml=None, save_dvc_exp=False) as live:
-        result = train_lora(model, examples, cfg.train(), live, prefix="sft", checkpoint=ckpt)
+        result = train_lora(model, examples, train_cfg, live, prefix="sft", checkpoint=ckpt, valid=valid,
+                            steps_per_eval=cfg.steps_per_eval, patience=cfg.patience)
     lora.save_adapters(model, lora.adapter_config(cfg), args.out_dir)
     n_tokens = sum(len(t) for t, _ in examples)
+    per_epoch = math.ceil(len(examples) / cfg.batch_size)  # batches.length_buckets keeps every row
+    chosen = result.get("chosen_step", result["last_step"])
+    losses = [h["loss"] for h in result["history"] if "loss" in h]
     write_json(args.metrics, {
         "examples": len(examples),
-        "epochs": round(cfg.iters * cfg.batch_size / len(examples), 2),
-        "final_loss": round(result["history"][-1]["loss"], 4),
+        "steps_budget": train_cfg.iters,
+        "epochs_budget": round(train_cfg.iters / per_epoch, 2),
+        "steps_trained": result["last_step"],
+        "chosen_step": chosen,
+        "epochs": round(chosen / per_epoch, 2),  # of the adapter written
+        "final_loss": round(losses[-1], 4),
+        **({"valid_examples": len(valid), "val_loss_start": round(result["history"][0]["val_loss"], 4),
+            "best_val_loss": round(result["best_val_loss"], 4), "stopped_early": result["stopped_early"]}
+           if valid else {}),
         "trainable_parameters": lora.count_trainable(model),
         **format_info,
     })

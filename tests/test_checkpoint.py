@@ -17,10 +17,11 @@ import toolcall  # noqa: F401  (first: loads OpenBLAS before mlx)
 import mlx.core as mx
 from configs import config, section
 from mlx.utils import tree_flatten
-from test_dpo import fixture_rows, tiny  # noqa: F401  (module fixture: tiny model + SFT-shaped adapter)
+from test_dpo import fixture_split, tiny  # noqa: F401  (module fixture: tiny model + SFT-shaped adapter)
+from test_training import LIKE_TRAIN, TRAIN, UNLIKE_TRAIN, fresh  # noqa: F401  (fixture: a fresh tiny LoRA)
 from tiny_model import make_tiny_model
-from toolcall import checkpoint, dpo, lora
-from toolcall.config import DpoConfig
+from toolcall import checkpoint, dpo, lora, trainer
+from toolcall.config import DpoConfig, SftConfig
 from toolcall.io import write_jsonl
 from toolcall.trainer import DivergedError, StepLog, optimize
 
@@ -30,19 +31,22 @@ ITERS = 12
 
 @pytest.fixture(scope="module")
 def sft_setup(tmp_path_factory):
-    """A directory laid out for stages/train_sft.py: params.yaml, the tiny model, training rows."""
+    """A directory laid out for stages/train_sft.py: params.yaml, the tiny model, training and validation rows."""
     work = tmp_path_factory.mktemp("sft")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["sft"].update(iters=ITERS, batch_size=2, warmup=0, steps_per_report=1, checkpoint_every=2,
-                         max_seq_len=4096, lora_layers=2)
+    # Validation every 2 steps: the weights of the lowest loss so far must survive the kill too.
+    params["sft"].update(iters=ITERS, epochs=None, batch_size=2, warmup=0, steps_per_report=1, checkpoint_every=2,
+                         steps_per_eval=2, patience=0, max_seq_len=4096, lora_layers=2)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    write_jsonl(work / "train.jsonl", fixture_rows())
+    train, valid = fixture_split()
+    write_jsonl(work / "train.jsonl", train)
+    write_jsonl(work / "valid.jsonl", valid)
     return work, make_tiny_model(work / "model")
 
 
 def train_sft(work, model, out, **popen):
     cmd = [sys.executable, str(ROOT / "stages" / "train_sft.py"), str(model), "train.jsonl", out,
-           "--metrics", f"{out}.json", "--live", f"{out}.live"]
+           "--metrics", f"{out}.json", "--live", f"{out}.live", "--valid", "valid.jsonl"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen(cmd, cwd=work, env=env, text=True, **popen)
 
@@ -73,7 +77,8 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_adapter(sft_setup):
     for name in ("adapters.safetensors", "adapter_config.json"):
         assert digest(work / "resumed" / name) == digest(work / "straight" / name), f"kill at {kill_at}"
     metrics = [json.loads((work / f"{run}.json").read_text()) for run in ("straight", "resumed")]
-    assert metrics[0]["final_loss"] == metrics[1]["final_loss"]
+    assert metrics[0] == metrics[1]  # the chosen step and the validation losses too
+    assert metrics[0]["steps_trained"] == ITERS and 0 <= metrics[0]["chosen_step"] <= ITERS
     assert not (work / "resumed.checkpoint").exists()  # a finished stage leaves no checkpoint behind
 
 
@@ -101,10 +106,10 @@ class Interrupt(Exception):
 def test_dpo_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, tiny):  # noqa: F811
     model, _, sft = tiny
     start = lora.snapshot(model)
-    cfg = config(DpoConfig, "dpo", iters=6, batch_size=2, learning_rate=1e-2, checkpoint_every=2)
+    cfg = config(DpoConfig, "dpo", epochs=3.0, batch_size=2, learning_rate=1e-2, checkpoint_every=2)  # 6 steps
     ref = dpo.reference_logps(model, pairs(), "sigmoid")
 
-    dpo.train(model, pairs(), ref, cfg, StepLog(None, "dpo", cfg.iters))
+    dpo.train(model, pairs(), ref, cfg, StepLog(None, "dpo", 6))
     straight = weights(model)
 
     lora.restore(model, start)
@@ -117,9 +122,9 @@ def test_dpo_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, tiny)
             super().__call__(step, metrics)
 
     with pytest.raises(Interrupt):
-        dpo.train(model, pairs(), ref, cfg, Dies(None, "dpo", cfg.iters), ckpt)
+        dpo.train(model, pairs(), ref, cfg, Dies(None, "dpo", 6), ckpt)
     lora.restore(model, start)  # a new process starts from the SFT adapter again
-    log = StepLog(None, "dpo", cfg.iters)
+    log = StepLog(None, "dpo", 6)
     dpo.train(model, pairs(), ref, cfg, log, ckpt)
     assert [h["step"] for h in log.history] == list(range(1, 7))  # steps 1-4 from the checkpoint
     resumed = weights(model)
@@ -130,7 +135,7 @@ def test_dpo_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, tiny)
 def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny):  # noqa: F811
     model, _, _ = tiny
     start = lora.snapshot(model)
-    train_cfg = config(DpoConfig, "dpo", iters=5, learning_rate=1e-3).train()
+    train_cfg = config(DpoConfig, "dpo", epochs=5.0, batch_size=4, learning_rate=1e-3).train(4)  # 5 steps
     ckpt = checkpoint.Checkpoint(tmp_path / "run", "k", every=1)
 
     def loss(model, scale):  # finite until the batch whose scale is NaN
@@ -142,6 +147,38 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path
         optimize(model, train_cfg, loss, batches, StepLog(None, "dpo", 5), ckpt)
     assert json.loads((ckpt.dir / "meta.json").read_text())["step"] == 2
     lora.restore(model, start)  # the module fixture is shared
+
+
+def test_sft_stopped_early_resumes_to_the_same_chosen_adapter(tmp_path, fresh):  # noqa: F811
+    """Killed between the lowest validation loss (step 2) and the stop (step 6): the rerun keeps step 2's
+    weights from the checkpoint, stops where the straight run did, and a rerun after the stop trains no more."""
+    cfg = config(SftConfig, "sft", iters=12, epochs=None, batch_size=2, warmup=0, steps_per_report=1,
+                 learning_rate=3e-3).train(len(TRAIN))
+    valid = LIKE_TRAIN + UNLIKE_TRAIN  # its loss falls for 2 steps, then rises
+    run = dict(valid=valid, steps_per_eval=2, patience=2)
+
+    model = fresh()
+    straight = trainer.train_lora(model, TRAIN, cfg, **run)
+    assert straight["chosen_step"] == 2 and straight["stopped_early"] and straight["last_step"] == 6
+    expected = weights(model)
+
+    class Dies(StepLog):
+        def __call__(self, step, metrics, shown=None):
+            if step == 5:
+                raise Interrupt
+            super().__call__(step, metrics, shown)
+
+    ckpt = checkpoint.Checkpoint(tmp_path / "sft", "k", every=2)
+    with pytest.raises(Interrupt):
+        trainer.train_lora(fresh(), TRAIN, cfg, checkpoint=ckpt, log=Dies(None, "sft", 12), **run)
+    for _ in range(2):  # resumed after step 4; then again from the checkpoint the stop left at step 6
+        model = fresh()
+        resumed = trainer.train_lora(model, TRAIN, cfg, checkpoint=ckpt, **run)
+        assert {k: resumed[k] for k in ("chosen_step", "best_val_loss", "stopped_early", "last_step")} == \
+            {k: straight[k] for k in ("chosen_step", "best_val_loss", "stopped_early", "last_step")}
+        assert resumed["history"] == straight["history"]
+        got = weights(model)
+        assert all(np.array_equal(expected[k], got[k]) for k in expected)
 
 
 def test_the_fingerprint_changes_with_any_input():

@@ -26,12 +26,23 @@ def test_an_unknown_key_is_refused_in_every_section(cls, name):
 
 def test_training_configs_share_the_loop_settings():
     sft = config(SftConfig, "sft")
-    assert sft.train().iters == section("sft")["iters"]
+    assert sft.train(800).iters == sft.steps(800) >= 2 * 800 / sft.batch_size  # the study's budget: >= 2 epochs
     # The ablation arms replace [sft] keys with their own sections, as stage ablation_train does.
     arms = section("ablations.format")
     for arm in arms.values():
         overrides = {**section("ablations.sft"), **{k: v for k, v in arm.items() if k != "style"}}
         config(SftConfig, "sft", **overrides)
+
+
+def test_an_iters_budget_checks_warmup_against_it():
+    with pytest.raises(ConfigError, match=r"warmup=10000 must be in \[0, iters\)"):
+        config(SftConfig, "sft", iters=20, epochs=None, warmup=10_000)
+
+
+def test_dpo_epochs_are_passes_over_the_pairs():
+    dpo = config(DpoConfig, "dpo", epochs=1.0, batch_size=4)
+    assert dpo.train(256).iters == 64 and dpo.train(258).iters == 65  # the last, smaller batch counts
+    assert config(DpoConfig, "dpo", epochs=2.0, batch_size=4).train(10).iters == 6
 
 
 def test_a_missing_key_is_an_error_not_a_hidden_default():
@@ -47,10 +58,18 @@ def test_a_missing_key_is_an_error_not_a_hidden_default():
     (SftConfig, "sft", "iters", "many", r"sft\]\.iters='many': expected int"),
     (SftConfig, "sft", "iters", True, r"sft\]\.iters=True: expected int"),
     (SftConfig, "sft", "mask_prompt", "yes", r"mask_prompt='yes': expected bool"),
-    (SftConfig, "sft", "warmup", 10_000, r"warmup=10000 must be in \[0, iters\)"),
+    (SftConfig, "sft", "warmup", -1, r"warmup=-1 must be >= 0"),
+    (SftConfig, "sft", "epochs", 0, r"\[sft\]: epochs=0.0 must be > 0"),
+    (SftConfig, "sft", "iters", 40, r"\[sft\]: iters=40, epochs=3.0: set exactly one"),
+    (SftConfig, "sft", "epochs", None, r"\[sft\]: iters=None, epochs=None: set exactly one"),
+    (SftConfig, "sft", "steps_per_eval", 15, r"steps_per_eval=15 must be 0 \(never\) or a multiple of 10"),
+    (SftConfig, "sft", "patience", -1, r"patience=-1 must be >= 0"),
     (DpoConfig, "dpo", "loss_type", "hinge", r"\[dpo\].*loss_type"),
     (DpoConfig, "dpo", "beta", 0, r"\[dpo\].*beta"),
     (DpoConfig, "dpo", "lora_rank", 8, r"\[dpo\].*unknown keys \['lora_rank'\]"),  # the shape is the SFT adapter's
+    (DpoConfig, "dpo", "epochs", 0, r"\[dpo\]: epochs=0.0 must be > 0"),
+    (DpoConfig, "dpo", "valid_prompts", 0, r"\[dpo\]: valid_prompts=0 must be >= 1"),
+    (DpoConfig, "dpo", "steps_per_eval", -2, r"\[dpo\]: steps_per_eval=-2 must be 0"),
     (RlConfig, "rl", "algo", "ppo", r"\[rl\].*algo"),
     (RlConfig, "rl", "min_reward", 2.0, r"\[rl\].*min_reward"),
     (DataConfig, "data", "source", "ftp", r"\[data\]: source='ftp' must be one of"),

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_dpo import fixture_rows
+from test_dpo import fixture_split
 from tiny_model import make_tiny_model
 from toolcall.io import write_jsonl
 
@@ -49,20 +49,26 @@ def digests(directory):
 def work(tmp_path_factory):
     work = tmp_path_factory.mktemp("det")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["sft"].update(iters=4, batch_size=2, warmup=0, steps_per_report=1, max_seq_len=4096, lora_layers=2)
-    params["dpo"].update(prompts=4, samples_per_prompt=2, iters=2, batch_size=2, max_tokens=8)
+    params["sft"].update(iters=4, epochs=None, batch_size=2, warmup=0, steps_per_report=1, steps_per_eval=2,
+                         max_seq_len=4096, lora_layers=2)
+    params["dpo"].update(prompts=4, samples_per_prompt=2, epochs=1.0, batch_size=2, max_tokens=8, valid_prompts=2,
+                         steps_per_eval=2)
     params["rl"].update(rounds=2, prompts=4, samples_per_prompt=2, iters=2, batch_size=2, max_tokens=8,
                         min_reward=0.0)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    write_jsonl(work / "train.jsonl", fixture_rows())
+    train, valid = fixture_split()
+    write_jsonl(work / "train.jsonl", train)
+    write_jsonl(work / "valid.jsonl", valid)
     make_tiny_model(work / "base")
     return work
 
 
 def test_train_sft_twice_writes_identical_adapters(work):
-    stage(work, "train_sft.py", "base", "train.jsonl", "sft_a", "--metrics", "a.json", "--live", "live_a")
+    stage(work, "train_sft.py", "base", "train.jsonl", "sft_a", "--metrics", "a.json", "--live", "live_a",
+          "--valid", "valid.jsonl")
     with busy_cores():
-        stage(work, "train_sft.py", "base", "train.jsonl", "sft_b", "--metrics", "b.json", "--live", "live_b")
+        stage(work, "train_sft.py", "base", "train.jsonl", "sft_b", "--metrics", "b.json", "--live", "live_b",
+              "--valid", "valid.jsonl")
     assert digests(work / "sft_a") == digests(work / "sft_b")
     assert (work / "a.json").read_bytes() == (work / "b.json").read_bytes()
 
@@ -73,10 +79,10 @@ def test_dpo_and_rl_twice_write_identical_adapters_pairs_and_samples(work, scrip
         stage(work, "train_sft.py", "base", "train.jsonl", "sft", "--metrics", "sft.json", "--live", "live_sft")
     for name in ("x", "y"):
         args = ["base", "sft", "train.jsonl", f"{script}_{name}", "--metrics", f"{script}_{name}.json",
-                "--live", f"live_{script}_{name}"]
+                "--live", f"live_{script}_{name}", *(["--valid", "valid.jsonl"] if script == "train_dpo.py" else [])]
         with busy_cores(2 if name == "y" else 0):
             stage(work, script, *args)
     assert digests(work / f"{script}_x") == digests(work / f"{script}_y")
-    # The metrics (DPO: pairs by source, sample pass rate, last steps' loss and margins; RL: per round
-    # rewards, pass rate, samples kept) hold no timings, so they too are equal byte for byte.
+    # The metrics (DPO: pairs by source, sample pass rate, last steps' loss and margins, held-out scores;
+    # RL: per round rewards, pass rate, samples kept) hold no timings, so they too are equal byte for byte.
     assert (work / f"{script}_x.json").read_bytes() == (work / f"{script}_y.json").read_bytes()

@@ -32,6 +32,11 @@ def fixture_rows():
                                      r["category"]).valid]
 
 
+def fixture_split():
+    """``(train, valid)``: the fixture rows split function-disjointly, as the validation split is carved."""
+    return data.split_rows(fixture_rows(), test_per_category=2, seed=0)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny model with an SFT-shaped adapter (LoRA B nonzero, so it is not the base)."""
@@ -85,7 +90,7 @@ def test_training_moves_only_the_lora_weights(tiny):
     pairs = [{"id": str(i), "source": "on_policy", "prompt_len": 10, "chosen": list(range(3, 30 + i)),
               "rejected": list(range(3, 20 + i))} for i in range(4)]
     # One batch of all four pairs, so the second step sees the batch the first one learned from.
-    cfg = config(DpoConfig, "dpo", iters=2, batch_size=4, learning_rate=1e-2)
+    cfg = config(DpoConfig, "dpo", epochs=2.0, batch_size=4, learning_rate=1e-2)
     log = StepLog(None, "dpo", 2)
     dpo.train(model, pairs, dpo.reference_logps(model, pairs, "sigmoid"), cfg, log)
     after = dict(tree_flatten(model.parameters()))
@@ -106,7 +111,7 @@ def test_pairs_use_training_rows_only_and_rejected_never_equals_chosen(tiny):
         # Half the rows: all samples right (-> corruption); the rest: one failing sample, one repeated.
         texts = [right, right] if i % 2 else [right, "no call at all", "no call at all"]
         samples.append([(t, fmt.encode(t)) for t in texts])
-    pairs, verdicts = dpo.build_pairs(train, samples, fmt, np.random.default_rng(0))
+    pairs, verdicts = dpo.build_pairs(train, samples, fmt, np.random.default_rng(0), max_tokens=10_000)
     train_ids, test_ids = {r["id"] for r in train}, {r["id"] for r in test}
     assert {p["id"] for p in pairs} == train_ids and not {p["id"] for p in pairs} & test_ids
     assert len(pairs) == len(train)  # the repeated failing sample makes one pair, not two
@@ -117,6 +122,55 @@ def test_pairs_use_training_rows_only_and_rejected_never_equals_chosen(tiny):
         assert p["chosen"][: p["prompt_len"]] == p["rejected"][: p["prompt_len"]]  # same prompt
         assert tokenizer.decode(p["chosen"][p["prompt_len"]:]) != tokenizer.decode(p["rejected"][p["prompt_len"]:])
     assert sum(verdicts) == 2 * (len(train) // 2) + (len(train) + 1) // 2
+
+
+def test_a_rejected_sample_cut_at_max_tokens_gets_no_end_of_turn(tiny):
+    """A sample that stopped ends its turn; one cut at max_tokens is scored as sampled, unfinished."""
+    _, tokenizer, _ = tiny
+    fmt = PromptFormat(tokenizer)
+    row = fixture_rows()[0]
+    eos = fmt.encode(fmt.eos)
+    finished, cut = fmt.encode("no call"), fmt.encode("<tool_call>{\"name\": \"x")
+    max_tokens = len(cut)
+    assert len(finished) < max_tokens
+    pairs, _ = dpo.build_pairs([row], [[("no call", finished), ("<tool_call>{\"name\": \"x", cut)]], fmt,
+                               np.random.default_rng(0), max_tokens)
+    completions = [p["rejected"][p["prompt_len"]:] for p in pairs]
+    assert completions == [finished + eos, cut]
+
+
+def test_one_epoch_trains_on_every_pair_once():
+    pairs = [{"id": str(i), "source": "on_policy", "prompt_len": 2, "chosen": list(range(3, 8 + i)),
+              "rejected": list(range(3, 6 + i))} for i in range(10)]
+    ref = (np.zeros(10, np.float32), np.zeros(10, np.float32))
+    cfg = config(DpoConfig, "dpo", epochs=1.0, batch_size=4)
+    seen = []
+    for _, (tokens, _, weights, _) in zip(range(cfg.train(len(pairs)).iters), dpo.pair_batches(pairs, ref, 4, 0)):
+        half = tokens.shape[0] // 2
+        seen += [int(w.sum()) for w in weights[:half]]  # chosen rows' completion lengths identify the pairs
+    assert sorted(seen) == [len(p["chosen"]) - 2 for p in pairs]  # 3 steps: 4 + 4 + the 2 longest
+
+
+def test_heldout_scores_start_at_zero_and_rise_when_training_prefers_chosen(tiny):
+    """At the reference every margin is exactly 0 (accuracy 0 by its strict definition); training on
+    pairs ranks them chosen-first, and the scores logged every steps_per_eval steps show it."""
+    model, _, _ = tiny
+    start = lora.snapshot(model)
+    pairs = [{"id": str(i), "source": "on_policy", "prompt_len": 10, "chosen": list(range(3, 30 + i)),
+              "rejected": list(range(3, 20 + i)) + [40, 41]} for i in range(4)]
+    ref = dpo.reference_logps(model, pairs, "sigmoid")
+    assert dpo.heldout_scores(model, pairs, ref, 0.1, "sigmoid") == {"heldout_accuracy": 0.0,
+                                                                      "heldout_reward_margin": 0.0}
+    cfg = config(DpoConfig, "dpo", epochs=3.0, batch_size=2, learning_rate=1e-2, steps_per_eval=2)
+    log = StepLog(None, "dpo", 6)
+    dpo.train(model, pairs, ref, cfg, log, heldout=(pairs, ref))
+    scored = [h for h in log.history if "heldout_accuracy" in h]
+    assert [h["step"] for h in scored] == [2, 4, 6]
+    assert scored[-1]["heldout_accuracy"] == 1.0 and scored[-1]["heldout_reward_margin"] > 0
+    # The logged margin is beta times the mean log-ratio margin, recomputed here from the trained model.
+    again = dpo.heldout_scores(model, pairs, ref, 0.1, "sigmoid")
+    assert abs(again["heldout_reward_margin"] - scored[-1]["heldout_reward_margin"]) < 1e-5
+    lora.restore(model, start)  # the module fixture is shared
 
 
 def test_no_training_stage_reads_the_test_split():

@@ -47,7 +47,8 @@ def repo(tmp_path_factory):
     params["model"] = {"source": "local", "dtype": "float32", "path": str(tiny)}
     params["split"].update(test_per_category=3, valid_per_category=2)
     params["validate"].update(max_seq_len=4096)  # the tiny byte-level tokenizer makes long sequences
-    params["sft"].update(iters=3, batch_size=2, warmup=0, steps_per_report=1, max_seq_len=4096, lora_layers=2)
+    params["sft"].update(iters=3, epochs=None, batch_size=2, warmup=0, steps_per_report=1, max_seq_len=4096,
+                         lora_layers=2)
     params["eval"].update(max_tokens=8, batch_size=4)
     for section, overrides in TINY_OVERRIDES.items():
         params.setdefault(section, {}).update(overrides)
@@ -62,13 +63,14 @@ def repo(tmp_path_factory):
 # Extra per-stage overrides that keep later stages tiny; extended as stages are added.
 TINY_OVERRIDES = {
     "ablations": {
-        "sft": {"iters": 2, "max_seq_len": 4096},
+        "sft": {"iters": 2, "epochs": None, "max_seq_len": 4096},
         "scaffold": {"n": 2, "temperature": 0.7, "seed": 0, "per_category": 1},
         "unseen_tools": {"seed": 0, "test_per_category": 1},
         "unseen_patterns": {"seed": 0, "test_per_category": 2},
         "diversity": {"seed": 0, "budget": 8},
     },
-    "dpo": {"prompts": 4, "samples_per_prompt": 2, "iters": 2, "batch_size": 2, "max_tokens": 8},
+    "dpo": {"prompts": 4, "samples_per_prompt": 2, "epochs": 1.0, "batch_size": 2, "max_tokens": 8, "valid_prompts": 2,
+            "steps_per_eval": 1},
     # min_reward 0 keeps every sample: the tiny model never passes the AST check, and
     # the round should still train.
     "rl": {"rounds": 2, "prompts": 4, "samples_per_prompt": 2, "iters": 2, "batch_size": 2, "max_tokens": 8,

@@ -1,11 +1,13 @@
-"""The trainer's own pieces: completion-only loss, batching, LoRA setup."""
+"""The trainer's own pieces: completion-only loss, batching, LoRA setup, the length chosen on validation."""
+
+import math
 
 import pytest
 from configs import config
 from tiny_model import make_tiny_model
 
-from toolcall import batches, lora, loss
-from toolcall.config import ConfigError, SftConfig
+from toolcall import batches, lora, loss, trainer
+from toolcall.config import ConfigError, SftConfig, epoch_steps
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +49,24 @@ def test_batches_are_seeded_and_cover_the_data():
     assert first == again and first != other and len(first) == 8
 
 
-def test_length_buckets_hold_similar_lengths_and_drop_only_the_remainder():
+@pytest.mark.parametrize("n_rows", [9, 10, 11, 12, 33])
+def test_every_row_is_trained_on_once_per_epoch_the_longest_too(n_rows):
+    data = [(list(range(3, 3 + n)), 2) for n in range(5, 5 + n_rows)]  # row i has 5 + i tokens: lengths identify rows
+    it = batches.iterate_batches(data, 4, 1024, loop=True, seed=0)
+    per_epoch = epoch_steps(1, n_rows, 4)
+    assert per_epoch == math.ceil(n_rows / 4)
+    for _ in range(3):  # each pass, in its own order, holds every row exactly once
+        seen = []
+        for _ in range(per_epoch):
+            _, lengths, _, _ = next(it)
+            seen += [int(end) + 1 for _, end in lengths.tolist()]  # lengths: (prompt_len, len(tokens) - 1)
+        assert sorted(seen) == [len(t) for t, _ in data]
+
+
+def test_length_buckets_hold_similar_lengths_and_keep_the_remainder():
     lengths = [5, 40, 7, 33, 6, 41, 8, 30, 100]
     buckets = batches.length_buckets(lengths, 4)
-    assert buckets == [[0, 4, 2, 6], [7, 3, 1, 5]]  # 9 rows, batches of 4: the longest row is left over
+    assert buckets == [[0, 4, 2, 6], [7, 3, 1, 5], [8]]  # 9 rows, batches of 4: the longest row on its own
 
 
 def test_lora_init_is_seeded(tmp_path_factory):
@@ -71,3 +87,84 @@ def test_more_lora_layers_than_blocks_is_refused(model):
     cfg = lora.adapter_config(config(SftConfig, "sft", lora_layers=5))
     with pytest.raises(ConfigError, match="only 2 blocks"):
         lora.add_lora(model, cfg, seed=0)
+
+
+# ---------------------------------------------------------------- the budget and the length chosen on validation
+
+
+def test_epochs_give_whole_passes_over_the_rows():
+    assert config(SftConfig, "sft", epochs=2.0, iters=None, batch_size=4).train(789).iters == 2 * 198
+    assert config(SftConfig, "sft", epochs=0.5, iters=None, batch_size=4).steps(10) == 2  # 3 batches a pass
+    # Whole optimizer updates: no accumulated gradient is left unapplied at the end.
+    assert config(SftConfig, "sft", epochs=1.0, iters=None, batch_size=4, grad_accumulation=4,
+                  steps_per_report=1, checkpoint_every=4, steps_per_eval=4).train(789).iters == 200
+    assert config(SftConfig, "sft", epochs=None, iters=40).train(789).iters == 40
+
+
+def test_a_warmup_longer_than_the_epochs_is_refused_naming_both():
+    cfg = config(SftConfig, "sft", epochs=1.0, iters=None, warmup=10, batch_size=4)
+    with pytest.raises(ConfigError, match=r"warmup=10 must be below the 3 steps of epochs=1.0 over 12 rows"):
+        cfg.train(12)
+
+
+# Next-token rows: a shared prompt, then one repeated token. Training on TRAIN
+# makes token 50 likely after the prompt, so the loss of LIKE_TRAIN (a different
+# prompt, the same completion) falls while that of UNLIKE_TRAIN (token 60) rises.
+PROMPT = list(range(3, 23))
+TRAIN = [(PROMPT[i:] + [50] * 12, len(PROMPT) - i) for i in range(8)]
+LIKE_TRAIN = [(list(range(25, 40)) + [50] * 12, 15), (list(range(30, 42)) + [50] * 12, 12)]
+UNLIKE_TRAIN = [(PROMPT + [60] * 12, len(PROMPT)), (PROMPT[2:] + [60] * 12, len(PROMPT) - 2)]
+
+
+@pytest.fixture
+def fresh(tmp_path_factory):
+    """A tiny model with a freshly initialized LoRA (B = 0: the adapter starts as the identity)."""
+    tiny = make_tiny_model(tmp_path_factory.mktemp("tiny_fresh"))
+
+    def make():
+        model, _ = lora.load_model(tiny)
+        lora.add_lora(model, lora.adapter_config(config(SftConfig, "sft", lora_layers=2)), seed=0)
+        return model
+
+    return make
+
+
+def train_cfg(iters=12):
+    return config(SftConfig, "sft", iters=iters, epochs=None, batch_size=2, warmup=0, steps_per_report=1,
+                  learning_rate=1e-2).train(len(TRAIN))
+
+
+def weights(model):
+    return {k: v.tolist() for k, v in lora.snapshot(model)}
+
+
+def test_validation_keeps_the_lowest_loss_adapter_and_stops_after_patience(fresh):
+    model = fresh()
+    start = weights(model)
+    result = trainer.train_lora(model, TRAIN, train_cfg(), valid=UNLIKE_TRAIN, steps_per_eval=2, patience=2)
+    curve = [(h["step"], h["val_loss"]) for h in result["history"] if "val_loss" in h]
+    assert [s for s, _ in curve] == [0, 2, 4]  # step 0, then every 2 steps until 2 evaluations found no lower
+    assert curve[1][1] > curve[0][1] and curve[2][1] > curve[0][1]
+    assert result["stopped_early"] and result["last_step"] == 4
+    assert result["chosen_step"] == 0 and result["best_val_loss"] == curve[0][1]
+    assert weights(model) == start  # the step-0 adapter, not the one trained 4 steps
+
+
+def test_an_improving_validation_loss_runs_the_whole_budget_and_keeps_the_last(fresh):
+    model = fresh()
+    cfg = train_cfg(iters=6)
+    result = trainer.train_lora(model, TRAIN, cfg, valid=LIKE_TRAIN, steps_per_eval=4, patience=1)
+    curve = [(h["step"], h["val_loss"]) for h in result["history"] if "val_loss" in h]
+    assert [s for s, _ in curve] == [0, 4, 6]  # every 4 steps and after the last
+    assert curve[0][1] > curve[1][1] > curve[2][1]
+    assert not result["stopped_early"] and result["chosen_step"] == 6 == result["last_step"]
+    # The model it ends with is the one measured at step 6.
+    again = trainer.BestOnValidation(model, LIKE_TRAIN, cfg, 4, 1)(6)
+    assert abs(again - result["best_val_loss"]) < 1e-6
+
+
+def test_without_validation_the_budget_runs_to_its_end(fresh):
+    model = fresh()
+    result = trainer.train_lora(model, TRAIN, train_cfg(iters=5))
+    assert result["last_step"] == 5 and "chosen_step" not in result
+    assert all("val_loss" not in h for h in result["history"])

@@ -3,7 +3,8 @@
 One bucketer for every trainer (SFT, DPO pairs, RL samples): rows sorted by
 length and cut into batches, so rows of a batch pad little; the batch order
 comes from a private seeded RNG, so training is reproducible without touching
-numpy's global state.
+numpy's global state. Every row is in one batch: a pass over the buckets (an
+epoch) trains on each row exactly once.
 """
 
 import math
@@ -13,9 +14,15 @@ import numpy as np
 
 
 def length_buckets(lengths, batch_size):
-    """Row indices sorted by length, cut into batches of ``batch_size`` (the remainder is dropped)."""
+    """Row indices sorted by length, cut into batches of ``batch_size``.
+
+    The remainder is a last, smaller batch of the longest rows, not dropped:
+    dropping it (as mlx-lm's ``iterate_batches`` does) meant the longest rows
+    were never trained on. It is the longest rows' batch because a smaller batch
+    is where long rows cost least memory.
+    """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def shuffled(buckets, seed, loop=True):

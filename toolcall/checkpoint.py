@@ -2,7 +2,8 @@
 
 A checkpoint is ``<out_dir>.checkpoint/``: the LoRA weights, the optimizer
 state (Adam moments, step count, so the learning-rate schedule continues),
-MLX's RNG key, the step and the logged history. It is written whole or not at
+MLX's RNG key, the step, the logged history and what else the loop keeps
+(SFT: the weights of the lowest validation loss so far). It is written whole or not at
 all (``io.atomic_dir``), so a run killed at any moment leaves the previous
 checkpoint intact. It carries a fingerprint of everything the run depends on
 (config, training data, base weights); a rerun of the same stage with the
@@ -25,6 +26,7 @@ from .io import atomic_dir, write_json
 META = "meta.json"
 WEIGHTS = "adapters.safetensors"
 OPTIMIZER = "optimizer.safetensors"
+TENSORS = "tensors.safetensors"
 
 
 def fingerprint(*parts):
@@ -51,11 +53,10 @@ def files_digest(directory, pattern="*.safetensors"):
     return h.hexdigest()
 
 
-def continuation_key(stage, cfg, model_dir, sft_dir, train_file):
-    """The fingerprint of a stage that continues the SFT adapter on a training file (DPO, RL)."""
-    train_file = Path(train_file)
+def continuation_key(stage, cfg, model_dir, sft_dir, *data_files):
+    """The fingerprint of a stage that continues the SFT adapter on data files (DPO, RL)."""
     return fingerprint(stage, dataclasses.asdict(cfg), files_digest(model_dir), files_digest(sft_dir),
-                       files_digest(train_file.parent, train_file.name))
+                       *(files_digest(Path(f).parent, Path(f).name) for f in data_files))
 
 
 class Checkpoint:
@@ -68,17 +69,25 @@ class Checkpoint:
     def due(self, step):
         return self.every > 0 and step % self.every == 0
 
-    def save(self, step, model, optimizer, history, extra=None):
-        """Write the run's state after ``step`` steps, replacing the previous checkpoint whole."""
+    def save(self, step, model, optimizer, history, extra=None, tensors=None):
+        """Write the run's state after ``step`` steps, replacing the previous checkpoint whole.
+
+        ``extra``: JSON the loop needs back; ``tensors``: named arrays it needs back.
+        """
         with atomic_dir(self.dir) as tmp:
             mx.save_safetensors(str(tmp / WEIGHTS), dict(tree_flatten(model.trainable_parameters())))
             if optimizer is not None:
                 mx.save_safetensors(str(tmp / OPTIMIZER), dict(tree_flatten(optimizer.state)))
+            if tensors:
+                mx.save_safetensors(str(tmp / TENSORS), tensors)
             write_json(tmp / META, {"key": self.key, "step": step, "rng": mx.random.state[0].tolist(),
                                     "history": history, "extra": extra})
 
     def resume(self, model, optimizer):
-        """Load a matching checkpoint into ``model`` and ``optimizer``; return its meta, or None."""
+        """Load a matching checkpoint into ``model`` and ``optimizer``; return its meta, or None.
+
+        The meta's ``tensors`` holds the saved ``tensors`` (empty if none).
+        """
         try:
             with open(self.dir / META) as f:
                 meta = json.load(f)
@@ -92,6 +101,7 @@ class Checkpoint:
             optimizer.state = tree_unflatten(list(mx.load(str(self.dir / OPTIMIZER)).items()))
         # MLX's key for seed s is [s >> 32, s & 0xffffffff], so reseeding with the
         # saved key's two words restores it exactly (the state cannot be assigned).
+        meta["tensors"] = mx.load(str(self.dir / TENSORS)) if (self.dir / TENSORS).exists() else {}
         hi, lo = meta["rng"]
         mx.random.seed((hi << 32) | lo)
         print(f"{self.dir}: resuming after step {meta['step']}", flush=True)

@@ -7,6 +7,7 @@ and out-of-range values with one message that names the key.
 """
 
 import dataclasses
+import math
 import typing
 from typing import Optional
 
@@ -100,10 +101,46 @@ class TrainConfig:
             yield f"warmup={self.warmup} must be in [0, iters)"
 
 
-@dataclasses.dataclass(frozen=True)
-class SftConfig(TrainConfig):
-    """params.yaml [sft]: the LoRA shape, the data layout and the training loop."""
+def epoch_steps(epochs, n_rows, batch_size):
+    """Steps that make ``epochs`` passes over ``n_rows`` rows (at least one).
 
+    A pass is ``ceil(n_rows / batch_size)`` batches: ``batches.length_buckets``
+    keeps the remainder as a last, smaller batch.
+    """
+    return max(1, math.ceil(epochs * math.ceil(n_rows / batch_size)))
+
+
+def _budget_problems(cfg):
+    """An ``iters``-or-``epochs`` budget: exactly one of them set, and positive."""
+    if (cfg.iters is None) == (cfg.epochs is None):
+        yield (f"iters={cfg.iters}, epochs={cfg.epochs}: set exactly one (a number of steps, or passes over "
+               "the training rows), the other null")
+    elif cfg.iters is not None:
+        yield from _at_least_one(cfg, ("iters",))
+    elif cfg.epochs <= 0:
+        yield f"epochs={cfg.epochs} must be > 0"
+
+
+def _eval_every_problems(cfg, unit):
+    if cfg.steps_per_eval < 0 or cfg.steps_per_eval % unit:
+        yield (f"steps_per_eval={cfg.steps_per_eval} must be 0 (never) or a multiple of {unit} "
+               "(evaluations happen at reports)")
+
+
+@dataclasses.dataclass(frozen=True)
+class SftConfig:
+    """params.yaml [sft]: the LoRA shape, the data layout, the training loop and its validation."""
+
+    seed: int
+    learning_rate: float
+    warmup: int
+    # The budget: ``epochs`` passes over the training rows, or (the ablation arms,
+    # whose budgets are a fixed number of examples seen) ``iters`` steps; one is null.
+    iters: Optional[int]
+    epochs: Optional[float]
+    batch_size: int
+    grad_accumulation: int
+    steps_per_report: int
     lora_rank: int
     # mlx-lm has no alpha: a LoRA layer adds scale * (x A B). PEFT's alpha/rank
     # = 16/8 (the paper's setting) is scale 2.0.
@@ -113,21 +150,54 @@ class SftConfig(TrainConfig):
     max_seq_len: int
     mask_prompt: bool
     checkpoint_every: int
+    # With a validation file: its loss every steps_per_eval steps (0: only at
+    # the start and the end); the adapter kept is the one of the lowest; training
+    # stops after ``patience`` evaluations without a new lowest (0: never early).
+    steps_per_eval: int
+    patience: int
 
     def check(self):
-        yield from super().check()
-        yield from _at_least_one(self, ("lora_rank", "lora_layers"))
-        if self.checkpoint_every < 0 or self.checkpoint_every % (self.steps_per_report * self.grad_accumulation):
+        if not 0 < self.learning_rate < 1:
+            yield f"learning_rate={self.learning_rate} must be in (0, 1)"
+        yield from _budget_problems(self)
+        yield from _at_least_one(self, ("batch_size", "grad_accumulation", "steps_per_report", "lora_rank",
+                                        "lora_layers"))
+        if self.iters is not None and not 0 <= self.warmup < self.iters:
+            yield f"warmup={self.warmup} must be in [0, iters)"
+        if self.warmup < 0:
+            yield f"warmup={self.warmup} must be >= 0"
+        unit = self.steps_per_report * self.grad_accumulation
+        if self.checkpoint_every < 0 or self.checkpoint_every % unit:
             yield (f"checkpoint_every={self.checkpoint_every} must be 0 (never) or a multiple of steps_per_report "
-                   f"x grad_accumulation = {self.steps_per_report * self.grad_accumulation} (saves happen at reports)")
+                   f"x grad_accumulation = {unit} (saves happen at reports)")
+        yield from _eval_every_problems(self, unit)
+        if self.patience < 0:
+            yield f"patience={self.patience} must be >= 0 (0: never stop early)"
         if not 0 <= self.lora_dropout < 1:
             yield f"lora_dropout={self.lora_dropout} must be in [0, 1)"
         if self.max_seq_len < 16:
             yield f"max_seq_len={self.max_seq_len} is too small"
 
-    def train(self):
-        """The training-loop part of this section."""
-        return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
+    def steps(self, n_examples):
+        """The budget in steps for ``n_examples`` training rows: ``iters``, or ``epochs`` passes.
+
+        A step is one batch (mlx-lm's iteration); epochs are rounded up to
+        whole optimizer updates, so no accumulated gradient is left unapplied.
+        """
+        if self.iters is not None:
+            return self.iters
+        steps = epoch_steps(self.epochs, n_examples, self.batch_size)
+        return self.grad_accumulation * math.ceil(steps / self.grad_accumulation)
+
+    def train(self, n_examples):
+        """The training-loop part of this section, for ``n_examples`` training rows."""
+        iters = self.steps(n_examples)
+        if self.warmup >= iters:
+            raise ConfigError(f"params.yaml [sft]: warmup={self.warmup} must be below the {iters} steps of "
+                              f"epochs={self.epochs} over {n_examples} rows")
+        return TrainConfig(seed=self.seed, learning_rate=self.learning_rate, warmup=self.warmup, iters=iters,
+                           batch_size=self.batch_size, grad_accumulation=self.grad_accumulation,
+                           steps_per_report=self.steps_per_report)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +208,7 @@ class DpoConfig:
     beta: float
     loss_type: str
     learning_rate: float
-    iters: int
+    epochs: float  # passes over the preference pairs (their number is known only after sampling)
     batch_size: int
     prompts: int
     samples_per_prompt: int
@@ -146,6 +216,8 @@ class DpoConfig:
     temperature: float
     max_tokens: int
     checkpoint_every: int
+    valid_prompts: int  # validation prompts whose pairs are held out, scored every steps_per_eval steps
+    steps_per_eval: int
 
     def check(self):
         if self.checkpoint_every < 0:
@@ -156,15 +228,19 @@ class DpoConfig:
             yield f"loss_type={self.loss_type!r} must be one of {LOSSES}"
         if not 0 < self.learning_rate < 1:
             yield f"learning_rate={self.learning_rate} must be in (0, 1)"
-        yield from _at_least_one(self, ("iters", "batch_size", "prompts", "samples_per_prompt", "sample_batch",
-                                        "max_tokens"))
+        if self.epochs <= 0:
+            yield f"epochs={self.epochs} must be > 0"
+        yield from _at_least_one(self, ("batch_size", "prompts", "samples_per_prompt", "sample_batch",
+                                        "max_tokens", "valid_prompts"))
+        yield from _eval_every_problems(self, 1)
         if self.temperature <= 0:
             yield f"temperature={self.temperature} must be > 0 (0 is greedy: every sample the same)"
 
-    def train(self):
-        """DPO's optimizer loop: no warmup, one batch per step."""
-        return TrainConfig(seed=self.seed, learning_rate=self.learning_rate, warmup=0, iters=self.iters,
-                           batch_size=self.batch_size, grad_accumulation=1, steps_per_report=1)
+    def train(self, n_pairs):
+        """DPO's optimizer loop over ``n_pairs`` pairs: ``epochs`` passes, no warmup, one batch per step."""
+        return TrainConfig(seed=self.seed, learning_rate=self.learning_rate, warmup=0,
+                           iters=epoch_steps(self.epochs, n_pairs, self.batch_size), batch_size=self.batch_size,
+                           grad_accumulation=1, steps_per_report=1)
 
 
 @dataclasses.dataclass(frozen=True)

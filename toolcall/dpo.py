@@ -29,7 +29,7 @@ from .config import LOSSES
 from .data import gold_calls
 from .evaluation import score_output
 from .loss import token_logps
-from .rollouts import completion_logps
+from .rollouts import completion_ids, completion_logps
 from .scoring import check
 from .trainer import optimize
 
@@ -124,12 +124,14 @@ def corruption(row, calls, rng):
 # ---------------------------------------------------------------- pairs
 
 
-def build_pairs(rows, samples, fmt, rng):
-    """Preference pairs from training ``rows`` and the policy's ``samples`` of each.
+def build_pairs(rows, samples, fmt, rng, max_tokens):
+    """Preference pairs from ``rows`` and the policy's ``samples`` of each.
 
-    ``samples[i]`` is ``[(text, token_ids)]`` sampled for ``rows[i]``'s prompt.
-    Returns pairs ``{"id", "source", "prompt_len", "chosen", "rejected"}``
-    (token ids: prompt + completion) and the per-row sample verdicts.
+    ``samples[i]`` is ``[(text, token_ids)]`` sampled for ``rows[i]``'s prompt
+    with at most ``max_tokens`` tokens; a sample cut there is rejected as it
+    was sampled, with no end-of-turn it never produced. Returns pairs ``{"id",
+    "source", "prompt_len", "chosen", "rejected"}`` (token ids: prompt +
+    completion) and the per-row sample verdicts.
     """
     eos = fmt.encode(fmt.eos)
     pairs, verdicts = [], []
@@ -143,11 +145,12 @@ def build_pairs(rows, samples, fmt, rng):
             valid = score_output(row, text)["valid"]
             verdicts.append(valid)
             # The stop token is not part of the sampled text; the rendered
-            # completion ends with it, so compare with it appended.
-            if valid or text + fmt.eos in seen:
+            # completion ends with it, so compare with it appended (a cut sample has none).
+            key = text + fmt.eos if len(ids) < max_tokens else text
+            if valid or key in seen:
                 continue
-            seen.add(text + fmt.eos)
-            rejected.append(("on_policy", chosen[:prompt_len] + list(ids) + eos))
+            seen.add(key)
+            rejected.append(("on_policy", chosen[:prompt_len] + completion_ids(ids, eos, max_tokens)))
         if not rejected:
             kind, calls = corruption(row, gold, rng)
             text = fmt.completion(row["messages"], row["functions"], calls)
@@ -225,10 +228,33 @@ def pair_batches(pairs, ref, batch_size, seed):
         yield tokens, positions, weights, mx.array(np.concatenate([ref_chosen[idx], ref_rejected[idx]]))
 
 
-def train(model, pairs, ref, cfg, log, checkpoint=None):
-    """``cfg.iters`` DPO steps on the LoRA parameters (``cfg``: a ``DpoConfig``); ``ref`` from ``reference_logps``."""
+def heldout_scores(model, pairs, ref, beta, loss_type):
+    """How the model as it is now ranks held-out ``pairs`` (``ref``: their ``reference_logps``).
+
+    ``heldout_accuracy``: the fraction of pairs whose implicit reward (``beta *
+    (log pi - log ref)``) is higher for chosen than for rejected: 0 at the
+    reference, where every margin is exactly 0, and above 0.5 once DPO has
+    learned a preference that carries over to prompts it did not train on;
+    ``heldout_reward_margin``: the mean of chosen minus rejected reward.
+    """
+    chosen, rejected = reference_logps(model, pairs, loss_type)
+    margin = beta * ((chosen - ref[0]) - (rejected - ref[1]))
+    return {"heldout_accuracy": float(np.mean(margin > 0)), "heldout_reward_margin": float(np.mean(margin))}
+
+
+def train(model, pairs, ref, cfg, log, checkpoint=None, heldout=None):
+    """``cfg.epochs`` passes of DPO steps over ``pairs`` on the LoRA parameters (``cfg``: a ``DpoConfig``).
+
+    ``ref``: ``reference_logps`` of ``pairs``. ``heldout``: ``(pairs, ref)``
+    not trained on, scored (``heldout_scores``) every ``cfg.steps_per_eval``
+    steps and after the last.
+    """
 
     def loss(model, tokens, positions, weights, ref_logps):
         return dpo_loss(model, tokens, positions, weights, ref_logps, cfg.beta, cfg.loss_type)
 
-    optimize(model, cfg.train(), loss, pair_batches(pairs, ref, cfg.batch_size, cfg.seed), log, checkpoint)
+    def evaluate(model):
+        return heldout_scores(model, *heldout, cfg.beta, cfg.loss_type)
+
+    optimize(model, cfg.train(len(pairs)), loss, pair_batches(pairs, ref, cfg.batch_size, cfg.seed), log, checkpoint,
+             evaluate=evaluate if heldout else None, every=cfg.steps_per_eval)

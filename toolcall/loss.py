@@ -50,12 +50,14 @@ def sft_loss(model):
     return completion_loss if supports_split_head(model) else full_loss
 
 
-def token_logps(model, tokens, positions):
+def token_logps(model, tokens, positions, temperature=1.0):
     """``log p(token)`` at each completion position, shape ``positions.shape``.
 
     ``positions[b, j]`` indexes ``tokens[:, :-1]`` and predicts
     ``tokens[b, positions[b, j] + 1]``; as in ``completion_loss``, the
-    vocabulary projection runs only there.
+    vocabulary projection runs only there. ``temperature``: the log-probs of
+    ``softmax(logits / temperature)``, the distribution a sampler at that
+    temperature draws from (mlx-lm's ``categorical_sampling``).
     """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     if supports_split_head(model):
@@ -64,4 +66,4 @@ def token_logps(model, tokens, positions):
     else:
         logits = mx.take_along_axis(model(inputs), positions[..., None], axis=1)
     picked = mx.take_along_axis(targets, positions, axis=1)
-    return -nn.losses.cross_entropy(logits.astype(mx.float32), picked)
+    return -nn.losses.cross_entropy(logits.astype(mx.float32) / temperature, picked)

@@ -19,7 +19,15 @@ LoRA parameters. ``rl.algo`` picks the update:
   the ratio to it is clipped at ``1 +- clip_eps``) plus ``kl_coef`` times the
   k3 estimate of KL(policy || SFT reference), ``exp(ref - logp) - (ref - logp)
   - 1``; averaged over all completion tokens of the batch (DAPO's token-level
-  mean, so long samples are not down-weighted).
+  mean, so long samples are not down-weighted). Every log-prob (policy, the
+  sampling policy, the reference) is taken at the sampling temperature, of
+  ``softmax(logits / T)``: the samples were drawn from that distribution, so
+  the ratio is an importance weight only on it (TRL's ``GRPOTrainer`` divides
+  the logits by its sampling temperature in the same places).
+
+The reward of each round's samples (drawn before its update) is logged to
+dvclive under ``rl/round/`` at the training step they were drawn at, beside
+the step curves, which run on across rounds.
 """
 
 import time
@@ -31,7 +39,7 @@ from .batches import collate, length_buckets, pad, shuffled
 from .evaluation import score_output
 from .lora import restore, snapshot
 from .loss import token_logps
-from .rollouts import choose_rows, completion_logps, sample
+from .rollouts import choose_rows, completion_ids, completion_logps, sample
 from .trainer import StepLog, optimize, train_lora
 
 ADV_EPS = 1e-4
@@ -56,12 +64,6 @@ def round_rows(rows, cfg, r):
     """Round ``r``'s prompts: the next ``cfg.prompts`` of one seeded order, wrapping around."""
     order = choose_rows(rows, len(rows), cfg.seed)
     return [order[(r * cfg.prompts + j) % len(order)] for j in range(cfg.prompts)]
-
-
-def completion_ids(ids, eos, max_tokens, always_eos):
-    """Sampled ids plus end-of-turn; a sample cut at ``max_tokens`` never sampled one, so
-    only ``always_eos`` (SFT targets should end their turn) adds it there."""
-    return list(ids) + eos if always_eos or len(ids) < max_tokens else list(ids)
 
 
 def rft_examples(prompts, samples, scores, cfg, eos):
@@ -89,9 +91,12 @@ def grpo_examples(prompts, samples, scores, cfg, eos):
     return examples, np.asarray(advantages, np.float32)
 
 
-def grpo_loss(model, tokens, positions, weights, advantages, old, ref, clip_eps, kl_coef):
-    """Clipped policy-gradient loss with a k3 KL penalty, mean over completion tokens."""
-    logp = token_logps(model, tokens, positions)
+def grpo_loss(model, tokens, positions, weights, advantages, old, ref, clip_eps, kl_coef, temperature):
+    """Clipped policy-gradient loss with a k3 KL penalty, mean over completion tokens.
+
+    ``old`` and ``ref``: per-token log-probs at the same ``temperature`` as the policy's here.
+    """
+    logp = token_logps(model, tokens, positions, temperature)
     # Masked before exp: padding positions hold no log-probs.
     log_ratio = (logp - old) * weights
     log_ref_ratio = (ref - logp) * weights
@@ -116,30 +121,49 @@ def grpo_batches(examples, advantages, old, ref, batch_size, seed):
 
 def grpo_update(model, examples, advantages, reference, cfg, train_cfg, log):
     """One round of GRPO steps; ``reference``: the SFT LoRA weights (``lora.snapshot``)."""
-    old = completion_logps(model, examples)
+    old = completion_logps(model, examples, cfg.temperature)
     current = snapshot(model)
     restore(model, reference)
-    ref = completion_logps(model, examples)
+    ref = completion_logps(model, examples, cfg.temperature)
     restore(model, current)
 
     def loss(model, tokens, positions, weights, adv, old_logp, ref_logp):
-        return grpo_loss(model, tokens, positions, weights, adv, old_logp, ref_logp, cfg.clip_eps, cfg.kl_coef)
+        return grpo_loss(model, tokens, positions, weights, adv, old_logp, ref_logp, cfg.clip_eps, cfg.kl_coef,
+                         cfg.temperature)
 
     batches = grpo_batches(examples, advantages, old, ref, cfg.batch_size, train_cfg.seed)
     optimize(model, train_cfg, loss, batches, log)
+
+
+# Per-round values logged to dvclive (rl/round/<name>).
+ROUND_CURVES = ("mean_reward", "pass_rate", "format_rate", "kept")
+
+
+def _log_round(live, step, stats):
+    if live is not None:
+        live.step = step
+        for key in ROUND_CURVES:
+            live.log_metric(f"rl/round/{key}", stats[key])
+        live.next_step()
 
 
 def run(model, tokenizer, fmt, rows, cfg, live=None, checkpoint=None):
     """``cfg.rounds`` rounds of sampling, rewarding and updating; per-round stats.
 
     Step curves go to ``live`` under ``rl/`` (rft: ``train_lora``'s loss;
-    grpo: loss, KL to the reference, fraction of clipped ratios). With a
-    ``checkpoint`` each finished round is saved, and a rerun resumes after it.
+    grpo: loss, KL to the reference, fraction of clipped ratios), numbered
+    across rounds; each round's sample rewards under ``rl/round/``. With a
+    ``checkpoint`` each finished round is saved, and a rerun resumes after it
+    (showing dvclive the finished rounds' rewards again).
     """
     eos = fmt.encode(fmt.eos)
     reference = snapshot(model)
     meta = checkpoint.resume(model, None) if checkpoint else None
     stats = meta["extra"]["rounds"] if meta else []
+    steps_done = 0
+    for done in stats:
+        _log_round(live, steps_done, done)
+        steps_done += cfg.iters if done["updated"] else 0
     for r in range(len(stats), cfg.rounds):
         train_cfg = cfg.train(r)
         batch_rows = round_rows(rows, cfg, r)
@@ -167,16 +191,18 @@ def run(model, tokenizer, fmt, rows, cfg, live=None, checkpoint=None):
             "fraction_kept": round(len(examples) / n, 4),
             "sample_seconds": round(sample_seconds, 1),
         }
+        _log_round(live, steps_done, round_stats)
         start = time.perf_counter()
         # Too few examples for one batch: the round samples but does not update.
         round_stats["updated"] = len(examples) >= cfg.batch_size
+        log = StepLog(live, "rl", cfg.iters, offset=steps_done)
         if round_stats["updated"] and cfg.algo == "rft":
-            history = train_lora(model, examples, train_cfg, live, prefix="rl")["history"]
+            history = train_lora(model, examples, train_cfg, log=log)["history"]
             round_stats["final_loss"] = round(history[-1]["loss"], 4)
         elif round_stats["updated"]:
-            log = StepLog(live, "rl", cfg.iters)
             grpo_update(model, examples, advantages, reference, cfg, train_cfg, log)
             round_stats.update({f"final_{k}": v for k, v in log.last().items()})
+        steps_done += cfg.iters if round_stats["updated"] else 0
         round_stats["train_seconds"] = round(time.perf_counter() - start, 1)
         print(f"[rl] round {r + 1}/{cfg.rounds}: {round_stats}", flush=True)
         stats.append(round_stats)

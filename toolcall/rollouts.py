@@ -49,6 +49,16 @@ def sample(model, tokenizer, prompts, k, temperature, max_tokens, seed, batch_si
     return out
 
 
+def completion_ids(ids, eos, max_tokens, always_eos=False):
+    """Sampled ids plus end-of-turn, as the policy produced them.
+
+    A sample cut at ``max_tokens`` never sampled an end-of-turn, so it gets one
+    only with ``always_eos`` (RFT's SFT targets should end their turn); DPO's
+    rejected rows and GRPO's samples are scored as sampled.
+    """
+    return list(ids) + list(eos) if always_eos or len(ids) < max_tokens else list(ids)
+
+
 def _prefill(model, tokens):
     """A fresh KV cache holding ``tokens``."""
     cache = make_prompt_cache(model)
@@ -71,12 +81,12 @@ def _repeat(cache, n):
     return out
 
 
-def completion_logps(model, examples):
+def completion_logps(model, examples, temperature=1.0):
     """Per-token completion log-probs of each ``(tokens, prompt_len)`` example, no gradient.
 
     Returns one float32 numpy array per example (its completion length);
-    equal to ``loss.token_logps`` on the same rows, with each distinct prompt
-    run once.
+    equal to ``loss.token_logps`` on the same rows (at the same
+    ``temperature``), with each distinct prompt run once.
     """
     model.eval()
     groups = defaultdict(list)
@@ -87,12 +97,12 @@ def completion_logps(model, examples):
         for start in range(0, len(members), SCORE_BATCH):
             idx = members[start:start + SCORE_BATCH]
             completions = [examples[i][0][len(prompt):] for i in idx]
-            for i, logps in zip(idx, _shared_prompt_logps(model, list(prompt), completions)):
+            for i, logps in zip(idx, _shared_prompt_logps(model, list(prompt), completions, temperature)):
                 out[i] = logps
     return out
 
 
-def _shared_prompt_logps(model, prompt, completions):
+def _shared_prompt_logps(model, prompt, completions, temperature):
     """Log-probs of each completion's tokens after one shared prompt."""
     cache = [_repeat(c, len(completions)) for c in _prefill(model, prompt[:-1])]
     # Input: the last prompt token, then each completion (right-padded: causal, so padding
@@ -101,6 +111,6 @@ def _shared_prompt_logps(model, prompt, completions):
     for row, comp in enumerate(completions):
         targets[row, : len(comp)] = comp
     inputs = np.concatenate([np.full((len(completions), 1), prompt[-1], np.int32), targets[:, :-1]], axis=1)
-    logits = model(mx.array(inputs), cache=cache).astype(mx.float32)
+    logits = model(mx.array(inputs), cache=cache).astype(mx.float32) / temperature
     logps = np.array(-nn.losses.cross_entropy(logits, mx.array(targets)))
     return [logps[row, : len(comp)] for row, comp in enumerate(completions)]

@@ -2,10 +2,12 @@
 
 ``train_lora`` runs ``mlx_lm.tuner.trainer.train`` (compiled step, gradient
 accumulation, gradient all-reduce under ``mlx.launch``) with our completion
-loss and length-bucketed batches. ``optimize`` is the same compiled Adam step
-written out, because DPO and GRPO report per-step metrics beside the loss
-(reward margin, preference accuracy, KL) and mlx-lm's step passes on only
-``(loss, ntoks)``. Both use ``make_optimizer``'s schedule, report through
+loss and length-bucketed batches; given validation examples it measures their
+loss with mlx-lm's ``evaluate`` and keeps the adapter of the lowest
+(``BestOnValidation``). ``optimize`` is the same compiled Adam step written
+out, because DPO and GRPO report per-step metrics beside the loss (reward
+margin, preference accuracy, KL) and mlx-lm's step passes on only ``(loss,
+ntoks)``. Both use ``make_optimizer``'s schedule, report through
 ``progress.Progress`` and dvclive, stop on a non-finite loss, and save and
 resume a ``checkpoint.Checkpoint`` when given one.
 """
@@ -19,13 +21,17 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx_lm.tuner.callbacks import TrainingCallback
-from mlx_lm.tuner.trainer import TrainingArgs, train
+from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 from mlx_lm.tuner.utils import build_schedule
 
 from .batches import iterate_batches
 from .errors import UserError
+from .lora import restore, snapshot
 from .loss import sft_loss
 from .progress import Progress
+
+# Logged values whose non-finite value means training diverged.
+_MUST_BE_FINITE = {"loss": "loss", "val_loss": "validation loss"}
 
 
 def make_optimizer(cfg):
@@ -44,86 +50,161 @@ class DivergedError(UserError):
 class StepLog:
     """Per-step (or per-report) metrics: printed through ``Progress``, kept, and logged to dvclive.
 
-    A non-finite loss raises ``DivergedError`` before anything is logged or
-    checkpointed, so the last checkpoint stays the last good state.
+    dvclive's step is the training step (plus ``offset``: RL's rounds continue
+    one curve), so a curve's x axis is the step a metric names. A row may hold
+    only some metrics (a validation loss at step 0, held-out scores every few
+    steps). A non-finite loss raises ``DivergedError`` before anything is
+    logged or checkpointed, so the last checkpoint stays the last good state.
     """
 
-    def __init__(self, live, prefix, total):
-        self.live, self.prefix = live, prefix
+    def __init__(self, live, prefix, total, offset=0):
+        self.live, self.prefix, self.offset = live, prefix, offset
         self.progress = Progress(prefix, total, unit="step", every=0)
         self.history = []
 
     def __call__(self, step, metrics, shown=None):
         """Record ``metrics`` of ``step``; ``shown`` (speeds: they vary run to run) are printed, not kept."""
-        if not math.isfinite(metrics["loss"]):
-            raise DivergedError(f"{self.prefix}: the loss is {metrics['loss']} at step {step}; "
-                                "lower the learning rate (or raise warmup) and rerun")
+        for key, name in _MUST_BE_FINITE.items():
+            if key in metrics and not math.isfinite(metrics[key]):
+                raise DivergedError(f"{self.prefix}: the {name} is {metrics[key]} at step {step}; "
+                                    "lower the learning rate (or raise warmup) and rerun")
         self.history.append({"step": step, **metrics})
         self.progress.update(step - self.progress.done, **metrics, **(shown or {}))
-        self._log(metrics)
+        self._log(step, metrics)
 
     def replay(self, history):
         """Take over a resumed run's history (and show it to dvclive again: DVC cleared its plots)."""
         for row in history:
             self.history.append(row)
-            self._log({k: v for k, v in row.items() if k != "step"})
+            self._log(row["step"], {k: v for k, v in row.items() if k != "step"})
         self.progress.done = history[-1]["step"] if history else 0
 
-    def _log(self, metrics):
+    def _log(self, step, metrics):
         if self.live is not None:
+            self.live.step = self.offset + step
             for key, value in metrics.items():
                 self.live.log_metric(f"{self.prefix}/{key}", value)
             self.live.next_step()
 
     def last(self, n=10):
-        """Mean of each logged value over the last ``n`` steps (one step is noisy)."""
+        """Mean over the last ``n`` rows (one step is noisy) of each value that all of them hold."""
         tail = self.history[-n:]
-        return {k: round(float(np.mean([h[k] for h in tail])), 4) for k in tail[0] if k != "step"} if tail else {}
+        keys = [k for k in (tail[0] if tail else {}) if k != "step" and all(k in h for h in tail)]
+        return {k: round(float(np.mean([h[k] for h in tail])), 4) for k in keys}
+
+    def latest(self, key):
+        """The last logged value of ``key`` (None if never logged)."""
+        return next((h[key] for h in reversed(self.history) if key in h), None)
+
+
+class _EarlyStop(Exception):
+    """Raised from a training report when the validation loss has stopped improving."""
+
+
+class BestOnValidation:
+    """The validation loss at step 0, every ``every`` steps and after the last; the lowest one's weights.
+
+    mlx-lm's own validation (``TrainingArgs.steps_per_eval``) runs before a
+    step, so it measures step ``it - 1`` and never the final weights; here
+    ``evaluate`` runs at training reports, after the step, where checkpoints
+    are saved too. ``patience`` (0: never) evaluations without a new lowest
+    loss stop training.
+    """
+
+    def __init__(self, model, examples, cfg, every, patience):
+        self.model, self.examples, self.cfg = model, examples, cfg
+        self.every, self.patience = every, patience
+        self.best_step, self.best_loss, self.since_best, self.weights = None, math.inf, 0, None
+
+    def due(self, step):
+        return step in (0, self.cfg.iters) or (self.every > 0 and step % self.every == 0)
+
+    def __call__(self, step):
+        """The validation loss of the model as it is (after ``step`` steps); keeps its weights if the lowest."""
+        def batches(dataset, batch_size, max_seq_length, loop=False, comm_group=None, **_):
+            return iterate_batches(dataset, batch_size, max_seq_length, False, self.cfg.seed, comm_group)
+
+        value = evaluate(self.model, self.examples, min(self.cfg.batch_size, len(self.examples)), num_batches=-1,
+                         max_seq_length=None, loss=sft_loss(self.model), iterate_batches=batches)
+        self.model.train()  # evaluate() leaves it in eval mode (LoRA dropout off)
+        if value < self.best_loss:
+            self.best_step, self.best_loss, self.since_best = step, value, 0
+            self.weights = snapshot(self.model)
+        else:
+            self.since_best += 1
+        return value
+
+    def exhausted(self):
+        return 0 < self.patience <= self.since_best
+
+    def state(self):
+        """What a checkpoint keeps: JSON meta and the best weights."""
+        return ({"best_step": self.best_step, "best_loss": self.best_loss, "since_best": self.since_best},
+                dict(self.weights))
+
+    def load(self, meta, weights):
+        self.best_step, self.best_loss, self.since_best = meta["best_step"], meta["best_loss"], meta["since_best"]
+        self.weights = list(weights.items())
 
 
 class _Reports(TrainingCallback):
     """mlx-lm's training reports (steps counted from ``start``) into a ``StepLog``, checkpointing when due."""
 
-    def __init__(self, log, start, save):
-        self.log, self.start, self.save = log, start, save
+    def __init__(self, log, start, save, validation=None):
+        self.log, self.start, self.save, self.validation = log, start, save, validation
 
     def on_train_loss_report(self, info):
         step = self.start + info["iteration"]
-        self.log(step, {"loss": info["train_loss"], "learning_rate": info["learning_rate"]},
-                 shown={"target_tokens_per_s": round(info["tokens_per_second"])})
+        metrics = {"loss": info["train_loss"], "learning_rate": info["learning_rate"]}
+        if self.validation is not None and self.validation.due(step):
+            metrics["val_loss"] = self.validation(step)
+        self.log(step, metrics, shown={"target_tokens_per_s": round(info["tokens_per_second"])})
         self.save(step)
+        if self.validation is not None and self.validation.exhausted():
+            raise _EarlyStop
 
 
-def _resume(model, optimizer, checkpoint, log):
+def _resume(model, optimizer, checkpoint, log, validation=None):
     """The step to start from: a matching checkpoint's, else 0."""
     meta = checkpoint.resume(model, optimizer) if checkpoint else None
     if meta is None:
         return 0
     log.replay(meta["history"])
+    if validation is not None:
+        validation.load(meta["extra"]["validation"], meta["tensors"])
     return meta["step"]
 
 
-def _saver(model, optimizer, checkpoint, log):
+def _saver(model, optimizer, checkpoint, log, validation=None):
     def save(step):
         if checkpoint is not None and checkpoint.due(step):
-            checkpoint.save(step, model, optimizer, log.history)
+            extra, tensors = validation.state() if validation is not None else (None, None)
+            checkpoint.save(step, model, optimizer, log.history,
+                            extra=extra and {"validation": extra}, tensors=tensors)
 
     return save
 
 
-def train_lora(model, examples, cfg, live=None, prefix="train", checkpoint=None):
+def train_lora(model, examples, cfg, live=None, prefix="train", checkpoint=None, valid=None, steps_per_eval=0,
+               patience=0, log=None):
     """Train the model's LoRA parameters on ``(tokens, prompt_len)`` examples; ``cfg``: a ``TrainConfig``.
 
-    Returns ``{"train_seconds", "steps", "history"}`` (``steps`` this process
-    ran); history rows hold the step and the mean loss since the previous report. With a ``checkpoint`` (whose
-    ``every`` is a multiple of ``steps_per_report`` and ``grad_accumulation``:
-    saves happen at reports, between whole updates) a rerun resumes where the
-    last one saved.
+    Returns ``{"train_seconds", "steps", "last_step", "history"}`` (``steps``
+    this process ran; ``last_step`` the last one trained); history rows hold
+    the step and the mean loss since the previous report. With a ``checkpoint``
+    (whose ``every`` is a multiple of ``steps_per_report`` and
+    ``grad_accumulation``: saves happen at reports, between whole updates) a
+    rerun resumes where the last one saved. With ``valid`` examples (see
+    ``BestOnValidation``; ``steps_per_eval`` a multiple of the report interval)
+    the model ends with the weights of the lowest validation loss, and the
+    result adds ``chosen_step``, ``best_val_loss`` and ``stopped_early``.
+    ``log``: a ``StepLog`` to report into (default: a new one under ``prefix``).
     """
     mx.random.seed(cfg.seed)
     optimizer = make_optimizer(cfg)
-    log = StepLog(live, prefix, cfg.iters)
-    first = _resume(model, optimizer, checkpoint, log)
+    log = log if log is not None else StepLog(live, prefix, cfg.iters)
+    validation = BestOnValidation(model, valid, cfg, steps_per_eval, patience) if valid else None
+    first = _resume(model, optimizer, checkpoint, log, validation)
     args = TrainingArgs(
         batch_size=cfg.batch_size,
         iters=cfg.iters - first,
@@ -137,18 +218,34 @@ def train_lora(model, examples, cfg, live=None, prefix="train", checkpoint=None)
         return iterate_batches(dataset, batch_size, max_seq_length, loop, cfg.seed, comm_group, skip=first)
 
     start = time.perf_counter()
-    if args.iters > 0:
-        train(model, optimizer, examples, args=args, loss=sft_loss(model), iterate_batches=batches,
-              training_callback=_Reports(log, first, _saver(model, optimizer, checkpoint, log)))
-    return {"train_seconds": round(time.perf_counter() - start, 1), "steps": args.iters, "history": log.history}
+    if validation is not None and first == 0:
+        log(0, {"val_loss": validation(0)})
+    stopped_early = validation is not None and validation.exhausted()  # a resumed run may have stopped already
+    if args.iters > 0 and not stopped_early:
+        try:
+            train(model, optimizer, examples, args=args, loss=sft_loss(model), iterate_batches=batches,
+                  training_callback=_Reports(log, first, _saver(model, optimizer, checkpoint, log, validation),
+                                             validation))
+        except _EarlyStop:
+            stopped_early = True
+    last_step = max((h["step"] for h in log.history), default=0)
+    result = {"train_seconds": round(time.perf_counter() - start, 1), "steps": last_step - first,
+              "last_step": last_step, "history": log.history}
+    if validation is not None:
+        restore(model, validation.weights)
+        result.update(chosen_step=validation.best_step, best_val_loss=validation.best_loss,
+                      stopped_early=stopped_early)
+    return result
 
 
-def optimize(model, cfg, loss_fn, batches, log, checkpoint=None):
+def optimize(model, cfg, loss_fn, batches, log, checkpoint=None, evaluate=None, every=0):
     """``cfg.iters`` Adam steps on ``loss_fn(model, *batch) -> (loss, {name: scalar})``.
 
     ``cfg`` is a ``TrainConfig`` (seed, learning_rate, warmup, iters); ``log``
     (a ``StepLog``) gets plain floats after each step. With a ``checkpoint``
     a rerun resumes where the last one saved, skipping the batches it used.
+    ``evaluate(model) -> {name: float}`` (held-out scores), when given, runs
+    every ``every`` steps and after the last (``every`` 0: only then), into the same log row.
     """
     mx.random.seed(cfg.seed)
     optimizer = make_optimizer(cfg)
@@ -169,6 +266,10 @@ def optimize(model, cfg, loss_fn, batches, log, checkpoint=None):
     for it, batch in zip(range(first + 1, cfg.iters + 1), batches):
         loss, metrics = step(*batch)
         mx.eval(state, loss, metrics)
-        log(it, {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}})
+        row = {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}}
+        if evaluate is not None and (it == cfg.iters or (every > 0 and it % every == 0)):
+            row.update(evaluate(model))
+            model.train()
+        log(it, row)
         save(it)
     model.eval()
