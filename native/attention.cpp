@@ -54,10 +54,9 @@ Mask make_mask(const std::string& mode, const std::vector<mx::array>& in, int ma
 // Masked loads and stores only there: a masked store is slow (microcoded on
 // AMD), so a head_dim that is a multiple of 8 never uses one.
 struct Dim {
-  int D;
   bool partial;
   __m256i tail;
-  explicit Dim(int d) : D(d), partial(d % 8 != 0), tail(tail_mask(d % 8)) {}
+  explicit Dim(int d) : partial(d % 8 != 0), tail(tail_mask(d % 8)) {}
   __m256 ld(const float* p, int c, int C) const {
     return (partial && c == C - 1) ? _mm256_maskload_ps(p + 8 * c, tail) : _mm256_loadu_ps(p + 8 * c);
   }

@@ -19,6 +19,7 @@ NB_MODULE(_toolcall_native, m) {
         "stream"_a = nb::none());
   m.def("attention", &tcn::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "mask_mode"_a, "mask"_a = nb::none(),
         nb::kw_only(), "stream"_a = nb::none());
+  m.def("cross_entropy", &tcn::cross_entropy, "logits"_a, "targets"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("threads", &tcn::threads, "Threads the kernels use.");
   m.def("set_threads", &tcn::set_threads, "n"_a, "Set the threads the kernels use (fixed work split: results do not depend on it).");
 }

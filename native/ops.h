@@ -33,4 +33,8 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
                     const std::string& mask_mode, const std::optional<mx::array>& mask,
                     mx::StreamOrDevice s = {});
 
+// Per-row cross-entropy of logits (..., V) against integer targets (...), as
+// mlx.nn.losses.cross_entropy: logsumexp(row) - row[target].
+mx::array cross_entropy(const mx::array& logits, const mx::array& targets, mx::StreamOrDevice s = {});
+
 }  // namespace tcn

@@ -94,6 +94,16 @@ def test_rope_is_mlx_bit_for_bit(offset):
     close(grads(ours, (x,), x.shape), grads(ref, (x,), x.shape))
 
 
+def test_rope_and_attention_read_any_strides():
+    # The last axis itself strided (a transposed view): the kernels read a packed copy.
+    x = randn(2, 9, 64, 7).swapaxes(-1, -2)
+    ref = mx.fast.rope(x, 64, traditional=False, base=10000.0, scale=1.0, offset=3)
+    assert mx.array_equal(kernels.rope(x, 3, 64, 10000.0, 1.0), ref).item()
+    q, k, v = (randn(2, h, 64, 11, seed=s).swapaxes(-1, -2) for h, s in ((9, 1), (3, 2), (3, 3)))
+    close(kernels.attention(q, k, v, 0.125, "causal"),
+          mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal"))
+
+
 def test_rope_partial_dims_and_scale():
     x = randn(1, 3, 5, 24)  # rotates the first 20 dims (half = 10, not a multiple of 8), passes 4 through
     ref = mx.fast.rope(x, 20, traditional=False, base=10000.0, scale=0.5, offset=4)
@@ -145,6 +155,23 @@ def test_attention(case):
 
     close(ours(q, k, v), ref(q, k, v))
     close(grads(ours, (q, k, v), q.shape), grads(ref, (q, k, v), q.shape))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 49152), (7, 1001)])  # SmolLM2's vocabulary; an odd one
+def test_cross_entropy(shape):
+    logits = randn(*shape) * 3
+    targets = mx.random.randint(0, shape[-1], shape[:-1], key=mx.random.key(2))
+
+    def ours(x):
+        return kernels.cross_entropy(x, targets)
+
+    def ref(x):  # in float64: over 49k classes MLX's float32 logsumexp is itself ~6e-5 off (ours ~4e-6)
+        return nn.losses.cross_entropy(x.astype(mx.float64), targets).astype(mx.float32)
+
+    assert kernels.active()  # the native kernel, not its fallback
+    with mx.stream(mx.cpu):
+        close(ours(logits), ref(logits))
+        close(grads(ours, (logits,), shape[:-1]), [g.astype(mx.float32) for g in grads(ref, (logits,), shape[:-1])])
 
 
 def test_same_bytes_every_call_and_any_thread_count():

@@ -1,4 +1,4 @@
-"""Native CPU kernels for a model's hot ops: RMSNorm, SwiGLU, RoPE, attention.
+"""Native CPU kernels for a model's hot ops: RMSNorm, SwiGLU, RoPE, attention, the loss's cross-entropy.
 
 MLX's Linux CPU backend runs these ops on one thread and without SIMD (the
 wheel targets baseline x86-64; ``make bench``, ops section): in training,
@@ -7,7 +7,8 @@ them as MLX custom primitives in C++ (AVX2/FMA, one thread per usable core,
 with the gradients LoRA training backpropagates through). ``install(model)``
 routes a loaded mlx-lm llama model's modules through them, on Linux x86-64
 CPUs with AVX2 and FMA, when MLX's default device is the CPU, for float32
-only; everywhere else the model runs MLX's own ops unchanged.
+only; everywhere else the model runs MLX's own ops unchanged. ``loss`` takes
+its cross-entropy from ``cross_entropy`` here, on the same terms.
 ``TOOLCALL_NATIVE=0`` turns them off (the reference path).
 
 What holds (``tests/test_kernels.py``): each op's value and gradient equal
@@ -159,7 +160,7 @@ def _warn(why):
 
 def active():
     """Whether ``install`` would route a model through the kernels now."""
-    return load() is not None and mx.default_device() == mx.cpu
+    return enabled_here() and mx.default_device() == mx.cpu and load() is not None
 
 
 def set_threads(n):
@@ -193,6 +194,17 @@ def rope(x, offset, dims, base, scale):
     """``mx.fast.rope(x, dims, traditional=False, base=, scale=, offset=)``; offset: int or int array."""
     offset = offset if isinstance(offset, mx.array) else mx.array(offset, dtype=mx.int32)
     return _ext.rope(x, offset, dims, base, scale)
+
+
+def cross_entropy(logits, targets):
+    """Per-position cross-entropy, ``mlx.nn.losses.cross_entropy(logits, targets)``: the kernel where active.
+
+    The one op here called outside a model's modules (``loss``), so it picks
+    its path itself.
+    """
+    if logits.dtype == mx.float32 and active():
+        return _ext.cross_entropy(logits, targets)
+    return nn.losses.cross_entropy(logits, targets)
 
 
 def attention(q, k, v, scale, mask=None):
