@@ -39,6 +39,7 @@ from mlx_lm.models import llama
 from mlx_lm.models.activations import swiglu as mlx_swiglu
 
 from . import blas
+from .errors import WriteError
 from .io import atomic_dir
 
 ENV = "TOOLCALL_NATIVE"
@@ -144,7 +145,7 @@ def load():
         return None
     try:
         path = build()
-    except (BuildError, OSError) as e:
+    except (BuildError, OSError, WriteError) as e:  # WriteError: the cache directory is not writable
         _warn(f"cannot build them ({e})")
         return None
     spec = importlib.util.spec_from_file_location(MODULE, path)
