@@ -27,7 +27,9 @@ namespace mx = mlx::core;
 int threads();
 void set_threads(int n);
 
-// Run task(k) for k in [0, n_tasks), k = 0 on the calling thread.
+// Run task(k) for k in [0, n_tasks), k = 0 on the calling thread. One run
+// at a time (tasks must not nest); like MLX's own threads, the pool does not
+// survive a fork (the pipeline's worker processes are spawned).
 void run_tasks(int n_tasks, const std::function<void(int)>& task);
 
 // f(begin, end) over [0, n) in contiguous chunks, one per thread; a chunk
