@@ -5,15 +5,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: repro exp smoke ablations export serving test bench env openblas clean-env
+.PHONY: repro exp smoke ablations export serving test bench env native openblas clean-env
 
 # The main study (Table 1 with DPO and RL). The ablations are their own target: hours on a CPU.
-repro: $(STAMP)
+repro: $(STAMP) native
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro report report_post_sft
 
 # One knob on the main study only, e.g. make exp ARGS="-S sft.lora_rank=16": without targets,
 # dvc exp run would also rerun every ablation arm that reads the changed section.
-exp: $(STAMP)
+exp: $(STAMP) native
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc exp run $(ARGS) report report_post_sft
 
 # The main study end to end on tiny budgets (5 test items a category, SFT 0.05 epoch, 8 DPO and RL
@@ -23,27 +23,33 @@ exp: $(STAMP)
 SMOKE := -S split.test_per_category=5 -S sft.epochs=0.05 -S sft.warmup=2 -S sft.steps_per_eval=0 -S sft.patience=0 \
 	-S dpo.prompts=8 -S dpo.valid_prompts=4 -S dpo.steps_per_eval=0 \
 	-S rl.rounds=2 -S rl.prompts=8 -S rl.iters=2
-smoke: $(STAMP)
+smoke: $(STAMP) native
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc exp run --temp $(SMOKE) $(ARGS) report report_post_sft
 
-ablations: $(STAMP)
+ablations: $(STAMP) native
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro report_ablations
 
 # Fused model + GGUF of each tuned variant in models/export/ (not part of repro).
-export: $(STAMP)
+export: $(STAMP) native
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro export
 
 # Served / fused / GGUF vs eval on the real tuned model (after repro and export): metrics/serving.json.
 serving: $(TEST_STAMP)
 	$(PY) bench/serving.py --variant sft
 
-test: $(TEST_STAMP)
+test: $(TEST_STAMP) native
 	$(PY) -m pytest -q tests
 
-bench: $(STAMP)
+bench: $(STAMP) native
 	$(PY) bench/bench.py
 
-env: $(STAMP)
+env: $(STAMP) native
+
+# The native CPU kernels (toolcall/kernels.py): built once per source and toolchain into
+# ~/.cache/toolcall/native/ (about a minute on 2 cores); a no-op when built. Where they
+# cannot be built or run, one warning line, and MLX's own ops are used.
+native: $(STAMP)
+	$(PY) -m toolcall.kernels
 
 $(STAMP): requirements.txt pyproject.toml
 	@$(MAKE) --no-print-directory openblas

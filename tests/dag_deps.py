@@ -2,7 +2,9 @@
 
 A stage's code deps are its script plus every ``toolcall`` module it imports,
 transitively (imports inside functions too, and the package's ``__init__``,
-which any ``toolcall.x`` import runs). ``stages/__init__.py``, which
+which any ``toolcall.x`` import runs), plus the non-Python code such a module
+builds and runs (``NATIVE``: the C++ kernels that ``toolcall/kernels.py``
+compiles). ``stages/__init__.py``, which
 ``python -m stages.<name>`` also runs, is not counted: it holds a docstring
 only (``tests/test_dag.py`` checks that). ``tests/test_dag.py`` fails when
 ``dvc.yaml`` lists other ``.py`` files; after moving code around, print the
@@ -20,6 +22,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "toolcall"
+# Module -> the non-Python code it builds and runs: a stage that imports it depends on that too.
+NATIVE = {"toolcall/kernels.py": ("native",)}
 # `python -m stages.eval ...` or `python stages/eval.py ...`: the stage's script.
 SCRIPT = re.compile(r"python\s+(?:-m\s+stages\.(\w+)|stages/(\w+)\.py)")
 
@@ -62,7 +66,7 @@ def imported_modules(path, root=ROOT):
 
 
 def code_closure(script, root=ROOT):
-    """The script plus every repo module it reaches through imports, as repo-relative paths."""
+    """The script plus every repo module it reaches through imports (and their ``NATIVE`` code), repo-relative."""
     seen, todo = set(), [Path(script)]
     while todo:
         path = todo.pop()
@@ -70,7 +74,8 @@ def code_closure(script, root=ROOT):
             continue
         seen.add(path)
         todo += [module_file(m, root) for m in imported_modules(path, root)]
-    return {p.relative_to(root).as_posix() for p in seen}
+    modules = {p.relative_to(root).as_posix() for p in seen}
+    return modules | {d for m in modules for d in NATIVE.get(m, ())}
 
 
 def _substitute(value, key, item):
@@ -104,14 +109,16 @@ def expanded_stages(root=ROOT):
 
 
 def code_deps(root=ROOT):
-    """``{stage: (listed code deps, derived code deps)}``: the ``.py`` files in dvc.yaml vs the imports."""
+    """``{stage: (listed code deps, derived code deps)}``: the code in dvc.yaml (``.py`` files and
+    ``NATIVE`` directories) vs the imports."""
+    native = {d for deps in NATIVE.values() for d in deps}
     out = {}
     for name, stage in expanded_stages(root).items():
         match = SCRIPT.search(stage["cmd"])
         if not match:
             raise ValueError(f"stage {name}: cannot find its script in cmd {stage['cmd']!r}")
         script = root / "stages" / f"{match.group(1) or match.group(2)}.py"
-        listed = {d for d in stage.get("deps", []) if d.endswith(".py")}
+        listed = {d for d in stage.get("deps", []) if d.endswith(".py") or d in native}
         out[name] = (listed, code_closure(script, root))
     return out
 
@@ -126,7 +133,8 @@ def main():
             differs.add(stage)
     for stage, paths in derived.items():
         flag = "   # differs from dvc.yaml" if stage in differs else ""
-        print(f"{stage}: [{', '.join(sorted(paths, key=lambda p: (not p.startswith('stages/'), p)))}]{flag}")
+        order = sorted(paths, key=lambda p: (not p.startswith("stages/"), not p.endswith(".py"), p))
+        print(f"{stage}: [{', '.join(order)}]{flag}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,6 +22,9 @@ _CANDIDATES = (
 
 loaded_path = None
 _lib = None
+# Other per-process thread pools that ``threads`` limits too: functions
+# n -> the previous count (None: nothing to restore). ``kernels`` adds its own.
+thread_setters = []
 
 
 def load_openblas():
@@ -49,17 +52,23 @@ def load_openblas():
 
 @contextlib.contextmanager
 def threads(n):
-    """OpenBLAS limited to ``n`` threads inside the block (``None``: unchanged).
+    """OpenBLAS (and each of ``thread_setters``) limited to ``n`` threads inside the block (``None``: unchanged).
 
-    For work that already runs one lane per core: more BLAS threads per lane
+    For work that already runs one lane per core: more threads per lane
     would only oversubscribe the cores.
     """
-    if n is None or _lib is None:
+    if n is None:
         yield
         return
-    before = _lib.openblas_get_num_threads()
-    _lib.openblas_set_num_threads(n)
+    before = _lib.openblas_get_num_threads() if _lib is not None else None
+    if before is not None:
+        _lib.openblas_set_num_threads(n)
+    restore = [(setter, setter(n)) for setter in thread_setters]
     try:
         yield
     finally:
-        _lib.openblas_set_num_threads(before)
+        if before is not None:
+            _lib.openblas_set_num_threads(before)
+        for setter, previous in restore:
+            if previous is not None:
+                setter(previous)

@@ -13,6 +13,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from . import kernels
 from .config import ConfigError
 from .io import atomic_path, write_json
 
@@ -50,10 +51,16 @@ def add_lora(model, config, seed):
 
 
 def load_model(model_dir, adapter_dir=None):
-    """A base model (and optionally its adapter) loaded by mlx-lm, with its tokenizer."""
+    """A base model (and optionally its adapter) loaded by mlx-lm, with its tokenizer.
+
+    Its hot ops run on the native CPU kernels where they apply (``kernels``;
+    ``TOOLCALL_NATIVE=0``: MLX's own ops).
+    """
     from mlx_lm import load
 
-    return load(str(model_dir), adapter_path=str(adapter_dir) if adapter_dir else None)
+    model, tokenizer = load(str(model_dir), adapter_path=str(adapter_dir) if adapter_dir else None)
+    kernels.install(model)
+    return model, tokenizer
 
 
 def load_policy(model_dir, adapter_dir):

@@ -3,11 +3,13 @@
 The vocabulary projection (49k x 576 for SmolLM2) is the most expensive
 matmul of a step; applying it only at completion positions, not over the
 whole prompt, gives the same values as mlx-lm's ``default_loss`` for less work.
+The cross-entropy is ``kernels.cross_entropy`` (mlx's, or the native kernel).
 """
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx_lm.tuner.trainer import default_loss
+
+from .kernels import cross_entropy
 
 # Model families whose forward is body (`model.model`) + vocabulary projection,
 # so the projection can be applied to a subset of positions.
@@ -35,7 +37,7 @@ def completion_loss(model, batch, lengths, positions, weights):
     hidden = model.model(inputs)
     picked = mx.take_along_axis(hidden, positions[..., None], axis=1)
     logits = lm_head(model, picked)
-    ce = nn.losses.cross_entropy(logits, mx.take_along_axis(targets, positions, axis=1)) * weights
+    ce = cross_entropy(logits, mx.take_along_axis(targets, positions, axis=1)) * weights
     ntoks = weights.sum()
     return ce.astype(mx.float32).sum() / ntoks, ntoks
 
@@ -66,4 +68,4 @@ def token_logps(model, tokens, positions, temperature=1.0):
     else:
         logits = mx.take_along_axis(model(inputs), positions[..., None], axis=1)
     picked = mx.take_along_axis(targets, positions, axis=1)
-    return -nn.losses.cross_entropy(logits.astype(mx.float32) / temperature, picked)
+    return -cross_entropy(logits.astype(mx.float32) / temperature, picked)
