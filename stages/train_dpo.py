@@ -9,15 +9,19 @@ corruption of the gold calls (rejected), then trains the LoRA with the DPO
 loss against the frozen SFT model. Writes mlx-lm adapters to models/sft_dpo,
 metrics/train_dpo.json (pairs per source, sample pass rate, last-steps loss,
 reward margin, preference accuracy), the seconds of each phase beside it
-(.timings.json) and step curves under dvclive/train_dpo.
+(.timings.json) and step curves under dvclive/train_dpo. On a CPU it runs as
+``dpo.ranks`` data-parallel processes (toolcall/launch.py): each samples
+every prompt (same seed, same samples) and trains on its share of each batch.
 """
 
+import contextlib
+import json
 import time
 
 import numpy as np
 
 from toolcall.cli import continuation_parser
-from toolcall import checkpoint, dpo, lora
+from toolcall import checkpoint, dpo, launch, lora
 from toolcall.config import DpoConfig, from_params
 from toolcall.data import read_rows
 from toolcall.errors import run_stage
@@ -30,6 +34,7 @@ from toolcall.trainer import StepLog
 def main():
     args = continuation_parser(__doc__, "train_dpo").parse_args()
     cfg = from_params(DpoConfig, read_params("dpo"), "dpo")
+    launch.ensure_ranks(cfg.ranks, "dpo")
     model, tokenizer = lora.load_policy(args.model_dir, args.sft_dir)
     fmt = PromptFormat(tokenizer)
     rows = choose_rows(read_rows(args.train), cfg.prompts, cfg.seed)
@@ -42,6 +47,7 @@ def main():
     samples = sample(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.temperature, cfg.max_tokens,
                      cfg.seed, cfg.sample_batch, label="dpo sample")
     pairs, verdicts = dpo.build_pairs(rows, samples, fmt, np.random.default_rng(cfg.seed))
+    launch.agree(json.dumps(pairs).encode(), "the preference pairs", launch.SAME_EVERYWHERE)
     seconds["sample"] = round(time.perf_counter() - start, 1)
     print(f"{len(pairs)} pairs from {len(rows)} prompts: {dpo.count_sources(pairs)}; "
           f"sample pass rate {np.mean(verdicts):.1%}", flush=True)
@@ -53,10 +59,13 @@ def main():
     from dvclive import Live
 
     start = time.perf_counter()
-    with Live(args.live, dvcyaml=None, save_dvc_exp=False) as live:
+    writes = launch.is_main()  # rank 0 alone writes (logs, checkpoints, outputs)
+    with Live(args.live, dvcyaml=None, save_dvc_exp=False) if writes else contextlib.nullcontext() as live:
         log = StepLog(live, "dpo", cfg.iters)
         dpo.train(model, pairs, ref, cfg, log, ckpt)
     seconds["train"] = round(time.perf_counter() - start, 1)
+    if not writes:
+        return
     lora.save_adapters(model, lora.read_adapter_config(args.sft_dir), args.out_dir)
     write_json(args.metrics, {
         "prompts": len(rows),

@@ -6,7 +6,8 @@ Reads params [sft]. Loss on the completion (the calls) only when
 ``sft.mask_prompt``. Writes mlx-lm adapters (``mlx_lm.load(base,
 adapter_path=models/sft)`` works), metrics/train_sft.json, and step curves
 under dvclive/train_sft for ``dvc plots show``. No example may exceed
-max_seq_len: the stage fails rather than train on a cut target.
+max_seq_len: the stage fails rather than train on a cut target. On a CPU
+it runs as ``sft.ranks`` data-parallel processes (toolcall/launch.py).
 
 An ablation arm (stage ablation_train) passes ``--overrides SECTION``
 (dotted, repeatable, later ones win) whose keys replace [sft]'s and whose
@@ -18,10 +19,11 @@ An ablation arm (stage ablation_train) passes ``--overrides SECTION``
 """
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 
-from toolcall import checkpoint, lora
+from toolcall import checkpoint, launch, lora
 from toolcall.config import SftConfig, from_params
 from toolcall.data import gold_calls, read_rows
 from toolcall.errors import run_stage
@@ -44,6 +46,7 @@ def main():
         p.update(read_params(section))
     style = p.pop("style", "structured")
     cfg = from_params(SftConfig, p, " + ".join(["sft", *args.overrides]))
+    launch.ensure_ranks(cfg.ranks, " + ".join(["sft", *args.overrides]))
     model, tokenizer = lora.load_model(args.model_dir)
     fmt = PromptFormat(tokenizer, style)
     rows = read_rows(args.train)
@@ -68,8 +71,12 @@ def main():
     key = checkpoint.fingerprint("train_sft", dataclasses.asdict(cfg), style, checkpoint.examples_digest(examples),
                                  checkpoint.files_digest(args.model_dir))
     ckpt = checkpoint.Checkpoint(args.out_dir, key, cfg.checkpoint_every)
-    with Live(args.live, dvcyaml=None, save_dvc_exp=False) as live:
+    # Rank 0 alone writes (logs, checkpoints, outputs); the others hold the same weights.
+    writes = launch.is_main()
+    with Live(args.live, dvcyaml=None, save_dvc_exp=False) if writes else contextlib.nullcontext() as live:
         result = train_lora(model, examples, cfg.train(), live, prefix="sft", checkpoint=ckpt)
+    if not writes:
+        return
     lora.save_adapters(model, lora.adapter_config(cfg), args.out_dir)
     n_tokens = sum(len(t) for t, _ in examples)
     write_json(args.metrics, {

@@ -33,8 +33,9 @@ def sft_setup(tmp_path_factory):
     """A directory laid out for stages/train_sft.py: params.yaml, the tiny model, training rows."""
     work = tmp_path_factory.mktemp("sft")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    # ranks=2: the kill -9 hits the launcher, whose ranks must die with it (toolcall/launch.py).
     params["sft"].update(iters=ITERS, batch_size=2, warmup=0, steps_per_report=1, checkpoint_every=2,
-                         max_seq_len=4096, lora_layers=2)
+                         max_seq_len=4096, lora_layers=2, ranks=2)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     write_jsonl(work / "train.jsonl", fixture_rows())
     return work, make_tiny_model(work / "model")

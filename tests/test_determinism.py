@@ -3,7 +3,7 @@
 MLX seeds its global RNG from the clock, so anything drawn before a stage
 seeds it (LoRA's init, sampling) would differ run to run; the second run of
 each stage here has two busy-looping processes beside it, as on a loaded
-machine.
+machine. The stages run as two data-parallel ranks, as on a CPU by default.
 """
 
 import hashlib
@@ -49,10 +49,12 @@ def digests(directory):
 def work(tmp_path_factory):
     work = tmp_path_factory.mktemp("det")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["sft"].update(iters=4, batch_size=2, warmup=0, steps_per_report=1, max_seq_len=4096, lora_layers=2)
-    params["dpo"].update(prompts=4, samples_per_prompt=2, iters=2, batch_size=2, max_tokens=8)
+    # ranks=2: two data-parallel processes, as the stages run on a CPU (toolcall/launch.py).
+    params["sft"].update(iters=4, batch_size=2, warmup=0, steps_per_report=1, max_seq_len=4096, lora_layers=2,
+                         ranks=2)
+    params["dpo"].update(prompts=4, samples_per_prompt=2, iters=2, batch_size=2, max_tokens=8, ranks=2)
     params["rl"].update(rounds=2, prompts=4, samples_per_prompt=2, iters=2, batch_size=2, max_tokens=8,
-                        min_reward=0.0)
+                        min_reward=0.0, ranks=2)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     write_jsonl(work / "train.jsonl", fixture_rows())
     make_tiny_model(work / "base")

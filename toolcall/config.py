@@ -39,12 +39,17 @@ def from_params(cls, section, name):
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             section[key] = float(value)
         elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            expected = want.__name__ + (" or null" if optional else "")
+            expected = _type_name(want) + (" or null" if optional else "")
             raise ConfigError(f"params.yaml [{name}].{key}={value!r}: expected {expected}")
     cfg = cls(**section)
     for problem in cfg.check():
         raise ConfigError(f"params.yaml [{name}]: {problem}")
     return cfg
+
+
+def _type_name(want):
+    """``int``, or ``int or str`` for a union."""
+    return " or ".join(t.__name__ for t in typing.get_args(want)) or want.__name__
 
 
 def _unwrap(annotation):
@@ -65,6 +70,14 @@ def categories(value):
     for problem in _category_problems(value):
         raise ConfigError(f"params.yaml [data]: {problem}")
     return value
+
+
+def _rank_problems(cfg):
+    """``ranks`` (data-parallel processes, toolcall/launch.py) must split every batch evenly."""
+    if cfg.ranks < 1:
+        yield f"ranks={cfg.ranks} must be >= 1"
+    elif cfg.batch_size % cfg.ranks:
+        yield f"batch_size={cfg.batch_size} must be divisible by ranks={cfg.ranks} (each rank takes an equal share)"
 
 
 def _at_least_one(cfg, keys):
@@ -106,9 +119,11 @@ class SftConfig(TrainConfig):
     max_seq_len: int
     mask_prompt: bool
     checkpoint_every: int
+    ranks: int  # data-parallel processes on a CPU (toolcall/launch.py); 1: one plain process
 
     def check(self):
         yield from super().check()
+        yield from _rank_problems(self)
         yield from _at_least_one(self, ("lora_rank", "lora_layers"))
         if self.checkpoint_every < 0 or self.checkpoint_every % (self.steps_per_report * self.grad_accumulation):
             yield (f"checkpoint_every={self.checkpoint_every} must be 0 (never) or a multiple of steps_per_report "
@@ -139,8 +154,10 @@ class DpoConfig:
     temperature: float
     max_tokens: int
     checkpoint_every: int
+    ranks: int  # data-parallel processes on a CPU (toolcall/launch.py); 1: one plain process
 
     def check(self):
+        yield from _rank_problems(self)
         if self.checkpoint_every < 0:
             yield f"checkpoint_every={self.checkpoint_every} must be >= 0 (0: never)"
         if self.beta <= 0:
@@ -180,8 +197,10 @@ class RlConfig:
     reward_ast: float
     reward_format: float
     min_reward: float
+    ranks: int  # data-parallel processes on a CPU (toolcall/launch.py); 1: one plain process
 
     def check(self):
+        yield from _rank_problems(self)
         if self.algo not in ALGOS:
             yield f"algo={self.algo!r} must be one of {ALGOS}"
         yield from _at_least_one(self, ("rounds", "prompts", "samples_per_prompt", "sample_batch", "max_tokens",
@@ -264,9 +283,15 @@ class EvalConfig:
 
     max_tokens: int
     batch_size: int
+    # Generating processes: "auto" (sharding.default_workers: usable cores, capped by
+    # memory, 1 on a GPU) or a count. Outputs do not depend on it.
+    workers: typing.Union[int, str]
 
     def check(self):
         yield from _at_least_one(self, ("max_tokens", "batch_size"))
+        if self.workers != "auto" and (not isinstance(self.workers, int) or isinstance(self.workers, bool)
+                                       or self.workers < 1):
+            yield f"workers={self.workers!r} must be 'auto' or a count >= 1"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,10 +18,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.nn.utils import average_gradients
 from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.trainer import TrainingArgs, train
 from mlx_lm.tuner.utils import build_schedule
 
+from . import launch
 from .batches import iterate_batches
 from .errors import UserError
 from .loss import sft_loss
@@ -95,12 +97,14 @@ class _Reports(TrainingCallback):
 
 
 def _resume(model, optimizer, checkpoint, log):
-    """The step to start from: a matching checkpoint's, else 0."""
+    """The step to start from: a matching checkpoint's, else 0 (the same on every rank)."""
     meta = checkpoint.resume(model, optimizer) if checkpoint else None
-    if meta is None:
-        return 0
-    log.replay(meta["history"])
-    return meta["step"]
+    first = 0 if meta is None else meta["step"]
+    launch.agree(str(first).encode(), "the step to resume from",
+                 f"keep {checkpoint and checkpoint.dir} on storage every host sees, or delete it to start over")
+    if meta is not None:
+        log.replay(meta["history"])
+    return first
 
 
 def _saver(model, optimizer, checkpoint, log):
@@ -149,6 +153,10 @@ def optimize(model, cfg, loss_fn, batches, log, checkpoint=None):
     ``cfg`` is a ``TrainConfig`` (seed, learning_rate, warmup, iters); ``log``
     (a ``StepLog``) gets plain floats after each step. With a ``checkpoint``
     a rerun resumes where the last one saved, skipping the batches it used.
+    Under data-parallel ranks ``batches`` yields this rank's share of each
+    batch; the gradients are averaged across the ranks before the update
+    (as in mlx-lm's trainer), and ``log`` gets the loss and metrics averaged
+    across them.
     """
     mx.random.seed(cfg.seed)
     optimizer = make_optimizer(cfg)
@@ -162,13 +170,14 @@ def optimize(model, cfg, loss_fn, batches, log, checkpoint=None):
     @partial(mx.compile, inputs=state, outputs=state)
     def step(*batch):
         (loss, metrics), grad = value_and_grad(model, *batch)
-        optimizer.update(model, grad)
+        optimizer.update(model, average_gradients(grad))  # unchanged in one process
         return loss, metrics
 
     model.train()
     for it, batch in zip(range(first + 1, cfg.iters + 1), batches):
         loss, metrics = step(*batch)
         mx.eval(state, loss, metrics)
+        loss, metrics = launch.mean_over_ranks((loss, metrics))
         log(it, {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}})
         save(it)
     model.eval()
