@@ -20,7 +20,7 @@ it (``kill -9`` of the stage leaves no rank behind).
 
 Rank 0 alone writes outputs, metrics, dvclive logs and checkpoints (``is_main``)
 and prints progress: the other ranks' stdout is dropped, and their stderr is
-shown only when one of them fails first.
+shown only when one of them fails while rank 0 has nothing to say.
 
 The rank count is a param, never the machine's core count: it changes the
 order of floating-point sums, so the same params must give the same ranks
@@ -119,24 +119,32 @@ def run_ranks(n, command):
         before = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             failed = _wait(procs)
+            # Rank 0's stderr is already on ours. Another rank's is shown only when rank 0 said
+            # nothing of its own (it succeeded, or was killed here): else the message would be twice.
+            if failed and procs[0].returncode in (0, -signal.SIGKILL):
+                errs[failed].seek(0)
+                sys.stderr.write(errs[failed].read())
         finally:
             for sig, handler in before.items():
                 signal.signal(sig, handler)
+            for err in errs[1:]:
+                err.close()
         if failed is None:
             return 0
-        if failed > 0:  # rank 0's stderr is already on ours; another rank's only when it failed first
-            errs[failed].seek(0)
-            sys.stderr.write(errs[failed].read())
         code = procs[failed].returncode
         return 128 - code if code < 0 else code
 
 
-def _wait(procs):
-    """Wait for every rank; at the first failure kill the rest. The failing rank, or None."""
+def _wait(procs, grace=3.0):
+    """Wait for every rank; after the first failure, ``grace`` seconds for the others to end on their
+    own (a Ctrl-C or the same bad input ends them all), then kill the rest. The failing rank, or None."""
     while True:
         codes = [p.poll() for p in procs]
         failed = next((r for r, c in enumerate(codes) if c not in (None, 0)), None)
         if failed is not None:
+            deadline = time.monotonic() + grace
+            while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                time.sleep(0.05)
             for p in procs:
                 if p.poll() is None:
                     p.kill()
