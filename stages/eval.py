@@ -2,8 +2,9 @@
 
     python -m stages.eval sft --model models/base --adapter models/sft
 
-Reads params [eval]. Generation runs in one process per core (``--workers``;
-outputs do not depend on it). Writes metrics/eval/<variant>.json (overall and
+Reads params [eval]. Generation runs in one process per usable core, capped
+by memory, one on a GPU (``eval.workers: auto``; a count, or ``--workers``,
+overrides it; outputs do not depend on it). Writes metrics/eval/<variant>.json (overall and
 per-category accuracy with Wilson 95% intervals, error counts) and
 data/predictions/<variant>.jsonl (raw output, parsed calls, verdict per item).
 """
@@ -16,7 +17,7 @@ from toolcall.data import read_rows
 from toolcall.evaluation import score_output, summarize
 from toolcall.io import json_text, jsonl_text, read_params, write_texts, write_timings
 from toolcall.prompts import PromptFormat
-from toolcall.sharding import default_workers, generate_sharded
+from toolcall.sharding import generate_sharded, resolve_workers
 from toolcall.errors import run_stage
 
 
@@ -28,7 +29,7 @@ def main():
     ap.add_argument("--test", default="data/validated/test.jsonl")
     ap.add_argument("--metrics", help="default: metrics/eval/<variant>.json")
     ap.add_argument("--predictions", help="default: data/predictions/<variant>.jsonl")
-    ap.add_argument("--workers", type=int, default=default_workers(), help="generating processes (default: cores)")
+    ap.add_argument("--workers", type=int, help="generating processes (default: params eval.workers)")
     args = ap.parse_args()
     metrics_path = args.metrics or f"metrics/eval/{args.variant}.json"
     predictions_path = args.predictions or f"data/predictions/{args.variant}.jsonl"
@@ -39,8 +40,10 @@ def main():
     _, tokenizer = load(args.model, lazy=True)  # the tokenizer only: each worker loads the weights
     fmt = PromptFormat(tokenizer)
     prompts = [fmt.encode(fmt.prompt(r["messages"], r["functions"])) for r in rows]
+    workers = args.workers or resolve_workers(p.workers, args.model, p.batch_size,
+                                              max(map(len, prompts)) + p.max_tokens)
     start = time.perf_counter()
-    outputs = generate_sharded(args.model, args.adapter, prompts, workers=args.workers, progress=f"eval {args.variant}",
+    outputs = generate_sharded(args.model, args.adapter, prompts, workers=workers, progress=f"eval {args.variant}",
                                max_tokens=p.max_tokens, batch_size=p.batch_size)
     seconds = time.perf_counter() - start
     records = [score_output(row, text) for row, (text, _) in zip(rows, outputs)]
@@ -49,7 +52,7 @@ def main():
     write_texts({predictions_path: jsonl_text(records), metrics_path: json_text(metrics)})
     write_timings(metrics_path, {"seconds": round(seconds, 1), "examples_per_second": round(len(rows) / seconds, 3),
                                  "tokens_per_second": round(sum(n for _, n in outputs) / seconds, 1),
-                                 "workers": args.workers})
+                                 "workers": workers})
     o = metrics["overall"]
     print(f"{args.variant}: {o['accuracy']:.1%} of {o['n']} (95% CI {o['ci95'][0]:.1%}-{o['ci95'][1]:.1%})")
 

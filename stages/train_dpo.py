@@ -15,16 +15,20 @@ and mean reward margin. Writes mlx-lm adapters to models/sft_dpo,
 metrics/train_dpo.json (pairs per source, sample pass rate, last-steps loss,
 reward margin and preference accuracy, the held-out scores), the seconds of
 each phase beside it (.timings.json) and step curves under dvclive/train_dpo.
+On a CPU it runs as ``dpo.ranks`` data-parallel processes
+(toolcall/launch.py): each samples every prompt (same seed, same samples)
+and trains on its share of each batch.
 """
 
-import math
+import contextlib
+import json
 import time
 
 import numpy as np
 
 from toolcall.cli import continuation_parser
-from toolcall import checkpoint, dpo, lora
-from toolcall.config import DpoConfig, from_params
+from toolcall import checkpoint, dpo, launch, lora
+from toolcall.config import DpoConfig, epoch_steps, from_params
 from toolcall.data import read_rows
 from toolcall.errors import run_stage
 from toolcall.io import read_params, write_json, write_timings
@@ -46,6 +50,7 @@ def main():
     ap.add_argument("--valid", required=True, help="validation rows (JSONL) whose prompts give the held-out pairs")
     args = ap.parse_args()
     cfg = from_params(DpoConfig, read_params("dpo"), "dpo")
+    launch.ensure_ranks(cfg.ranks, "dpo")
     model, tokenizer = lora.load_policy(args.model_dir, args.sft_dir)
     fmt = PromptFormat(tokenizer)
     rows = choose_rows(read_rows(args.train), cfg.prompts, cfg.seed)
@@ -59,6 +64,7 @@ def main():
     # Another seed than the training prompts': the two sets of draws stay independent.
     heldout, heldout_verdicts = preference_pairs(model, tokenizer, fmt, valid_rows, cfg, cfg.seed + 1,
                                                  "dpo held-out sample")
+    launch.agree(json.dumps([pairs, heldout]).encode(), "the preference pairs", launch.SAME_EVERYWHERE)
     seconds["sample"] = round(time.perf_counter() - start, 1)
     print(f"{len(pairs)} pairs from {len(rows)} prompts: {dpo.count_sources(pairs)}; "
           f"sample pass rate {np.mean(verdicts):.1%}; {len(heldout)} held-out pairs from {len(valid_rows)} "
@@ -73,10 +79,13 @@ def main():
 
     start = time.perf_counter()
     train_cfg = cfg.train(len(pairs))
-    with Live(args.live, dvcyaml=None, save_dvc_exp=False) as live:
+    writes = launch.is_main()  # rank 0 alone writes (logs, checkpoints, outputs)
+    with Live(args.live, dvcyaml=None, save_dvc_exp=False) if writes else contextlib.nullcontext() as live:
         log = StepLog(live, "dpo", train_cfg.iters)
         dpo.train(model, pairs, ref, cfg, log, ckpt, heldout=(heldout, heldout_ref))
     seconds["train"] = round(time.perf_counter() - start, 1)
+    if not writes:
+        return
     lora.save_adapters(model, lora.read_adapter_config(args.sft_dir), args.out_dir)
     write_json(args.metrics, {
         "prompts": len(rows),
@@ -85,7 +94,7 @@ def main():
         "pairs": len(pairs),
         "pairs_by_source": dpo.count_sources(pairs),
         "steps": train_cfg.iters,
-        "epochs": round(train_cfg.iters / math.ceil(len(pairs) / cfg.batch_size), 2),
+        "epochs": round(train_cfg.iters / epoch_steps(1, len(pairs), cfg.batch_size, cfg.ranks), 2),
         "last_10_steps": log.last(10),
         "heldout": {
             "prompts": len(valid_rows),

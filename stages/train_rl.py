@@ -8,11 +8,16 @@ policy, rewards the samples and updates the LoRA (see toolcall/rl.py).
 Writes mlx-lm adapters to models/sft_rl, metrics/train_rl.json (per round:
 mean reward, pass rate, format rate, samples kept; the update steps in all),
 the seconds of each round beside it (.timings.json), and under
-dvclive/train_rl the step curves and each round's reward and kept count.
+dvclive/train_rl the step curves and each round's reward and kept count. On a
+CPU it runs as ``rl.ranks`` data-parallel processes (toolcall/launch.py):
+each samples every prompt (same seed, same samples) and trains on its share
+of each batch.
 """
 
+import contextlib
+
 from toolcall.cli import continuation_parser
-from toolcall import checkpoint, lora, rl
+from toolcall import checkpoint, launch, lora, rl
 from toolcall.config import RlConfig, from_params
 from toolcall.io import read_params, write_json, write_timings
 from toolcall.prompts import PromptFormat
@@ -23,6 +28,7 @@ from toolcall.errors import run_stage
 def main():
     args = continuation_parser(__doc__, "train_rl").parse_args()
     cfg = from_params(RlConfig, read_params("rl"), "rl")
+    launch.ensure_ranks(cfg.ranks, "rl")
     model, tokenizer = lora.load_policy(args.model_dir, args.sft_dir)
     fmt = PromptFormat(tokenizer)
     rows = read_rows(args.train)
@@ -30,8 +36,11 @@ def main():
     ckpt = checkpoint.Checkpoint(args.out_dir, key, every=1)  # after every round
     from dvclive import Live
 
-    with Live(args.live, dvcyaml=None, save_dvc_exp=False) as live:
+    writes = launch.is_main()  # rank 0 alone writes (logs, checkpoints, outputs)
+    with Live(args.live, dvcyaml=None, save_dvc_exp=False) if writes else contextlib.nullcontext() as live:
         rounds = rl.run(model, tokenizer, fmt, rows, cfg, live, ckpt)
+    if not writes:
+        return
     lora.save_adapters(model, lora.read_adapter_config(args.sft_dir), args.out_dir)
     timed = ("sample_seconds", "train_seconds")
     write_json(args.metrics, {

@@ -12,7 +12,8 @@ evaluations without a new lowest stop training early. Writes mlx-lm adapters
 (the chosen step and epoch, the lowest validation loss), and the training and
 validation loss curves under dvclive/train_sft for ``dvc plots show``. No
 example may exceed max_seq_len: the stage fails rather than train on a cut
-target.
+target. On a CPU it runs as ``sft.ranks`` data-parallel processes
+(toolcall/launch.py).
 
 An ablation arm (stage ablation_train) passes ``--overrides SECTION``
 (dotted, repeatable, later ones win) whose keys replace [sft]'s and whose
@@ -24,12 +25,12 @@ An ablation arm (stage ablation_train) passes ``--overrides SECTION``
 """
 
 import argparse
+import contextlib
 import dataclasses
-import math
 import sys
 
-from toolcall import checkpoint, lora
-from toolcall.config import SftConfig, from_params
+from toolcall import checkpoint, launch, lora
+from toolcall.config import SftConfig, epoch_steps, from_params
 from toolcall.data import gold_calls, read_rows
 from toolcall.errors import run_stage
 from toolcall.io import read_params, write_json, write_timings
@@ -52,6 +53,7 @@ def main():
         p.update(read_params(section))
     style = p.pop("style", "structured")
     cfg = from_params(SftConfig, p, " + ".join(["sft", *args.overrides]))
+    launch.ensure_ranks(cfg.ranks, " + ".join(["sft", *args.overrides]))
     model, tokenizer = lora.load_model(args.model_dir)
     fmt = PromptFormat(tokenizer, style)
     rows = read_rows(args.train)
@@ -79,12 +81,16 @@ def main():
     key = checkpoint.fingerprint("train_sft", dataclasses.asdict(cfg), style, checkpoint.examples_digest(examples),
                                  checkpoint.examples_digest(valid), checkpoint.files_digest(args.model_dir))
     ckpt = checkpoint.Checkpoint(args.out_dir, key, cfg.checkpoint_every)
-    with Live(args.live, dvcyaml=None, save_dvc_exp=False) as live:
+    # Rank 0 alone writes (logs, checkpoints, outputs); the others hold the same weights.
+    writes = launch.is_main()
+    with Live(args.live, dvcyaml=None, save_dvc_exp=False) if writes else contextlib.nullcontext() as live:
         result = train_lora(model, examples, train_cfg, live, prefix="sft", checkpoint=ckpt, valid=valid,
                             steps_per_eval=cfg.steps_per_eval, patience=cfg.patience)
+    if not writes:
+        return
     lora.save_adapters(model, lora.adapter_config(cfg), args.out_dir)
     n_tokens = sum(len(t) for t, _ in examples)
-    per_epoch = math.ceil(len(examples) / cfg.batch_size)  # batches.length_buckets keeps every row
+    per_epoch = epoch_steps(1, len(examples), cfg.batch_size, cfg.ranks)  # batches.length_buckets keeps every row
     chosen = result.get("chosen_step", result["last_step"])
     losses = [h["loss"] for h in result["history"] if "loss" in h]
     write_json(args.metrics, {

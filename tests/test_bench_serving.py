@@ -45,7 +45,8 @@ def project(tmp_path_factory):
         fetch_model(model_cfg, tmp / "models/base")
     # A small update on top: the adapter changes the weights, the tuned answer survives it.
     train_lora_adapter(tmp / "models/base", tmp / "models/sft", steps=2, learning_rate=1e-4)
-    (tmp / "params.yaml").write_text(yaml.safe_dump({"model": model_cfg, "eval": {"max_tokens": 128, "batch_size": 4}}))
+    (tmp / "params.yaml").write_text(yaml.safe_dump({"model": model_cfg,
+                                                    "eval": {"max_tokens": 128, "batch_size": 4, "workers": 1}}))
     rows = [TINY_ROW] + [r for r in fixture_rows() if r["category"] == "simple"][:1]
     write_jsonl(tmp / "data/validated/test.jsonl", rows)
     py = sys.executable

@@ -35,8 +35,9 @@ def sft_setup(tmp_path_factory):
     work = tmp_path_factory.mktemp("sft")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     # Validation every 2 steps: the weights of the lowest loss so far must survive the kill too.
+    # ranks=2: the kill -9 hits the launcher, whose ranks must die with it (toolcall/launch.py).
     params["sft"].update(iters=ITERS, epochs=None, batch_size=2, warmup=0, steps_per_report=1, checkpoint_every=2,
-                         steps_per_eval=2, patience=0, max_seq_len=4096, lora_layers=2)
+                         steps_per_eval=2, patience=0, max_seq_len=4096, lora_layers=2, ranks=2)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     train, valid = fixture_split()
     write_jsonl(work / "train.jsonl", train)

@@ -89,6 +89,13 @@ def test_a_missing_key_is_an_error_not_a_hidden_default():
     (ValidateConfig, "validate", "max_drop_fraction", 1.5, r"max_drop_fraction=1.5 must be in \[0, 1\]"),
     (EvalConfig, "eval", "batch_size", 0, r"\[eval\]: batch_size=0 must be >= 1"),
     (EvalConfig, "eval", "max_tokens", 1.5, r"\[eval\]\.max_tokens=1.5: expected int"),
+    (EvalConfig, "eval", "workers", 0, r"\[eval\]: workers=0 must be 'auto' or a count >= 1"),
+    (EvalConfig, "eval", "workers", "all", r"\[eval\]: workers='all' must be 'auto' or a count >= 1"),
+    (EvalConfig, "eval", "workers", 2.0, r"\[eval\]\.workers=2.0: expected int or str"),
+    (SftConfig, "sft", "ranks", 3, r"\[sft\]: batch_size=4 must be divisible by ranks=3"),
+    (SftConfig, "sft", "ranks", 0, r"\[sft\]: ranks=0 must be >= 1"),
+    (DpoConfig, "dpo", "ranks", 3, r"\[dpo\]: batch_size=4 must be divisible by ranks=3"),
+    (RlConfig, "rl", "ranks", 8, r"\[rl\]: batch_size=4 must be divisible by ranks=8"),
     (ScaffoldConfig, "ablations.scaffold", "temperature", 0.0, r"temperature=0.0 must be > 0"),
     (DiversityConfig, "ablations.diversity", "budget", -3, r"budget=-3 must be >= 1"),
     (ReportConfig, "report", "equivalence_margin", 5, r"\[report\]: equivalence_margin=5.0 must be in \(0, 1\)"),
@@ -103,6 +110,11 @@ def test_impossible_params_are_refused_with_the_key(cls, name, key, value, messa
 def test_grpo_needs_groups():
     with pytest.raises(ConfigError, match=r"\[rl\].*samples_per_prompt"):
         config(RlConfig, "rl", algo="grpo", samples_per_prompt=1)
+
+
+def test_eval_workers_is_auto_or_a_count():
+    assert config(EvalConfig, "eval", workers="auto").workers == "auto"
+    assert config(EvalConfig, "eval", workers=3).workers == 3
 
 
 def test_an_int_is_accepted_where_a_float_is_expected():

@@ -3,7 +3,7 @@
 MLX seeds its global RNG from the clock, so anything drawn before a stage
 seeds it (LoRA's init, sampling) would differ run to run; the second run of
 each stage here has two busy-looping processes beside it, as on a loaded
-machine.
+machine. The stages run as two data-parallel ranks, as on a CPU by default.
 """
 
 import hashlib
@@ -49,12 +49,13 @@ def digests(directory):
 def work(tmp_path_factory):
     work = tmp_path_factory.mktemp("det")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    # ranks=2: two data-parallel processes, as the stages run on a CPU (toolcall/launch.py).
     params["sft"].update(iters=4, epochs=None, batch_size=2, warmup=0, steps_per_report=1, steps_per_eval=2,
-                         max_seq_len=4096, lora_layers=2)
+                         max_seq_len=4096, lora_layers=2, ranks=2)
     params["dpo"].update(prompts=4, samples_per_prompt=2, epochs=1.0, batch_size=2, max_tokens=8, valid_prompts=2,
-                         steps_per_eval=2)
+                         steps_per_eval=2, ranks=2)
     params["rl"].update(rounds=2, prompts=4, samples_per_prompt=2, iters=2, batch_size=2, max_tokens=8,
-                        min_reward=0.0)
+                        min_reward=0.0, ranks=2)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     train, valid = fixture_split()
     write_jsonl(work / "train.jsonl", train)

@@ -13,16 +13,21 @@ import mlx.core as mx
 import numpy as np
 
 
-def length_buckets(lengths, batch_size):
+def length_buckets(lengths, batch_size, ranks=1):
     """Row indices sorted by length, cut into batches of ``batch_size``.
 
     The remainder is a last, smaller batch of the longest rows, not dropped:
     dropping it (as mlx-lm's ``iterate_batches`` does) meant the longest rows
     were never trained on. It is the longest rows' batch because a smaller batch
-    is where long rows cost least memory.
+    is where long rows cost least memory. A remainder smaller than ``ranks``
+    (data-parallel ranks each take every ``ranks``-th row of a batch) joins the
+    batch before it, so that no rank is left with an empty share.
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    buckets = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if len(buckets) > 1 and len(buckets[-1]) < ranks:
+        buckets[-2:] = [buckets[-2] + buckets[-1]]
+    return buckets
 
 
 def shuffled(buckets, seed, loop=True):
@@ -49,7 +54,7 @@ def iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=None, 
     offset, step = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
     if batch_size % step:
         raise ValueError("the batch size must be divisible by the number of workers")
-    buckets = [b[offset::step] for b in length_buckets([len(t) for t, _ in dataset], batch_size)]
+    buckets = [b[offset::step] for b in length_buckets([len(t) for t, _ in dataset], batch_size, step)]
     for n, bucket in enumerate(shuffled(buckets, seed, loop)):
         if n >= skip:
             yield collate([dataset[i] for i in bucket])

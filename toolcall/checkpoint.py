@@ -10,6 +10,8 @@ checkpoint intact. It carries a fingerprint of everything the run depends on
 same inputs resumes from it and ends with the same bytes as an uninterrupted
 run, a rerun with other inputs ignores it. The stage deletes it once its
 outputs are written, and DVC never sees it (``.gitignore``, ``.dvcignore``).
+Under data-parallel ranks every rank holds the same state and rank 0 alone
+writes it; every rank reads it back on resume.
 """
 
 import dataclasses
@@ -21,6 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import launch
 from .io import atomic_dir, write_json
 
 META = "meta.json"
@@ -70,10 +73,12 @@ class Checkpoint:
         return self.every > 0 and step % self.every == 0
 
     def save(self, step, model, optimizer, history, extra=None, tensors=None):
-        """Write the run's state after ``step`` steps, replacing the previous checkpoint whole.
+        """Write the run's state after ``step`` steps, replacing the previous checkpoint whole (rank 0).
 
         ``extra``: JSON the loop needs back; ``tensors``: named arrays it needs back.
         """
+        if not launch.is_main():
+            return
         with atomic_dir(self.dir) as tmp:
             mx.save_safetensors(str(tmp / WEIGHTS), dict(tree_flatten(model.trainable_parameters())))
             if optimizer is not None:
@@ -108,4 +113,5 @@ class Checkpoint:
         return meta
 
     def clear(self):
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if launch.is_main():
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -40,12 +40,17 @@ def from_params(cls, section, name):
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             section[key] = float(value)
         elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            expected = want.__name__ + (" or null" if optional else "")
+            expected = _type_name(want) + (" or null" if optional else "")
             raise ConfigError(f"params.yaml [{name}].{key}={value!r}: expected {expected}")
     cfg = cls(**section)
     for problem in cfg.check():
         raise ConfigError(f"params.yaml [{name}]: {problem}")
     return cfg
+
+
+def _type_name(want):
+    """``int``, or ``int or str`` for a union."""
+    return " or ".join(t.__name__ for t in typing.get_args(want)) or want.__name__
 
 
 def _unwrap(annotation):
@@ -75,6 +80,14 @@ def extra_sources(value):
     return value
 
 
+def _rank_problems(cfg):
+    """``ranks`` (data-parallel processes, toolcall/launch.py) must split every batch evenly."""
+    if cfg.ranks < 1:
+        yield f"ranks={cfg.ranks} must be >= 1"
+    elif cfg.batch_size % cfg.ranks:
+        yield f"batch_size={cfg.batch_size} must be divisible by ranks={cfg.ranks} (each rank takes an equal share)"
+
+
 def _at_least_one(cfg, keys):
     for key in keys:
         if getattr(cfg, key) < 1:
@@ -101,13 +114,17 @@ class TrainConfig:
             yield f"warmup={self.warmup} must be in [0, iters)"
 
 
-def epoch_steps(epochs, n_rows, batch_size):
+def epoch_steps(epochs, n_rows, batch_size, ranks):
     """Steps that make ``epochs`` passes over ``n_rows`` rows (at least one).
 
     A pass is ``ceil(n_rows / batch_size)`` batches: ``batches.length_buckets``
-    keeps the remainder as a last, smaller batch.
+    keeps the remainder as a last, smaller batch, or, when it has fewer rows
+    than ``ranks``, adds it to the batch before.
     """
-    return max(1, math.ceil(epochs * math.ceil(n_rows / batch_size)))
+    per_pass = math.ceil(n_rows / batch_size)
+    if n_rows > batch_size and 0 < n_rows % batch_size < ranks:
+        per_pass -= 1
+    return max(1, math.ceil(epochs * per_pass))
 
 
 def _budget_problems(cfg):
@@ -155,11 +172,13 @@ class SftConfig:
     # stops after ``patience`` evaluations without a new lowest (0: never early).
     steps_per_eval: int
     patience: int
+    ranks: int  # data-parallel processes on a CPU (toolcall/launch.py); 1: one plain process
 
     def check(self):
         if not 0 < self.learning_rate < 1:
             yield f"learning_rate={self.learning_rate} must be in (0, 1)"
         yield from _budget_problems(self)
+        yield from _rank_problems(self)
         yield from _at_least_one(self, ("batch_size", "grad_accumulation", "steps_per_report", "lora_rank",
                                         "lora_layers"))
         if self.iters is not None and not 0 <= self.warmup < self.iters:
@@ -186,7 +205,7 @@ class SftConfig:
         """
         if self.iters is not None:
             return self.iters
-        steps = epoch_steps(self.epochs, n_examples, self.batch_size)
+        steps = epoch_steps(self.epochs, n_examples, self.batch_size, self.ranks)
         return self.grad_accumulation * math.ceil(steps / self.grad_accumulation)
 
     def train(self, n_examples):
@@ -218,8 +237,10 @@ class DpoConfig:
     checkpoint_every: int
     valid_prompts: int  # validation prompts whose pairs are held out, scored every steps_per_eval steps
     steps_per_eval: int
+    ranks: int  # data-parallel processes on a CPU (toolcall/launch.py); 1: one plain process
 
     def check(self):
+        yield from _rank_problems(self)
         if self.checkpoint_every < 0:
             yield f"checkpoint_every={self.checkpoint_every} must be >= 0 (0: never)"
         if self.beta <= 0:
@@ -239,7 +260,7 @@ class DpoConfig:
     def train(self, n_pairs):
         """DPO's optimizer loop over ``n_pairs`` pairs: ``epochs`` passes, no warmup, one batch per step."""
         return TrainConfig(seed=self.seed, learning_rate=self.learning_rate, warmup=0,
-                           iters=epoch_steps(self.epochs, n_pairs, self.batch_size), batch_size=self.batch_size,
+                           iters=epoch_steps(self.epochs, n_pairs, self.batch_size, self.ranks), batch_size=self.batch_size,
                            grad_accumulation=1, steps_per_report=1)
 
 
@@ -263,8 +284,10 @@ class RlConfig:
     reward_ast: float
     reward_format: float
     min_reward: float
+    ranks: int  # data-parallel processes on a CPU (toolcall/launch.py); 1: one plain process
 
     def check(self):
+        yield from _rank_problems(self)
         if self.algo not in ALGOS:
             yield f"algo={self.algo!r} must be one of {ALGOS}"
         yield from _at_least_one(self, ("rounds", "prompts", "samples_per_prompt", "sample_batch", "max_tokens",
@@ -358,9 +381,15 @@ class EvalConfig:
 
     max_tokens: int
     batch_size: int
+    # Generating processes: "auto" (sharding.default_workers: usable cores, capped by
+    # memory, 1 on a GPU) or a count. Outputs do not depend on it.
+    workers: typing.Union[int, str]
 
     def check(self):
         yield from _at_least_one(self, ("max_tokens", "batch_size"))
+        if self.workers != "auto" and (not isinstance(self.workers, int) or isinstance(self.workers, bool)
+                                       or self.workers < 1):
+            yield f"workers={self.workers!r} must be 'auto' or a count >= 1"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import launch
 from .batches import collate, length_buckets, shuffled
 from .config import LOSSES
 from .data import gold_calls
@@ -214,14 +215,16 @@ def reference_logps(model, pairs, loss_type):
 def pair_batches(pairs, ref, batch_size, seed):
     """Endless batches ``(tokens, positions, weights, ref)`` of ``batch_size`` pairs.
 
-    Chosen rows first, then their rejected rows.
+    Chosen rows first, then their rejected rows. Under data-parallel ranks,
+    this rank's share of each batch's pairs (``launch.shard``).
     """
     if len(pairs) < batch_size:
         raise ValueError(f"only {len(pairs)} preference pairs for dpo.batch_size={batch_size}: "
                          "raise dpo.prompts or lower dpo.batch_size")
     ref_chosen, ref_rejected = ref
     lengths = [len(p["chosen"]) + len(p["rejected"]) for p in pairs]
-    for idx in shuffled(length_buckets(lengths, batch_size), seed):
+    for idx in shuffled(length_buckets(lengths, batch_size, launch.size()), seed):
+        idx = launch.shard(idx)
         examples = [(pairs[i]["chosen"], pairs[i]["prompt_len"]) for i in idx]
         examples += [(pairs[i]["rejected"], pairs[i]["prompt_len"]) for i in idx]
         tokens, _, positions, weights = collate(examples)

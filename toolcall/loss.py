@@ -10,6 +10,7 @@ import mlx.core as mx
 from mlx_lm.tuner.trainer import default_loss
 
 from .kernels import cross_entropy
+from . import launch
 
 # Model families whose forward is body (`model.model`) + vocabulary projection,
 # so the projection can be applied to a subset of positions.
@@ -30,6 +31,9 @@ def lm_head(model, hidden):
 def completion_loss(model, batch, lengths, positions, weights):
     """Mean cross-entropy over completion tokens; ``(loss, ntoks)`` like mlx-lm's.
 
+    Under data-parallel ranks the mean is over every rank's tokens
+    (``launch.token_mean``), so the averaged gradient is one process's.
+
     ``positions[b, j]`` is the index (into ``batch[:, :-1]``) of the j-th
     predicted completion token of row b, ``weights`` 1 there and 0 on padding.
     """
@@ -39,12 +43,15 @@ def completion_loss(model, batch, lengths, positions, weights):
     logits = lm_head(model, picked)
     ce = cross_entropy(logits, mx.take_along_axis(targets, positions, axis=1)) * weights
     ntoks = weights.sum()
-    return ce.astype(mx.float32).sum() / ntoks, ntoks
+    return launch.token_mean(ce.astype(mx.float32).sum(), ntoks), ntoks
 
 
 def full_loss(model, batch, lengths, positions, weights):
     """mlx-lm's ``default_loss`` with our batch layout (for models we cannot split)."""
-    return default_loss(model, batch, lengths)
+    loss, ntoks = default_loss(model, batch, lengths)
+    if launch.size() == 1:
+        return loss, ntoks
+    return launch.token_mean(loss * ntoks, ntoks), ntoks  # its per-rank mean, made a mean over all ranks
 
 
 def sft_loss(model):

@@ -30,11 +30,13 @@ dvclive under ``rl/round/`` at the training step they were drawn at, beside
 the step curves, which run on across rounds.
 """
 
+import json
 import time
 
 import mlx.core as mx
 import numpy as np
 
+from . import launch
 from .batches import collate, length_buckets, pad, shuffled
 from .evaluation import score_output
 from .lora import restore, snapshot
@@ -105,14 +107,17 @@ def grpo_loss(model, tokens, positions, weights, advantages, old, ref, clip_eps,
     surrogate = mx.minimum(ratio * adv, mx.clip(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
     kl = mx.exp(log_ref_ratio) - log_ref_ratio - 1
     n = weights.sum()
-    loss = ((kl_coef * kl - surrogate) * weights).sum() / n
+    # Means over every rank's tokens under data-parallel ranks (launch.token_mean).
+    loss = launch.token_mean(((kl_coef * kl - surrogate) * weights).sum(), n)
     clipped = (mx.abs(ratio - 1) > clip_eps).astype(mx.float32) * weights
-    return loss, {"kl": (kl * weights).sum() / n, "clip_fraction": clipped.sum() / n}
+    return loss, {"kl": launch.token_mean((kl * weights).sum(), n),
+                  "clip_fraction": launch.token_mean(clipped.sum(), n)}
 
 
 def grpo_batches(examples, advantages, old, ref, batch_size, seed):
-    """Endless ``(tokens, positions, weights, advantages, old, ref)`` batches."""
-    for idx in shuffled(length_buckets([len(t) for t, _ in examples], batch_size), seed):
+    """Endless ``(tokens, positions, weights, advantages, old, ref)`` batches (this rank's share of each)."""
+    for idx in shuffled(length_buckets([len(t) for t, _ in examples], batch_size, launch.size()), seed):
+        idx = launch.shard(idx)
         tokens, _, positions, weights = collate([examples[i] for i in idx])
         width = positions.shape[1]
         yield (tokens, positions, weights, mx.array(advantages[idx]),
@@ -160,6 +165,8 @@ def run(model, tokenizer, fmt, rows, cfg, live=None, checkpoint=None):
     reference = snapshot(model)
     meta = checkpoint.resume(model, None) if checkpoint else None
     stats = meta["extra"]["rounds"] if meta else []
+    launch.agree(json.dumps(stats).encode(), "the rounds to resume after",
+                 f"keep {checkpoint and checkpoint.dir} on storage every host sees, or delete it to start over")
     steps_done = 0
     for done in stats:
         _log_round(live, steps_done, done)
@@ -171,6 +178,10 @@ def run(model, tokenizer, fmt, rows, cfg, live=None, checkpoint=None):
         start = time.perf_counter()
         samples = sample(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.temperature, cfg.max_tokens,
                          cfg.seed + r, cfg.sample_batch, label=f"rl round {r + 1} sample")
+        # Every rank samples the same prompts with the same seed (no gather needed, and the samples do not
+        # depend on the rank count); each then trains on its share of the batches.
+        launch.agree(json.dumps([[list(map(int, ids)) for _, ids in group] for group in samples]).encode(),
+                     f"round {r + 1}'s samples", launch.SAME_EVERYWHERE)
         scores = [[reward(row, text, cfg.reward_ast, cfg.reward_format) for text, _ in group]
                   for row, group in zip(batch_rows, samples)]
         sample_seconds = time.perf_counter() - start

@@ -20,10 +20,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.nn.utils import average_gradients
 from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 from mlx_lm.tuner.utils import build_schedule
 
+from . import launch
 from .batches import iterate_batches
 from .errors import UserError
 from .lora import restore, snapshot
@@ -165,14 +167,16 @@ class _Reports(TrainingCallback):
 
 
 def _resume(model, optimizer, checkpoint, log, validation=None):
-    """The step to start from: a matching checkpoint's, else 0."""
+    """The step to start from: a matching checkpoint's, else 0 (the same on every rank)."""
     meta = checkpoint.resume(model, optimizer) if checkpoint else None
-    if meta is None:
-        return 0
-    log.replay(meta["history"])
-    if validation is not None:
-        validation.load(meta["extra"]["validation"], meta["tensors"])
-    return meta["step"]
+    first = 0 if meta is None else meta["step"]
+    launch.agree(str(first).encode(), "the step to resume from",
+                 f"keep {checkpoint and checkpoint.dir} on storage every host sees, or delete it to start over")
+    if meta is not None:
+        log.replay(meta["history"])
+        if validation is not None:
+            validation.load(meta["extra"]["validation"], meta["tensors"])
+    return first
 
 
 def _saver(model, optimizer, checkpoint, log, validation=None):
@@ -246,6 +250,10 @@ def optimize(model, cfg, loss_fn, batches, log, checkpoint=None, evaluate=None, 
     a rerun resumes where the last one saved, skipping the batches it used.
     ``evaluate(model) -> {name: float}`` (held-out scores), when given, runs
     every ``every`` steps and after the last (``every`` 0: only then), into the same log row.
+    Under data-parallel ranks ``batches`` yields this rank's share of each
+    batch; the gradients are averaged across the ranks before the update
+    (as in mlx-lm's trainer), and ``log`` gets the loss and metrics averaged
+    across them.
     """
     mx.random.seed(cfg.seed)
     optimizer = make_optimizer(cfg)
@@ -259,13 +267,14 @@ def optimize(model, cfg, loss_fn, batches, log, checkpoint=None, evaluate=None, 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(*batch):
         (loss, metrics), grad = value_and_grad(model, *batch)
-        optimizer.update(model, grad)
+        optimizer.update(model, average_gradients(grad))  # unchanged in one process
         return loss, metrics
 
     model.train()
     for it, batch in zip(range(first + 1, cfg.iters + 1), batches):
         loss, metrics = step(*batch)
         mx.eval(state, loss, metrics)
+        loss, metrics = launch.mean_over_ranks((loss, metrics))
         row = {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}}
         if evaluate is not None and (it == cfg.iters or (every > 0 and it % every == 0)):
             row.update(evaluate(model))

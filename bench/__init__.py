@@ -1,0 +1,1 @@
+"""Speed and fidelity measurements: `make bench` (bench/bench.py, one module per section) and `make serving`."""
