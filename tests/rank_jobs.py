@@ -49,8 +49,8 @@ def optimize(out):
               "chosen": rng.integers(3, 200, 20 + 3 * i).tolist(), "rejected": rng.integers(3, 200, 15 + 5 * i).tolist()}
              for i in range(8)]
     ref = dpo.reference_logps(model, pairs, "sigmoid")
-    cfg = config(DpoConfig, "dpo", iters=3, batch_size=4, learning_rate=1e-2, ranks=launch.size())
-    dpo_log = StepLog(None, "dpo", cfg.iters)
+    cfg = config(DpoConfig, "dpo", epochs=1.5, batch_size=4, learning_rate=1e-2, ranks=launch.size())  # 3 steps
+    dpo_log = StepLog(None, "dpo", cfg.train(len(pairs)).iters)
     dpo.train(model, pairs, ref, cfg, dpo_log)
     lora.restore(model, start)
     examples = [(rng.integers(3, 200, 12).tolist() + rng.integers(3, 200, 2 + 6 * i).tolist(), 12) for i in range(8)]

@@ -67,7 +67,7 @@ def sft_work(tmp_path_factory):
 
 def train_sft(work, ranks, out):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["sft"].update(iters=4, batch_size=2, warmup=0, steps_per_report=1, max_seq_len=4096, lora_layers=2,
+    params["sft"].update(iters=4, epochs=None, batch_size=2, warmup=0, steps_per_report=1, max_seq_len=4096, lora_layers=2,
                          ranks=ranks)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     proc = subprocess.run([sys.executable, "-m", "stages.train_sft", "base", "train.jsonl", out, "--metrics",

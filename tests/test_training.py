@@ -53,7 +53,7 @@ def test_batches_are_seeded_and_cover_the_data():
 def test_every_row_is_trained_on_once_per_epoch_the_longest_too(n_rows):
     data = [(list(range(3, 3 + n)), 2) for n in range(5, 5 + n_rows)]  # row i has 5 + i tokens: lengths identify rows
     it = batches.iterate_batches(data, 4, 1024, loop=True, seed=0)
-    per_epoch = epoch_steps(1, n_rows, 4)
+    per_epoch = epoch_steps(1, n_rows, 4, 1)
     assert per_epoch == math.ceil(n_rows / 4)
     for _ in range(3):  # each pass, in its own order, holds every row exactly once
         seen = []
@@ -67,6 +67,31 @@ def test_length_buckets_hold_similar_lengths_and_keep_the_remainder():
     lengths = [5, 40, 7, 33, 6, 41, 8, 30, 100]
     buckets = batches.length_buckets(lengths, 4)
     assert buckets == [[0, 4, 2, 6], [7, 3, 1, 5], [8]]  # 9 rows, batches of 4: the longest row on its own
+
+
+@pytest.mark.parametrize("n_rows", [9, 10, 13])
+def test_under_two_ranks_each_rank_gets_rows_of_every_batch_and_every_row_once(n_rows):
+    class Rank:  # the two ranks' view of mlx's group, as iterate_batches reads it
+        def __init__(self, r):
+            self.r = r
+
+        def rank(self):
+            return self.r
+
+        def size(self):
+            return 2
+
+    data = [(list(range(3, 3 + n)), 2) for n in range(5, 5 + n_rows)]
+    per_epoch = epoch_steps(1, n_rows, 4, 2)
+    assert per_epoch == (n_rows - 1) // 4 if n_rows % 4 == 1 else math.ceil(n_rows / 4)  # a lone row joins a batch
+    seen = []
+    for r in range(2):
+        it = batches.iterate_batches(data, 4, 1024, loop=True, seed=0, comm_group=Rank(r))
+        for _ in range(per_epoch):
+            _, lengths, _, _ = next(it)
+            assert lengths.shape[0] >= 1
+            seen += [int(end) + 1 for _, end in lengths.tolist()]
+    assert sorted(seen) == [len(t) for t, _ in data]
 
 
 def test_lora_init_is_seeded(tmp_path_factory):
@@ -93,10 +118,12 @@ def test_more_lora_layers_than_blocks_is_refused(model):
 
 
 def test_epochs_give_whole_passes_over_the_rows():
-    assert config(SftConfig, "sft", epochs=2.0, iters=None, batch_size=4).train(789).iters == 2 * 198
+    assert config(SftConfig, "sft", epochs=2.0, iters=None, batch_size=4, ranks=1).train(789).iters == 2 * 198
+    # Under 2 ranks the 789th row joins the batch before it (a lone row cannot be shared by two ranks).
+    assert config(SftConfig, "sft", epochs=2.0, iters=None, batch_size=4, ranks=2).train(789).iters == 2 * 197
     assert config(SftConfig, "sft", epochs=0.5, iters=None, batch_size=4).steps(10) == 2  # 3 batches a pass
     # Whole optimizer updates: no accumulated gradient is left unapplied at the end.
-    assert config(SftConfig, "sft", epochs=1.0, iters=None, batch_size=4, grad_accumulation=4,
+    assert config(SftConfig, "sft", epochs=1.0, iters=None, batch_size=4, grad_accumulation=4, ranks=1,
                   steps_per_report=1, checkpoint_every=4, steps_per_eval=4).train(789).iters == 200
     assert config(SftConfig, "sft", epochs=None, iters=40).train(789).iters == 40
 

@@ -260,8 +260,8 @@ class DpoConfig:
     def train(self, n_pairs):
         """DPO's optimizer loop over ``n_pairs`` pairs: ``epochs`` passes, no warmup, one batch per step."""
         return TrainConfig(seed=self.seed, learning_rate=self.learning_rate, warmup=0,
-                           iters=epoch_steps(self.epochs, n_pairs, self.batch_size, self.ranks), batch_size=self.batch_size,
-                           grad_accumulation=1, steps_per_report=1)
+                           iters=epoch_steps(self.epochs, n_pairs, self.batch_size, self.ranks),
+                           batch_size=self.batch_size, grad_accumulation=1, steps_per_report=1)
 
 
 @dataclasses.dataclass(frozen=True)
