@@ -7,7 +7,9 @@ TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: repro exp ablations export serving test bench env openblas clean-env
 
-# The main study (Table 1 with DPO and RL). The ablations are their own target: hours on a CPU.
+# The main study (Table 1 with DPO and RL), every seed of params study.seeds: the two report
+# stages read every seed's evals, so they pull in exactly the per-seed training and eval stages.
+# The ablations are their own target: hours on a CPU.
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro report report_post_sft
 
@@ -23,7 +25,8 @@ ablations: $(STAMP)
 export: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro export
 
-# Served / fused / GGUF vs eval on the real tuned model (after repro and export): metrics/serving.json.
+# Served / fused / GGUF vs eval on the real tuned model, the first seed's run (after repro and export):
+# metrics/serving.json.
 serving: $(TEST_STAMP)
 	$(PY) bench/serving.py --variant sft
 

@@ -1,15 +1,18 @@
 """DPO on top of the SFT adapter, with on-policy negatives from the training split.
 
-    python -m stages.train_dpo models/base models/sft data/validated/train.jsonl models/sft_dpo
+    python -m stages.train_dpo models/base models/sft/s0 data/validated/train.jsonl models/sft_dpo/s0 --seed 0 \
+        --metrics metrics/train_dpo/s0.json --live dvclive/train_dpo/s0
 
-Reads params [dpo]; the LoRA shape comes from models/sft/adapter_config.json.
+Reads params [dpo] and its seed from ``--seed`` (dvc.yaml: once per seed of
+study.seeds, on that seed's SFT); the LoRA shape comes from the SFT
+adapter's adapter_config.json.
 Samples the SFT model on ``dpo.prompts`` training prompts, pairs the gold
 calls (chosen) with failing samples or, where every sample passes, a
 corruption of the gold calls (rejected), then trains the LoRA with the DPO
-loss against the frozen SFT model. Writes mlx-lm adapters to models/sft_dpo,
-metrics/train_dpo.json (pairs per source, sample pass rate, last-steps loss,
-reward margin, preference accuracy), the seconds of each phase beside it
-(.timings.json) and step curves under dvclive/train_dpo.
+loss against the frozen SFT model. Writes mlx-lm adapters to the output
+directory, the metrics (pairs per source, sample pass rate, last-steps loss,
+reward margin, preference accuracy), the seconds of each phase beside them
+(.timings.json) and step curves under ``--live``.
 """
 
 import time
@@ -18,7 +21,7 @@ import numpy as np
 
 from toolcall.cli import continuation_parser
 from toolcall import checkpoint, dpo, lora
-from toolcall.config import DpoConfig, from_params
+from toolcall.config import DpoConfig, from_params, seeded
 from toolcall.data import read_rows
 from toolcall.errors import run_stage
 from toolcall.io import read_params, write_json, write_timings
@@ -29,7 +32,7 @@ from toolcall.trainer import StepLog
 
 def main():
     args = continuation_parser(__doc__, "train_dpo").parse_args()
-    cfg = from_params(DpoConfig, read_params("dpo"), "dpo")
+    cfg = from_params(DpoConfig, seeded(read_params("dpo"), args.seed, "dpo"), "dpo")
     model, tokenizer = lora.load_policy(args.model_dir, args.sft_dir)
     fmt = PromptFormat(tokenizer)
     rows = choose_rows(read_rows(args.train), cfg.prompts, cfg.seed)

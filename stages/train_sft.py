@@ -1,18 +1,20 @@
 """LoRA supervised fine-tuning on the validated training split.
 
-    python -m stages.train_sft models/base data/validated/train.jsonl models/sft
+    python -m stages.train_sft models/base data/validated/train.jsonl models/sft/s0 --seed 0 \
+        --metrics metrics/train_sft/s0.json --live dvclive/train_sft/s0
 
-Reads params [sft]. Loss on the completion (the calls) only when
+Reads params [sft] and its seed from ``--seed`` (dvc.yaml: once per seed of
+study.seeds). Loss on the completion (the calls) only when
 ``sft.mask_prompt``. Writes mlx-lm adapters (``mlx_lm.load(base,
-adapter_path=models/sft)`` works), metrics/train_sft.json, and step curves
-under dvclive/train_sft for ``dvc plots show``. No example may exceed
-max_seq_len: the stage fails rather than train on a cut target.
+adapter_path=models/sft/s0)`` works), the metrics, and step curves under
+``--live`` for ``dvc plots show``. No example may exceed max_seq_len: the
+stage fails rather than train on a cut target.
 
 An ablation arm (stage ablation_train) passes ``--overrides SECTION``
 (dotted, repeatable, later ones win) whose keys replace [sft]'s and whose
 ``style`` picks the prompt style (structured | content), e.g.
 
-    python -m stages.train_sft models/base data/validated/train.jsonl models/ablations/format_content \
+    python -m stages.train_sft models/base data/validated/train.jsonl models/ablations/format_content --seed 0 \
         --overrides ablations.sft --overrides ablations.format.content \
         --metrics metrics/ablations/train/format_content.json --live dvclive/ablations/format_content
 """
@@ -22,7 +24,8 @@ import dataclasses
 import sys
 
 from toolcall import checkpoint, lora
-from toolcall.config import SftConfig, from_params
+from toolcall.cli import add_seed
+from toolcall.config import SftConfig, from_params, seeded
 from toolcall.data import gold_calls, read_rows
 from toolcall.errors import run_stage
 from toolcall.io import read_params, write_json, write_timings
@@ -35,15 +38,17 @@ def main():
     ap.add_argument("model_dir")
     ap.add_argument("train")
     ap.add_argument("out_dir")
-    ap.add_argument("--metrics", default="metrics/train_sft.json")
-    ap.add_argument("--live", default="dvclive/train_sft")
+    add_seed(ap)
+    ap.add_argument("--metrics", required=True, help="e.g. metrics/train_sft/s0.json")
+    ap.add_argument("--live", required=True, help="dvclive directory, e.g. dvclive/train_sft/s0")
     ap.add_argument("--overrides", action="append", default=[], metavar="SECTION")
     args = ap.parse_args()
     p = read_params("sft")
     for section in args.overrides:
         p.update(read_params(section))
     style = p.pop("style", "structured")
-    cfg = from_params(SftConfig, p, " + ".join(["sft", *args.overrides]))
+    name = " + ".join(["sft", *args.overrides])
+    cfg = from_params(SftConfig, seeded(p, args.seed, name), name)
     model, tokenizer = lora.load_model(args.model_dir)
     fmt = PromptFormat(tokenizer, style)
     rows = read_rows(args.train)

@@ -146,7 +146,7 @@ def run(model, tokenizer, fmt, rows, cfg, live=None, checkpoint=None):
         prompts = [fmt.encode(fmt.prompt(row["messages"], row["functions"])) for row in batch_rows]
         start = time.perf_counter()
         samples = sample(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.temperature, cfg.max_tokens,
-                         cfg.seed + r, cfg.sample_batch, label=f"rl round {r + 1} sample")
+                         cfg.round_seed(r), cfg.sample_batch, label=f"rl round {r + 1} sample")
         scores = [[reward(row, text, cfg.reward_ast, cfg.reward_format) for text, _ in group]
                   for row, group in zip(batch_rows, samples)]
         sample_seconds = time.perf_counter() - start
