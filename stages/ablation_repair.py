@@ -1,6 +1,6 @@
 """Re-score a variant's greedy outputs with JSON repair (no generation) and count what it changed.
 
-    python -m stages.ablation_repair sft --test data/validated/test.jsonl --greedy data/predictions/sft.jsonl
+    python -m stages.ablation_repair sft --test data/validated/test.jsonl --greedy data/predictions/sft/s0.jsonl
 
 Writes metrics/ablations/repair/<name>.json (accuracy with Wilson intervals;
 outputs that were malformed JSON, changed by repair, changed into correct

@@ -1,11 +1,14 @@
 """Greedy-decode the test split with one model variant and score it.
 
-    python -m stages.eval sft --model models/base --adapter models/sft
+    python -m stages.eval sft/s0 --model models/base --adapter models/sft/s0
+    python -m stages.eval base --model models/base
 
 Reads params [eval]. Generation runs in one process per usable core, capped
 by memory, one on a GPU (``eval.workers: auto``; a count, or ``--workers``,
-overrides it; outputs do not depend on it). Writes metrics/eval/<variant>.json (overall and
-per-category accuracy with Wilson 95% intervals, error counts) and
+overrides it; outputs do not depend on it). The variant names the outputs (a
+seed's run is ``<variant>/s<seed>``): metrics/eval/<variant>.json (overall
+and per-category accuracy with Wilson 95% intervals and the share of wrong
+answers with the wrong number of calls, error counts) and
 data/predictions/<variant>.jsonl (raw output, parsed calls, verdict per item).
 """
 

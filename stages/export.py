@@ -1,12 +1,13 @@
 """Export a tuned variant: its adapter fused into the base weights, and a GGUF of the result.
 
-    python -m stages.export sft --model models/base --adapter models/sft --out models/export/sft
+    python -m stages.export sft --model models/base --adapter models/sft/s0 --out models/export/sft
 
 Writes models/export/<variant>/: an MLX model directory that ``mlx_lm.load`` and
 ``mlx_lm.server`` take with no adapter (same chat template and tool_parser_type
 as the base directory), and model.gguf (``--gguf-dtype``) for llama.cpp, Ollama
 and LM Studio, with the byte-level BPE tokenizer and the chat template in its
-metadata. No params: `make export` runs the three variants.
+metadata. No params: `make export` runs the three variants, each from the first
+seed's run of study.seeds (models/<variant>/s<first seed>).
 """
 
 import argparse

@@ -1,9 +1,11 @@
 """DPO on top of the SFT adapter, with on-policy negatives; held-out pairs from the validation split.
 
-    python -m stages.train_dpo models/base models/sft data/validated/train.jsonl models/sft_dpo \
-        --valid data/validated/valid.jsonl
+    python -m stages.train_dpo models/base models/sft/s0 data/validated/train.jsonl models/sft_dpo/s0 --seed 0 \
+        --metrics metrics/train_dpo/s0.json --live dvclive/train_dpo/s0 --valid data/validated/valid.jsonl
 
-Reads params [dpo]; the LoRA shape comes from models/sft/adapter_config.json.
+Reads params [dpo] and its seed from ``--seed`` (dvc.yaml: once per seed of
+study.seeds, on that seed's SFT); the LoRA shape comes from the SFT
+adapter's adapter_config.json.
 Samples the SFT model on ``dpo.prompts`` training prompts, pairs the gold
 calls (chosen) with failing samples or, where every sample passes, a
 corruption of the gold calls (rejected), then trains the LoRA for
@@ -11,13 +13,13 @@ corruption of the gold calls (rejected), then trains the LoRA for
 model. Pairs built the same way from ``dpo.valid_prompts`` validation prompts
 are held out and scored every ``dpo.steps_per_eval`` steps and at the end:
 pair accuracy (the chosen row's implicit reward above the rejected one's)
-and mean reward margin. Writes mlx-lm adapters to models/sft_dpo,
-metrics/train_dpo.json (pairs per source, sample pass rate, last-steps loss,
-reward margin and preference accuracy, the held-out scores), the seconds of
-each phase beside it (.timings.json) and step curves under dvclive/train_dpo.
-On a CPU it runs as ``dpo.ranks`` data-parallel processes
-(toolcall/launch.py): each samples every prompt (same seed, same samples)
-and trains on its share of each batch.
+and mean reward margin. Writes mlx-lm adapters to the output directory, the
+metrics (pairs per source, sample pass rate, last-steps loss, reward margin
+and preference accuracy, the held-out scores), the seconds of each phase
+beside them (.timings.json) and step curves under ``--live``. On a CPU it
+runs as ``dpo.ranks`` data-parallel processes (toolcall/launch.py): each
+samples every prompt (same seed, same samples) and trains on its share of
+each batch.
 """
 
 import contextlib
@@ -28,7 +30,7 @@ import numpy as np
 
 from toolcall.cli import continuation_parser
 from toolcall import checkpoint, dpo, launch, lora
-from toolcall.config import DpoConfig, epoch_steps, from_params
+from toolcall.config import DpoConfig, epoch_steps, from_params, seeded
 from toolcall.data import read_rows
 from toolcall.errors import run_stage
 from toolcall.io import read_params, write_json, write_timings
@@ -49,7 +51,7 @@ def main():
     ap = continuation_parser(__doc__, "train_dpo")
     ap.add_argument("--valid", required=True, help="validation rows (JSONL) whose prompts give the held-out pairs")
     args = ap.parse_args()
-    cfg = from_params(DpoConfig, read_params("dpo"), "dpo")
+    cfg = from_params(DpoConfig, seeded(read_params("dpo"), args.seed, "dpo"), "dpo")
     launch.ensure_ranks(cfg.ranks, "dpo")
     model, tokenizer = lora.load_policy(args.model_dir, args.sft_dir)
     fmt = PromptFormat(tokenizer)

@@ -1,24 +1,26 @@
 """RL on top of the SFT adapter, rewarded by the AST check (rl.algo: rft or grpo).
 
-    python -m stages.train_rl models/base models/sft data/validated/train.jsonl models/sft_rl
+    python -m stages.train_rl models/base models/sft/s0 data/validated/train.jsonl models/sft_rl/s0 --seed 0 \
+        --metrics metrics/train_rl/s0.json --live dvclive/train_rl/s0
 
-Reads params [rl]; the LoRA shape comes from models/sft/adapter_config.json.
-Each of ``rl.rounds`` rounds samples fresh training prompts from the current
-policy, rewards the samples and updates the LoRA (see toolcall/rl.py).
-Writes mlx-lm adapters to models/sft_rl, metrics/train_rl.json (per round:
-mean reward, pass rate, format rate, samples kept; the update steps in all),
-the seconds of each round beside it (.timings.json), and under
-dvclive/train_rl the step curves and each round's reward and kept count. On a
-CPU it runs as ``rl.ranks`` data-parallel processes (toolcall/launch.py):
-each samples every prompt (same seed, same samples) and trains on its share
-of each batch.
+Reads params [rl] and its seed from ``--seed`` (dvc.yaml: once per seed of
+study.seeds, on that seed's SFT); the LoRA shape comes from the SFT
+adapter's adapter_config.json. Each of ``rl.rounds`` rounds samples fresh
+training prompts from the current policy, rewards the samples and updates
+the LoRA (see toolcall/rl.py). Writes mlx-lm adapters to the output
+directory, the metrics (per round: mean reward, pass rate, format rate,
+samples kept; the update steps in all), the seconds of each round beside
+them (.timings.json), and under ``--live`` the step curves and each round's
+reward and kept count. On a CPU it runs as ``rl.ranks`` data-parallel
+processes (toolcall/launch.py): each samples every prompt (same seed, same
+samples) and trains on its share of each batch.
 """
 
 import contextlib
 
 from toolcall.cli import continuation_parser
 from toolcall import checkpoint, launch, lora, rl
-from toolcall.config import RlConfig, from_params
+from toolcall.config import RlConfig, from_params, seeded
 from toolcall.io import read_params, write_json, write_timings
 from toolcall.prompts import PromptFormat
 from toolcall.data import read_rows
@@ -27,7 +29,7 @@ from toolcall.errors import run_stage
 
 def main():
     args = continuation_parser(__doc__, "train_rl").parse_args()
-    cfg = from_params(RlConfig, read_params("rl"), "rl")
+    cfg = from_params(RlConfig, seeded(read_params("rl"), args.seed, "rl"), "rl")
     launch.ensure_ranks(cfg.ranks, "rl")
     model, tokenizer = lora.load_policy(args.model_dir, args.sft_dir)
     fmt = PromptFormat(tokenizer)

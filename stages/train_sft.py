@@ -1,25 +1,26 @@
 """LoRA supervised fine-tuning on the validated training split, its length chosen on the validation split.
 
-    python -m stages.train_sft models/base data/validated/train.jsonl models/sft --valid data/validated/valid.jsonl
+    python -m stages.train_sft models/base data/validated/train.jsonl models/sft/s0 --seed 0 \
+        --metrics metrics/train_sft/s0.json --live dvclive/train_sft/s0 --valid data/validated/valid.jsonl
 
-Reads params [sft]. Loss on the completion (the calls) only when
+Reads params [sft] and its seed from ``--seed`` (dvc.yaml: once per seed of
+study.seeds). Loss on the completion (the calls) only when
 ``sft.mask_prompt``. The budget is ``sft.epochs`` passes over the training
 rows (or ``sft.iters`` steps). With ``--valid``, the validation rows' loss is
 measured at step 0, every ``sft.steps_per_eval`` steps and after the last;
 the adapter written is the one of the lowest, and ``sft.patience``
 evaluations without a new lowest stop training early. Writes mlx-lm adapters
-(``mlx_lm.load(base, adapter_path=models/sft)`` works), metrics/train_sft.json
-(the chosen step and epoch, the lowest validation loss), and the training and
-validation loss curves under dvclive/train_sft for ``dvc plots show``. No
-example may exceed max_seq_len: the stage fails rather than train on a cut
-target. On a CPU it runs as ``sft.ranks`` data-parallel processes
-(toolcall/launch.py).
+(``mlx_lm.load(base, adapter_path=models/sft/s0)`` works), the metrics (the
+chosen step and epoch, the lowest validation loss), and the training and
+validation loss curves under ``--live`` for ``dvc plots show``. No example
+may exceed max_seq_len: the stage fails rather than train on a cut target.
+On a CPU it runs as ``sft.ranks`` data-parallel processes (toolcall/launch.py).
 
 An ablation arm (stage ablation_train) passes ``--overrides SECTION``
 (dotted, repeatable, later ones win) whose keys replace [sft]'s and whose
 ``style`` picks the prompt style (structured | content), e.g.
 
-    python -m stages.train_sft models/base data/validated/train.jsonl models/ablations/format_content \
+    python -m stages.train_sft models/base data/validated/train.jsonl models/ablations/format_content --seed 0 \
         --overrides ablations.sft --overrides ablations.format.content \
         --metrics metrics/ablations/train/format_content.json --live dvclive/ablations/format_content
 """
@@ -30,7 +31,8 @@ import dataclasses
 import sys
 
 from toolcall import checkpoint, launch, lora
-from toolcall.config import SftConfig, epoch_steps, from_params
+from toolcall.cli import add_seed
+from toolcall.config import SftConfig, epoch_steps, from_params, seeded
 from toolcall.data import gold_calls, read_rows
 from toolcall.errors import run_stage
 from toolcall.io import read_params, write_json, write_timings
@@ -43,8 +45,9 @@ def main():
     ap.add_argument("model_dir")
     ap.add_argument("train")
     ap.add_argument("out_dir")
-    ap.add_argument("--metrics", default="metrics/train_sft.json")
-    ap.add_argument("--live", default="dvclive/train_sft")
+    add_seed(ap)
+    ap.add_argument("--metrics", required=True, help="e.g. metrics/train_sft/s0.json")
+    ap.add_argument("--live", required=True, help="dvclive directory, e.g. dvclive/train_sft/s0")
     ap.add_argument("--valid", help="validation rows (JSONL) that choose the step whose adapter is kept")
     ap.add_argument("--overrides", action="append", default=[], metavar="SECTION")
     args = ap.parse_args()
@@ -52,8 +55,9 @@ def main():
     for section in args.overrides:
         p.update(read_params(section))
     style = p.pop("style", "structured")
-    cfg = from_params(SftConfig, p, " + ".join(["sft", *args.overrides]))
-    launch.ensure_ranks(cfg.ranks, " + ".join(["sft", *args.overrides]))
+    name = " + ".join(["sft", *args.overrides])
+    cfg = from_params(SftConfig, seeded(p, args.seed, name), name)
+    launch.ensure_ranks(cfg.ranks, name)
     model, tokenizer = lora.load_model(args.model_dir)
     fmt = PromptFormat(tokenizer, style)
     rows = read_rows(args.train)

@@ -1,10 +1,11 @@
 """Configs for tests: the repository's params.yaml section, with only what a test changes overridden."""
 
+import dataclasses
 from pathlib import Path
 
 import yaml
 
-from toolcall.config import from_params
+from toolcall.config import from_params, seeded
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -17,4 +18,10 @@ def section(name):
 
 
 def config(cls, name, **overrides):
-    return from_params(cls, {**section(name), **overrides}, name)
+    """``cls`` from params.yaml's section ``name``; a training section gets the study's first seed, as the
+    ablation arms do (params.yaml holds no [sft]/[dpo]/[rl] seed), unless ``seed`` is overridden."""
+    values = {**section(name), **overrides}
+    if "seed" in {f.name for f in dataclasses.fields(cls)} and "seed" not in section(name):
+        values = seeded({k: v for k, v in values.items() if k != "seed"},
+                        overrides.get("seed", section("study.seeds")[0]), name)
+    return from_params(cls, values, name)

@@ -78,34 +78,26 @@ def code_closure(script, root=ROOT):
     return modules | {d for m in modules for d in NATIVE.get(m, ())}
 
 
-def _substitute(value, key, item):
-    def lookup(match):
-        expr = match.group(1)
-        if expr == "key":
-            return str(key)
-        if expr == "item":
-            return str(item)
-        return str(item[expr.removeprefix("item.")])
+def resolved_stages(root=ROOT):
+    """``{stage name: stage dict}`` of dvc.yaml as DVC itself resolves it: every foreach and matrix expanded
+    (``name@key``, ``name@a-b``) and ``${...}`` filled in from params.yaml (``${study.seeds}``).
 
-    return re.sub(r"\$\{\s*([\w.]+)\s*\}", lookup, value)
+    DVC's own resolver, so that the names and paths checked here are the ones ``dvc repro`` runs; it needs
+    only dvc.yaml and params.yaml in ``root`` (no .dvc or git).
+    """
+    from dvc.parsing import DataResolver
+    from dvc.repo import Repo
+
+    repo = Repo(str(root), uninitialized=True)
+    try:
+        return DataResolver(repo, repo.root_dir, yaml.safe_load((root / "dvc.yaml").read_text())).resolve()["stages"]
+    finally:
+        repo.close()
 
 
 def expanded_stages(root=ROOT):
-    """``{stage name: stage dict}`` of dvc.yaml with every foreach expanded (``name@key``)."""
-    stages = {}
-    for name, stage in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].items():
-        if "foreach" not in stage:
-            stages[name] = stage
-            continue
-        items = stage["foreach"]
-        pairs = items.items() if isinstance(items, dict) else ((i, i) for i in items)
-        for key, item in pairs:
-            do = stage["do"]
-            stages[f"{name}@{key}"] = {
-                "cmd": _substitute(" ".join(do["cmd"].split()), key, item),
-                "deps": [_substitute(d, key, item) for d in do.get("deps", [])],
-            }
-    return stages
+    """``resolved_stages`` with each cmd on one line, single-spaced."""
+    return {name: {**stage, "cmd": " ".join(stage["cmd"].split())} for name, stage in resolved_stages(root).items()}
 
 
 def code_deps(root=ROOT):

@@ -13,7 +13,7 @@ from toolcall.config import AblationSplitConfig, DiversityConfig, ExtraDataConfi
 from toolcall.parsing import parse_calls
 from toolcall import report
 from toolcall.config import ReportConfig
-from toolcall.paired import compare_table
+from toolcall.paired import compare_table, holm
 
 
 def near_duplicate_keys(rows):
@@ -246,7 +246,11 @@ def test_claims_are_rendered_with_holm_over_the_whole_family():
                                   report.Claim("weak", weak, None), "- other: not run"], CFG)
     assert lines[0] == "## A section" and lines[3] == "- other: not run"
     assert lines[1].startswith("- strong: **better**: ours +16.2 pts [+8.3, +25.8] on n=80 paired items")
-    assert f"Holm p={2 * strong.p_value:.3f}" in lines[1] and f"Holm p={weak.p_value:.3f}" in lines[2]
+    # The family is both claims' difference and equivalence tests: 4 p-values. The strongest is multiplied by 4.
+    adjusted = holm([strong.p_value, weak.p_value, strong.p_equivalence, weak.p_equivalence])
+    assert adjusted[0] == pytest.approx(4 * strong.p_value)
+    assert f"Holm p={adjusted[0]:.3f}, TOST Holm p={adjusted[2]:.3f}; after Holm: better" in lines[1]
+    assert f"Holm p={adjusted[1]:.3f}, TOST Holm p={adjusted[3]:.3f}; after Holm: inconclusive" in lines[2]
     assert lines[2].startswith("- weak: **inconclusive**") and "MDE 5.6 pts" in lines[2]
 
 
@@ -258,21 +262,17 @@ def test_scaffold_table_rebuilds_the_paired_table_from_metrics():
         report.scaffold_table({**m, "overall": {"n": 200, "correct": 19}})
 
 
-def test_step_table_and_ablation_sections_render(tmp_path):
+def test_ablation_sections_render(tmp_path):
     ids = [f"q{i}" for i in range(40)]
-    predictions = {"base": {i: False for i in ids}, "sft": {i: k % 2 == 0 for k, i in enumerate(ids)},
-                   "sft_dpo": {i: k % 2 == 0 for k, i in enumerate(ids)}}
-    steps = report.step_comparisons(predictions, CFG)
-    table = report.step_table(steps, CFG)
-    assert "| SFT vs Base model | 40 | +50.0 pts" in table and "| SFT + DPO vs SFT | 40 | +0.0 pts" in table
-    assert "consistent with the claimed size" in table and "no effect beyond ±5 pts: holds (equivalent)" in table
+    sft = {i: k % 2 == 0 for k, i in enumerate(ids)}
     metric = {"overall": {"accuracy": 0.5, "n": 40, "correct": 20, "ci95": [0.35, 0.65]}, "by_category": {}}
     (tmp_path / "ablations" / "eval").mkdir(parents=True)
     for arm in ("diversity_low", "diversity_high"):
         (tmp_path / "ablations" / "eval" / f"{arm}.json").write_text(json.dumps(metric))
     lines = report.ablation_sections(tmp_path, tmp_path / "none", {"base": metric}, {
-        "diversity_low": predictions["sft"], "diversity_high": {i: not v for i, v in predictions["sft"].items()}}, CFG)
-    assert lines[0].startswith("Paired comparisons") and "makes 1 paired comparison;" in lines[0]
+        "diversity_low": sft, "diversity_high": {i: not v for i, v in sft.items()}}, CFG)
+    assert lines[0].startswith("Paired comparisons") and "makes 1 paired comparison," in lines[0]
+    assert "Holm p adjusts each over all 2" in lines[0]
     assert any(line.startswith("- low → high diversity: **inconclusive**") for line in lines)
 
 

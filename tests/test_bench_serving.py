@@ -44,15 +44,16 @@ def project(tmp_path_factory):
         mp.setenv("TOOLCALL_CACHE", env["TOOLCALL_CACHE"])
         fetch_model(model_cfg, tmp / "models/base")
     # A small update on top: the adapter changes the weights, the tuned answer survives it.
-    train_lora_adapter(tmp / "models/base", tmp / "models/sft", steps=2, learning_rate=1e-4)
+    train_lora_adapter(tmp / "models/base", tmp / "models/sft/s3", steps=2, learning_rate=1e-4)
     (tmp / "params.yaml").write_text(yaml.safe_dump({"model": model_cfg,
-                                                    "eval": {"max_tokens": 128, "batch_size": 4, "workers": 1}}))
+                                                    "eval": {"max_tokens": 128, "batch_size": 4, "workers": 1},
+                                                    "study": {"seeds": [3, 4]}}))  # the first seed is exported
     rows = [TINY_ROW] + [r for r in fixture_rows() if r["category"] == "simple"][:1]
     write_jsonl(tmp / "data/validated/test.jsonl", rows)
     py = sys.executable
-    run([py, ROOT / "stages/eval.py", "sft", "--model", "models/base", "--adapter", "models/sft", "--workers", "1"],
-        tmp, env)
-    run([py, ROOT / "stages/export.py", "sft", "--model", "models/base", "--adapter", "models/sft",
+    run([py, ROOT / "stages/eval.py", "sft/s3", "--model", "models/base", "--adapter", "models/sft/s3",
+         "--workers", "1"], tmp, env)
+    run([py, ROOT / "stages/export.py", "sft", "--model", "models/base", "--adapter", "models/sft/s3",
          "--out", "models/export/sft", "--gguf-dtype", "float32"], tmp, env)
     run([py, ROOT / "bench/serving.py", "--items", "2", "--gguf-prompts", "2", "--workers", "1"], tmp, env)
     return tmp
@@ -61,8 +62,9 @@ def project(tmp_path_factory):
 def test_served_fused_and_gguf_agree_with_eval(project):
     result = json.loads((project / "metrics/serving.json").read_text())
     served, fused, gguf = result["served"], result["fused"], result["gguf"]
+    assert (result["variant"], result["seed"]) == ("sft", 3) and "models/sft/s3" in served["command"]
     assert served["n"] == 2 and served["tool_calls_equal"] == 2 and served["items_with_calls"] >= 1
-    predictions = [json.loads(line) for line in (project / "data/predictions/sft.jsonl").read_text().splitlines()]
+    predictions = [json.loads(line) for line in (project / "data/predictions/sft/s3.jsonl").read_text().splitlines()]
     assert predictions[0]["valid"]  # eval scored the tuned answer correct: the comparison is not of empty lists
     assert fused["n"] == 2 and fused["outputs_identical"] == 2 and fused["correct_minus_eval_correct"] == 0
     assert gguf["summary"] | {"max_abs_logit_diff": 0, "max_abs_logit_diff_vs_float32": 0} == {

@@ -46,7 +46,7 @@ def sft_setup(tmp_path_factory):
 
 
 def train_sft(work, model, out, **popen):
-    cmd = [sys.executable, str(ROOT / "stages" / "train_sft.py"), str(model), "train.jsonl", out,
+    cmd = [sys.executable, str(ROOT / "stages" / "train_sft.py"), str(model), "train.jsonl", out, "--seed", "0",
            "--metrics", f"{out}.json", "--live", f"{out}.live", "--valid", "valid.jsonl"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen(cmd, cwd=work, env=env, text=True, **popen)

@@ -5,12 +5,13 @@ from configs import config, section
 
 from toolcall.config import (AblationSplitConfig, ConfigError, DataConfig, DiversityConfig, DpoConfig, EvalConfig,
                              ExtraDataConfig, ReportConfig, RlConfig, ScaffoldConfig, SftConfig, SplitConfig,
-                             ValidateConfig, categories, extra_sources, from_params)
+                             StudyConfig, ValidateConfig, categories, extra_sources, from_params, seeded)
 
 SECTIONS = [(DataConfig, "data"), (SplitConfig, "split"), (ValidateConfig, "validate"), (SftConfig, "sft"),
             (EvalConfig, "eval"), (DpoConfig, "dpo"), (RlConfig, "rl"), (ScaffoldConfig, "ablations.scaffold"),
             (AblationSplitConfig, "ablations.unseen_tools"), (AblationSplitConfig, "ablations.unseen_patterns"),
-            (DiversityConfig, "ablations.diversity"), (ExtraDataConfig, "ablations.extra"), (ReportConfig, "report")]
+            (DiversityConfig, "ablations.diversity"), (ExtraDataConfig, "ablations.extra"), (ReportConfig, "report"),
+            (StudyConfig, "study")]
 
 
 @pytest.mark.parametrize("cls, name", SECTIONS)
@@ -49,6 +50,8 @@ def test_a_missing_key_is_an_error_not_a_hidden_default():
     params = section("sft")
     del params["warmup"]
     with pytest.raises(ConfigError, match=r"\[sft\]: missing keys \['warmup'\]"):
+        from_params(SftConfig, seeded(params, 0, "sft"), "sft")
+    with pytest.raises(ConfigError, match=r"\[sft\]: missing keys \['seed', 'warmup'\]"):  # no --seed given
         from_params(SftConfig, params, "sft")
 
 
@@ -101,6 +104,14 @@ def test_a_missing_key_is_an_error_not_a_hidden_default():
     (ReportConfig, "report", "equivalence_margin", 5, r"\[report\]: equivalence_margin=5.0 must be in \(0, 1\)"),
     (ReportConfig, "report", "alpha", 0.5, r"\[report\]: alpha=0.5 must be in"),
     (ReportConfig, "report", "power", 1.0, r"\[report\]: power=1.0 must be in"),
+    (StudyConfig, "study", "seeds", [], r"\[study\]: seeds=\[\] must be a non-empty list of distinct integers"),
+    (StudyConfig, "study", "seeds", [0, 1, 0], r"seeds=\[0, 1, 0\] must be a non-empty list of distinct"),
+    (StudyConfig, "study", "seeds", [0, -1], r"seeds=\[0, -1\] must be"),
+    (StudyConfig, "study", "seeds", [0, "1"], r"seeds=\[0, '1'\] must be"),
+    (StudyConfig, "study", "seeds", 3, r"\[study\]\.seeds=3: expected list"),
+    (SftConfig, "sft", "seed", -1, r"\[sft\]: seed=-1 must be >= 0"),
+    (DpoConfig, "dpo", "seed", -2, r"\[dpo\]: seed=-2 must be >= 0"),
+    (RlConfig, "rl", "seed", -3, r"\[rl\]: seed=-3 must be >= 0"),
 ])
 def test_impossible_params_are_refused_with_the_key(cls, name, key, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -129,3 +140,19 @@ def test_stages_reading_only_the_categories_check_them_too():
     assert extra_sources([]) == [] and extra_sources(["exec_simple"]) == ["exec_simple"]
     with pytest.raises(ConfigError, match=r"\[data\]: extra='exec_simple' must be a list of distinct"):
         extra_sources("exec_simple")
+
+
+@pytest.mark.parametrize("name", ["sft", "dpo", "rl"])
+def test_a_training_seed_comes_from_the_command_line_only(name):
+    """[sft], [dpo] and [rl] hold no seed: the stage's --seed (one of study.seeds) is the only one."""
+    assert "seed" not in section(name)
+    assert seeded(section(name), 7, name)["seed"] == 7
+    with pytest.raises(ConfigError, match=rf"\[{name}\]\.seed: seeds are not a \[{name}\] key.*study"):
+        seeded({**section(name), "seed": 0}, 7, name)
+
+
+def test_rl_rounds_of_different_seeds_draw_different_streams():
+    """Seed 0's round 2 must not replay seed 1's round 1 (as seed + round would)."""
+    seeds = {(s, r): config(RlConfig, "rl", seed=s).round_seed(r) for s in range(4) for r in range(4)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert config(RlConfig, "rl", seed=1).train(2).seed == seeds[(1, 2)]

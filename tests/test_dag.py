@@ -8,7 +8,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-from dag_deps import ROOT, SCRIPT, code_closure, code_deps, expanded_stages
+import yaml
+
+from dag_deps import ROOT, SCRIPT, code_closure, code_deps, expanded_stages, resolved_stages
+from toolcall.io import run_path
 
 
 def test_every_stage_lists_exactly_its_script_and_imported_modules():
@@ -43,11 +46,46 @@ def test_closure_follows_every_import_form(tmp_path):
         "stages/s.py", "toolcall/__init__.py", "toolcall/blas.py", "toolcall/a.py", "toolcall/b.py", "toolcall/c.py"}
 
 
-def test_foreach_stages_are_expanded_and_checked():
+def test_foreach_and_matrix_stages_are_expanded_and_checked():
     stages = code_deps(ROOT)
-    assert {"eval@sft", "ablation_train_rl@unseen_tools", "ablation_eval@format_masked"} <= set(stages)
-    listed, derived = stages["eval@sft"]
+    assert {"eval_base", "eval@sft-0", "ablation_train_rl@unseen_tools", "ablation_eval@format_masked"} <= set(stages)
+    listed, derived = stages["eval@sft-0"]
     assert "toolcall/stats.py" in derived and "toolcall/__init__.py" in derived  # the deps the issue found missing
+
+
+def test_no_stage_cmd_has_two_spaces_in_a_row():
+    """dvc.lock's YAML writer may break a long cmd at two spaces and reads one back: the stage would never be up to
+    date (`dvc status`: changed command). An empty optional flag must not leave two spaces (see dvc.yaml)."""
+    doubled = {name: stage["cmd"] for name, stage in resolved_stages(ROOT).items() if "  " in stage["cmd"]}
+    assert not doubled
+
+
+def test_every_seed_runs_the_main_study_on_its_own_sft_and_the_rest_uses_the_first():
+    """The path scheme of io.run_path, per seed of study.seeds; ablations and exports on the first seed's runs."""
+    seeds = yaml.safe_load((ROOT / "params.yaml").read_text())["study"]["seeds"]
+    stages = expanded_stages(ROOT)
+    for s in seeds:
+        sft = str(run_path("models", "sft", s))
+        assert stages[f"train_sft@{s}"]["outs"] == [sft] and f"--seed {s} " in stages[f"train_sft@{s}"]["cmd"]
+        for v in ("sft_dpo", "sft_rl"):
+            train = stages[f"train_{v.removeprefix('sft_')}@{s}"]
+            assert sft in train["deps"] and train["outs"] == [str(run_path("models", v, s))]
+            assert f"--seed {s} " in train["cmd"]
+        for v in ("sft", "sft_dpo", "sft_rl"):
+            ev = stages[f"eval@{v}-{s}"]
+            assert str(run_path("models", v, s)) in ev["deps"]
+            assert ev["outs"] == [str(run_path("data/predictions", v, s, ".jsonl"))]
+            assert list(ev["metrics"][0]) == [str(run_path("metrics/eval", v, s, ".json"))]
+    main = {n for n in stages if n.split("@")[0] in ("train_sft", "train_dpo", "train_rl", "eval")}
+    assert len(main) == 6 * len(seeds)
+    first = seeds[0]
+    assert str(run_path("models", "sft", first)) in stages["ablation_best_of_n@sft"]["deps"]
+    assert str(run_path("data/predictions", "sft", first, ".jsonl")) in stages["ablation_repair@sft"]["deps"]
+    for v in ("sft", "sft_dpo", "sft_rl"):
+        assert str(run_path("models", v, first)) in stages[f"export@{v}"]["deps"]
+    for name, stage in stages.items():
+        if name.startswith("ablation_train"):  # and ablation_train_rl
+            assert f"--seed {first} " in stage["cmd"], name
 
 
 def test_stage_cmds_run_the_workspace_toolcall(tmp_path):

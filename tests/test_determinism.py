@@ -65,11 +65,11 @@ def work(tmp_path_factory):
 
 
 def test_train_sft_twice_writes_identical_adapters(work):
-    stage(work, "train_sft.py", "base", "train.jsonl", "sft_a", "--metrics", "a.json", "--live", "live_a",
+    stage(work, "train_sft.py", "base", "train.jsonl", "sft_a", "--seed", 0, "--metrics", "a.json", "--live", "live_a",
           "--valid", "valid.jsonl")
     with busy_cores():
-        stage(work, "train_sft.py", "base", "train.jsonl", "sft_b", "--metrics", "b.json", "--live", "live_b",
-              "--valid", "valid.jsonl")
+        stage(work, "train_sft.py", "base", "train.jsonl", "sft_b", "--seed", 0, "--metrics", "b.json",
+              "--live", "live_b", "--valid", "valid.jsonl")
     assert digests(work / "sft_a") == digests(work / "sft_b")
     assert (work / "a.json").read_bytes() == (work / "b.json").read_bytes()
 
@@ -77,9 +77,10 @@ def test_train_sft_twice_writes_identical_adapters(work):
 @pytest.mark.parametrize("script", ["train_dpo.py", "train_rl.py"])
 def test_dpo_and_rl_twice_write_identical_adapters_pairs_and_samples(work, script):
     if not (work / "sft").exists():
-        stage(work, "train_sft.py", "base", "train.jsonl", "sft", "--metrics", "sft.json", "--live", "live_sft")
+        stage(work, "train_sft.py", "base", "train.jsonl", "sft", "--seed", 0, "--metrics", "sft.json",
+              "--live", "live_sft")
     for name in ("x", "y"):
-        args = ["base", "sft", "train.jsonl", f"{script}_{name}", "--metrics", f"{script}_{name}.json",
+        args = ["base", "sft", "train.jsonl", f"{script}_{name}", "--seed", 1, "--metrics", f"{script}_{name}.json",
                 "--live", f"live_{script}_{name}", *(["--valid", "valid.jsonl"] if script == "train_dpo.py" else [])]
         with busy_cores(2 if name == "y" else 0):
             stage(work, script, *args)

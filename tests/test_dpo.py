@@ -11,6 +11,7 @@ import toolcall  # noqa: F401  (first: loads OpenBLAS before mlx)
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 from configs import config
+from dag_deps import expanded_stages
 from tiny_model import make_tiny_model
 from toolcall import data, dpo, lora
 from toolcall.config import DpoConfig, SftConfig
@@ -174,8 +175,10 @@ def test_heldout_scores_start_at_zero_and_rise_when_training_prefers_chosen(tiny
 
 
 def test_no_training_stage_reads_the_test_split():
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for name in ("train_dpo", "train_rl"):
+    stages = expanded_stages(ROOT)
+    training = [n for n in stages if n.split("@")[0] in ("train_sft", "train_dpo", "train_rl")]
+    assert len(training) == 3 * len(yaml.safe_load((ROOT / "params.yaml").read_text())["study"]["seeds"])
+    for name in training:  # every seed's
         assert not any("test" in Path(d).name for d in stages[name]["deps"])
         assert "test" not in stages[name]["cmd"]
 

@@ -1,7 +1,8 @@
 """End to end: `dvc repro` of the whole DAG in a temporary git repo on a tiny model.
 
 Then `dvc exp run -S sft.lora_rank=4` must rerun train_sft and what depends on
-it, and nothing upstream or beside it.
+it, for every seed of study.seeds, and nothing upstream or beside it;
+`-S dpo.beta=...` only DPO's branch, for every seed.
 """
 
 import json
@@ -17,6 +18,7 @@ import yaml
 
 from dag_deps import expanded_stages
 from tiny_model import make_tiny_model
+from toolcall.io import run_path
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "bfcl"
@@ -62,6 +64,8 @@ def repo(tmp_path_factory):
 
 # Extra per-stage overrides that keep later stages tiny; extended as stages are added.
 TINY_OVERRIDES = {
+    # Two seeds, the first not 0: every seed replicates the main study, the rest uses the first.
+    "study": {"seeds": [1, 0]},
     "ablations": {
         "sft": {"iters": 2, "epochs": None, "max_seq_len": 4096},
         "scaffold": {"n": 2, "temperature": 0.7, "seed": 0, "per_category": 1},
@@ -78,26 +82,35 @@ TINY_OVERRIDES = {
 }
 
 
+SEEDS = TINY_OVERRIDES["study"]["seeds"]
+RUNS = [("base", None)] + [(v, s) for v in ("sft", "sft_dpo", "sft_rl") for s in SEEDS]
+
+
 def test_repro_runs_every_stage_and_writes_outputs(repo):
     repo, out = repo
-    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    expected = {f"{name}@{key}" for name, s in stages.items() if "foreach" in s for key in s["foreach"]}
-    expected |= {name for name, s in stages.items() if "foreach" not in s}
-    assert ran_stages(out) == expected
-    for variant in ("base", "sft", "sft_dpo", "sft_rl"):
-        m = json.loads((repo / "metrics" / "eval" / f"{variant}.json").read_text())
+    stages = expanded_stages(repo)
+    assert ran_stages(out) == set(stages)
+    assert {f"train_{t}@{s}" for t in ("sft", "dpo", "rl") for s in SEEDS} <= set(stages)
+    for variant, seed in RUNS:
+        m = json.loads(run_path(repo / "metrics" / "eval", variant, seed, ".json").read_text())
         assert set(m) >= {"overall", "by_category", "errors"}
         assert m["overall"]["n"] == 12 and set(m["by_category"]) == {"simple", "multiple", "parallel", "parallel_multiple"}
         lo, hi = m["overall"]["ci95"]
         assert 0 <= lo <= m["overall"]["accuracy"] <= hi <= 1
-        preds = [json.loads(line) for line in (repo / "data" / "predictions" / f"{variant}.jsonl").open()]
+        assert m["overall"]["wrong_count"] <= 12 - m["overall"]["correct"]
+        preds = [json.loads(line) for line in run_path(repo / "data" / "predictions", variant, seed, ".jsonl").open()]
         assert len(preds) == 12 and set(preds[0]) >= {"id", "category", "raw", "calls", "valid", "error_type"}
-    assert (repo / "models" / "sft" / "adapters.safetensors").exists()
+    for variant, seed in RUNS[1:]:
+        assert (run_path(repo / "models", variant, seed) / "adapters.safetensors").exists()
+        assert json.loads(run_path(repo / "metrics", f"train_{variant.removeprefix('sft_')}", seed, ".json")
+                          .read_text())
     for variant in ("sft", "sft_dpo", "sft_rl"):  # the export stages: fused dir + GGUF, parser kept
         export = repo / "models" / "export" / variant
         assert (export / "model.gguf").stat().st_size > 0 and not (export / "adapters.safetensors").exists()
         assert json.loads((export / "tokenizer_config.json").read_text())["tool_parser_type"] == "json_tools"
     assert (repo / "reports" / "report.md").read_text().startswith("# Results")
+    post_sft = (repo / "reports" / "post_sft.md").read_text()
+    assert f"| SFT + DPO | {len(SEEDS)} seeds |" in post_sft and f"| 12 × {len(SEEDS)} |" in post_sft
     assert (repo / "reports" / "report.png").stat().st_size > 1000
     validate = json.loads((repo / "metrics" / "validate.json").read_text())
     assert validate["test"]["n_kept"] == 12 and validate["valid"]["n_kept"] == 8
@@ -107,12 +120,14 @@ def test_repro_runs_every_stage_and_writes_outputs(repo):
     assert "up to date" in run("dvc status", repo)
 
 
-# Everything downstream of [sft]: the SFT model, DPO and RL (both start from it), their
-# evals and reports; and the ablation arms, whose training reads [sft] under
-# [ablations.sft]'s overrides, with every stage that uses their models or outputs.
+# The main study's trained stages, every seed's: SFT, DPO and RL (both start from their seed's SFT) and their evals.
+PER_SEED = {f"{stage}@{s}" for stage in ("train_sft", "train_dpo", "train_rl") for s in SEEDS} | {
+    f"eval@{v}-{s}" for v in ("sft", "sft_dpo", "sft_rl") for s in SEEDS}
+# Everything downstream of [sft]: the main study's trained stages and reports; and the
+# ablation arms, whose training reads [sft] under [ablations.sft]'s overrides, with every
+# stage that uses their models or outputs.
 SFT_DOWNSTREAM = {
-    "train_sft", "eval@sft", "train_dpo", "eval@sft_dpo", "train_rl", "eval@sft_rl",
-    "report", "report_post_sft", "report_ablations",
+    *PER_SEED, "report", "report_post_sft", "report_ablations",
     *(f"ablation_train@{arm}" for arm in ("unseen_tools", "unseen_patterns", "diversity_low", "diversity_high",
                                           "extra_without", "extra_with", "format_content", "format_structured",
                                           "format_masked")),
@@ -125,8 +140,7 @@ SFT_DOWNSTREAM = {
     *(f"export@{variant}" for variant in ("sft", "sft_dpo", "sft_rl")),
 }
 # What `make exp` (`dvc exp run ... report report_post_sft`) may rerun: the main study only.
-MAIN_STUDY = {"train_sft", "eval@sft", "train_dpo", "eval@sft_dpo", "train_rl", "eval@sft_rl", "report",
-              "report_post_sft"}
+MAIN_STUDY = PER_SEED | {"report", "report_post_sft"}
 
 
 def digest(repo, paths):
@@ -152,7 +166,9 @@ def test_changing_a_param_reruns_only_what_depends_on_it(repo):
     assert inputs_changed <= SFT_DOWNSTREAM
     assert ran_stages(out) == (SFT_DOWNSTREAM - readers) | inputs_changed
     diff = run("dvc metrics diff", repo)
-    assert "metrics/train_sft.json" in diff and "trainable_parameters" in diff  # rank 8 -> 4 halves them
+    for s in SEEDS:  # rank 8 -> 4 halves them, in every seed's run
+        assert f"metrics/train_sft/s{s}.json" in diff
+    assert "trainable_parameters" in diff
 
 
 def metrics_of(repo, kind, name):
@@ -196,14 +212,18 @@ def test_changing_an_ablation_param_reruns_only_its_arms(repo):
 
 def test_dpo_and_rl_continue_sft_and_rerun_alone(repo):
     repo, _ = repo
-    dpo = json.loads((repo / "metrics" / "train_dpo.json").read_text())
-    assert dpo["prompts"] == 4 and dpo["samples"] == 8 and dpo["pairs"] == sum(dpo["pairs_by_source"].values()) > 0
-    rl = json.loads((repo / "metrics" / "train_rl.json").read_text())
-    assert rl["algo"] == "rft" and [r["updated"] for r in rl["rounds"].values()] == [True, True]
-    for out in ("sft_dpo", "sft_rl"):
-        assert (repo / "models" / out / "adapters.safetensors").exists()
-        assert json.loads((repo / "models" / out / "adapter_config.json").read_text())["lora_parameters"] == \
-            json.loads((repo / "models" / "sft" / "adapter_config.json").read_text())["lora_parameters"]
+    for s in SEEDS:
+        dpo = json.loads(run_path(repo / "metrics", "train_dpo", s, ".json").read_text())
+        assert dpo["prompts"] == 4 and dpo["samples"] == 8 and dpo["pairs"] == sum(dpo["pairs_by_source"].values()) > 0
+        rl = json.loads(run_path(repo / "metrics", "train_rl", s, ".json").read_text())
+        assert rl["algo"] == "rft" and [r["updated"] for r in rl["rounds"].values()] == [True, True]
+        for out in ("sft_dpo", "sft_rl"):
+            assert json.loads((run_path(repo / "models", out, s) / "adapter_config.json").read_text())[
+                "lora_parameters"] == json.loads((run_path(repo / "models", "sft", s) / "adapter_config.json")
+                                                 .read_text())["lora_parameters"]
+    # Each seed trains its own models: seed 1's and seed 0's SFT adapters differ (LoRA's init is seeded).
+    sft = [(run_path(repo / "models", "sft", s) / "adapters.safetensors").read_bytes() for s in SEEDS]
+    assert sft[0] != sft[1]
     assert "| SFT + DPO vs SFT |" in (repo / "reports" / "post_sft.md").read_text()
     assert "SFT + DPO" not in (repo / "reports" / "report.md").read_text()  # base vs SFT only
     # [rl] also drives the RL generalization arms of the ablations.
@@ -215,7 +235,8 @@ def test_dpo_and_rl_continue_sft_and_rerun_alone(repo):
         before = {s: digest(repo, stages[s]["deps"]) for s in readers}
         out = run(f"dvc exp run -S {param}", repo)
         inputs_changed = {s for s in readers if digest(repo, stages[s]["deps"]) != before[s]}
-        assert ran_stages(out) == {f"train_{stage}", f"eval@sft_{stage}", f"export@sft_{stage}"} | extra | inputs_changed
+        branch = {f"train_{stage}@{s}" for s in SEEDS} | {f"eval@sft_{stage}-{s}" for s in SEEDS}  # every seed
+        assert ran_stages(out) == branch | {f"export@sft_{stage}"} | extra | inputs_changed
 
 
 # Last: its targeted run leaves the ablation arms behind the new [sft] on purpose, which would

@@ -1,5 +1,8 @@
 """The paired statistics against published and hand-computed cases (toolcall/stats.py, toolcall/paired.py).
 
+One run per variant: Newcombe's interval, McNemar, TOST, Connor's MDE, Holm. Several seeds: the crossed
+items x seeds analysis (t with Satterthwaite's df), checked against hand-worked designs.
+
 Tables are ``(both, only_base, only_other, neither)``; differences are
 accuracy(other) - accuracy(base). In Newcombe's (1998) notation e, f, g, h
 with difference (f - g)/n, that is ``(e, g, f, h)``.
@@ -9,10 +12,12 @@ import itertools
 import math
 from statistics import NormalDist
 
+import numpy as np
 import pytest
 
-from toolcall.paired import (compare, compare_table, holm, minimum_detectable_difference, newcombe_interval,
-                             newcombe_phi, one_sided_p, paired_table, tost_p, verdict)
+from toolcall.paired import (Crossed, adjusted_verdict, compare, compare_seeds, compare_table, crossed_difference,
+                             crossed_tests, family_holm, holm, minimum_detectable_difference, newcombe_interval,
+                             newcombe_phi, one_sided_p, paired_table, t_cdf, t_quantile, tost_p, verdict)
 from toolcall.stats import mcnemar_exact, wilson
 
 Z95 = 1.959963984540054  # NormalDist().inv_cdf(0.975)
@@ -191,3 +196,139 @@ def test_holm_by_hand():
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1
     assert holm([0.2]) == [0.2] and holm([]) == []
+
+
+# ---------------------------------------------------------------- several seeds: items x seeds crossed
+
+
+# Student's t quantiles as printed in standard tables (e.g. Fisher & Yates; NIST e-Handbook 1.3.6.7.2).
+@pytest.mark.parametrize("p, df, t", [
+    (0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 5, 2.571), (0.975, 30, 2.042), (0.95, 10, 1.812),
+    (0.8, 2, 1.061), (0.8, 10, 0.879), (0.025, 4, -2.776),
+])
+def test_t_quantiles_match_the_tables(p, df, t):
+    assert t_quantile(p, df) == pytest.approx(t, abs=5e-4)
+    assert t_cdf(t_quantile(p, df), df) == pytest.approx(p, abs=1e-12)
+
+
+def test_t_tends_to_the_normal_and_takes_fractional_df():
+    assert t_quantile(0.975, math.inf) == pytest.approx(Z95)
+    assert t_quantile(0.975, 1e6) == pytest.approx(Z95, abs=1e-5)
+    assert t_quantile(0.975, 3) < t_quantile(0.975, 2.5) < t_quantile(0.975, 2)  # Satterthwaite df are fractional
+    # df = 2 has a closed form: F(t) = 1/2 + t / (2 sqrt(2 + t^2)).
+    assert t_cdf(1.5, 2) == pytest.approx(0.5 + 1.5 / (2 * math.sqrt(2 + 1.5**2)))
+
+
+def test_crossed_difference_by_hand():
+    """4 items x 3 seeds, base all wrong, so d = after:
+
+        item 1: 1 1 1   (mean 1)        seed means: 3/4, 2/4, 1/4; grand mean D = 6/12 = 0.5
+        item 2: 1 1 0   (mean 2/3)
+        item 3: 0 0 0   (mean 0)
+        item 4: 1 0 0   (mean 1/3)
+
+    MS_item = S sum (item mean - D)^2 / (n - 1) = 3 (1/4 + 1/36 + 1/4 + 1/36) / 3 = 5/9
+    MS_seed = n sum (seed mean - D)^2 / (S - 1) = 4 (1/16 + 0 + 1/16) / 2 = 1/4
+    residuals d - item mean - seed mean + D, squared and summed: 1/8 + 42/144 + 1/8 + 42/144 = 5/6,
+    MS_res = (5/6) / ((n - 1)(S - 1)) = (5/6) / 6 = 5/36.
+    Both components are positive: Var(D) = (MS_item + MS_seed - MS_res) / (n S) = (20 + 9 - 5)/36 / 12 = 1/18.
+    Satterthwaite: df = (2/3)^2 / ((5/9)^2/3 + (1/4)^2/2 + (5/36)^2/6) = (4/9) / (1068/7776) = 2592/801 = 3.236.
+    """
+    after = np.array([[1, 1, 1], [1, 1, 0], [0, 0, 0], [1, 0, 0]], dtype=bool)
+    c = crossed_difference(np.zeros_like(after), after)
+    assert (c.delta, c.items, c.seeds) == (0.5, 4, 3)
+    assert c.variance == pytest.approx(1 / 18) and c.df == pytest.approx(2592 / 801)
+    cmp = compare_seeds(np.zeros_like(after), after, 0.05, 0.05, 0.8)
+    half = t_quantile(0.975, 2592 / 801) * math.sqrt(1 / 18)
+    assert cmp.ci == (pytest.approx(0.5 - half), 1.0)  # capped at 1
+    assert cmp.seeds == 3 and cmp.n == 4 and cmp.tables == ((0, 0, 3, 1), (0, 0, 2, 2), (0, 0, 1, 3))
+
+
+def test_crossed_difference_drops_a_component_estimated_below_zero():
+    """4 items x 2 seeds: d = (1 1), (1 0), (0 0), (0 1). Seed means 1/2, 1/2 = D: MS_seed = 0.
+
+    Item means 1, 1/2, 0, 1/2: MS_item = 2 (1/4 + 0 + 1/4 + 0) / 3 = 1/3; residuals 0 0 / +-1/2 / 0 0 / -+1/2:
+    MS_res = 1 / 3. Neither component exceeds MS_res, so Var(D) = MS_res / (n S) = 1/24 with df (n-1)(S-1) = 3.
+    """
+    after = np.array([[1, 1], [1, 0], [0, 0], [0, 1]], dtype=bool)
+    c = crossed_difference(np.zeros_like(after), after)
+    assert c.variance == pytest.approx(1 / 24) and c.df == pytest.approx(3)
+
+
+def test_identical_seeds_reduce_to_the_paired_t_test_on_items():
+    """Every seed the same run: no seed or residual variance, Var(D) = var(d_i) / n with n - 1 df."""
+    d = np.array([1, 0, 0, 1, -1, 0, 1, 1, 0, 0])
+    before, after = np.tile((d == -1)[:, None], 3), np.tile((d == 1)[:, None], 3)
+    c = crossed_difference(before, after)
+    assert c.delta == pytest.approx(0.3) and c.variance == pytest.approx(d.var(ddof=1) / 10) and c.df == 9
+    cmp = compare_seeds(before, after, 0.05, 0.05, 0.8)
+    t = 0.3 / math.sqrt(d.var(ddof=1) / 10)
+    assert cmp.p_value == pytest.approx(2 * (1 - t_cdf(t, 9)))
+
+
+def test_one_seed_is_the_single_table_case():
+    rng = np.random.default_rng(1)
+    before, after = rng.random((60, 1)) < 0.3, rng.random((60, 1)) < 0.5
+    table = paired_table(dict(enumerate(before[:, 0])), dict(enumerate(after[:, 0])))
+    assert compare_seeds(before, after, 0.05, 0.05, 0.8) == compare_table(table, 0.05, 0.05, 0.8)
+
+
+def test_crossed_tost_agrees_with_the_90_percent_interval():
+    rng = np.random.default_rng(0)
+    outcomes = set()
+    for _ in range(300):
+        n, seeds = rng.integers(5, 60), rng.integers(2, 5)
+        before = rng.random((n, seeds)) < rng.random()
+        after = before ^ (rng.random((n, seeds)) < rng.random() * 0.4)
+        c = compare_seeds(before, after, 0.1, 0.05, 0.8)
+        inside = -0.1 < c.ci_equivalence[0] and c.ci_equivalence[1] < 0.1
+        assert (c.p_equivalence < 0.05) == inside
+        assert (c.p_value < 0.05) == (c.ci[0] > 0 or c.ci[1] < 0)  # the t-test and the interval agree too
+        outcomes.add(inside)
+    assert outcomes == {True, False}
+
+
+def test_a_change_in_no_item_under_any_seed_is_a_point():
+    same = np.random.default_rng(2).random((30, 3)) < 0.4
+    c = compare_seeds(same, same, 0.05, 0.05, 0.8)
+    assert (c.delta, c.ci, c.p_value, c.p_equivalence, c.verdict) == (0.0, (0.0, 0.0), 1.0, 0.0, "equivalent")
+
+
+def test_crossed_minimum_detectable_difference_by_hand():
+    """(t_{0.975, df} + t_{0.8, df}) se, but at least k^2 / (n + k^2) (a difference moves that share of items)."""
+    after = np.array([[1, 1, 1], [1, 1, 0], [0, 0, 0], [1, 0, 0]], dtype=bool)
+    c = crossed_difference(np.zeros_like(after), after)
+    k = t_quantile(0.975, c.df) + t_quantile(0.8, c.df)  # 2.98 + 1.04 at 3.24 df
+    assert k * k / (4 + k * k) < k * math.sqrt(c.variance)  # the floor, 0.80, is below 0.95
+    assert crossed_tests(c, 0.05, 0.05, 0.8)[4] == pytest.approx(k * math.sqrt(c.variance))
+    assert crossed_tests(Crossed(0.0, 0.25**2, 3.0, 4, 3), 0.05, 0.05, 0.8)[4] == math.inf  # over 1: none
+    wide = Crossed(delta=0.0, variance=0.02**2, df=math.inf, items=200, seeds=3)
+    assert crossed_tests(wide, 0.05, 0.05, 0.8)[4] == pytest.approx((Z95 + Z80) * 0.02)  # 5.6 points
+    tight = Crossed(delta=0.0, variance=0.001**2, df=math.inf, items=200, seeds=3)
+    k = Z95 + Z80
+    assert crossed_tests(tight, 0.05, 0.05, 0.8)[4] == pytest.approx(k * k / (200 + k * k))  # 3.8 points, the floor
+
+
+def test_each_seed_is_paired_with_its_own_start():
+    """The per-seed tables come from column s of both sides: seed 1's DPO against seed 1's SFT."""
+    before = np.array([[1, 0], [0, 1], [0, 0]], dtype=bool)
+    after = np.array([[1, 0], [1, 1], [0, 1]], dtype=bool)
+    c = compare_seeds(before, after, 0.05, 0.05, 0.8)
+    assert c.tables == ((1, 0, 1, 1), (1, 0, 1, 1)) and c.table == (2, 0, 2, 2) and c.delta == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="same items x seeds"):
+        compare_seeds(before, after[:, :1], 0.05, 0.05, 0.8)
+
+
+def test_family_holm_covers_both_tests_of_every_comparison_and_the_verdict_after_it():
+    a = compare_table((0, 0, 13, 67), 0.05, 0.05, 0.8)  # better: p = 2 / 2^13
+    b = compare_table((51, 1, 2, 146), 0.05, 0.05, 0.8)  # equivalent within 5 points
+    (a_p, a_eq), (b_p, b_eq) = family_holm([a, b])
+    # Sorted: b's TOST p 0.000184 (x4 = 0.000736), a's p 0.000244 (x3 = 0.000732, raised to 0.000736 to stay
+    # monotone), a's TOST p 0.996 (x2, capped at 1), b's p 1.0.
+    assert b_eq == pytest.approx(4 * b.p_equivalence) and a_p == b_eq and a_eq == b_p == 1.0
+    assert holm([a.p_value, b.p_value, a.p_equivalence, b.p_equivalence]) == [a_p, b_p, a_eq, b_eq]
+    assert adjusted_verdict(a, a_p, a_eq, 0.05) == "better"
+    assert adjusted_verdict(b, b_p, b_eq, 0.05) == ("equivalent" if b_eq < 0.05 else "inconclusive")
+    assert adjusted_verdict(b, 0.5, 0.049, 0.05) == "equivalent"
+    assert adjusted_verdict(b, 0.5, 0.051, 0.05) == "inconclusive"
+    assert adjusted_verdict(compare_table((0, 30, 0, 170), 0.05, 0.05, 0.8), 0.001, 1.0, 0.05) == "worse"

@@ -11,6 +11,8 @@ import math
 import typing
 from typing import Optional
 
+import numpy as np
+
 from .data import CATEGORIES
 from .errors import UserError
 
@@ -88,6 +90,27 @@ def _rank_problems(cfg):
         yield f"batch_size={cfg.batch_size} must be divisible by ranks={cfg.ranks} (each rank takes an equal share)"
 
 
+def seeded(section, seed, name):
+    """A training section (params.yaml [sft], [dpo], [rl]) with the run's seed, which params.yaml never holds.
+
+    One rule for every training stage: the seed comes from its command line
+    (``--seed``). The main study runs each training stage once per seed of
+    ``study.seeds`` (dvc.yaml foreach), every replicate's DPO and RL with its
+    own SFT's seed; the ablation arms train at the first one.
+    A ``seed`` key in the section would be a second, ignored source: refused.
+    """
+    section = dict(section or {})
+    if "seed" in section:
+        raise ConfigError(f"params.yaml [{name}].seed: seeds are not a [{name}] key; the main study runs once per "
+                          "seed of [study].seeds, the ablation arms at its first: remove the key")
+    return {**section, "seed": seed}
+
+
+def _seed_problems(cfg):
+    if cfg.seed < 0:
+        yield f"seed={cfg.seed} must be >= 0"
+
+
 def _at_least_one(cfg, keys):
     for key in keys:
         if getattr(cfg, key) < 1:
@@ -98,7 +121,7 @@ def _at_least_one(cfg, keys):
 class TrainConfig:
     """What a LoRA training loop needs: optimizer schedule, batches, seed, reporting."""
 
-    seed: int
+    seed: int  # from the stage's --seed (see ``seeded``), not params.yaml
     learning_rate: float
     warmup: int
     iters: int
@@ -107,6 +130,7 @@ class TrainConfig:
     steps_per_report: int
 
     def check(self):
+        yield from _seed_problems(self)
         if not 0 < self.learning_rate < 1:
             yield f"learning_rate={self.learning_rate} must be in (0, 1)"
         yield from _at_least_one(self, ("iters", "batch_size", "grad_accumulation", "steps_per_report"))
@@ -175,6 +199,7 @@ class SftConfig:
     ranks: int  # data-parallel processes on a CPU (toolcall/launch.py); 1: one plain process
 
     def check(self):
+        yield from _seed_problems(self)
         if not 0 < self.learning_rate < 1:
             yield f"learning_rate={self.learning_rate} must be in (0, 1)"
         yield from _budget_problems(self)
@@ -223,7 +248,7 @@ class SftConfig:
 class DpoConfig:
     """params.yaml [dpo]; the LoRA shape is the SFT adapter's, not repeated here."""
 
-    seed: int
+    seed: int  # from the stage's --seed (see ``seeded``), not params.yaml
     beta: float
     loss_type: str
     learning_rate: float
@@ -240,6 +265,7 @@ class DpoConfig:
     ranks: int  # data-parallel processes on a CPU (toolcall/launch.py); 1: one plain process
 
     def check(self):
+        yield from _seed_problems(self)
         yield from _rank_problems(self)
         if self.checkpoint_every < 0:
             yield f"checkpoint_every={self.checkpoint_every} must be >= 0 (0: never)"
@@ -269,7 +295,7 @@ class RlConfig:
     """params.yaml [rl]; the LoRA shape is the SFT adapter's, not repeated here."""
 
     algo: str
-    seed: int
+    seed: int  # from the stage's --seed (see ``seeded``), not params.yaml
     rounds: int
     prompts: int
     samples_per_prompt: int
@@ -287,6 +313,7 @@ class RlConfig:
     ranks: int  # data-parallel processes on a CPU (toolcall/launch.py); 1: one plain process
 
     def check(self):
+        yield from _seed_problems(self)
         yield from _rank_problems(self)
         if self.algo not in ALGOS:
             yield f"algo={self.algo!r} must be one of {ALGOS}"
@@ -306,9 +333,18 @@ class RlConfig:
             yield (f"min_reward={self.min_reward} is above the best possible reward "
                    f"{self.reward_ast + self.reward_format}: rft would keep nothing")
 
+    def round_seed(self, round_index):
+        """Round ``round_index``'s seed, for its sampling and its update loop.
+
+        Drawn from (seed, round) by NumPy's SeedSequence, not ``seed + round``:
+        the main study runs RL at seeds 0, 1, 2, ..., and seed 0's second round
+        would otherwise replay seed 1's first round's random stream.
+        """
+        return int(np.random.SeedSequence([self.seed, round_index]).generate_state(1)[0])
+
     def train(self, round_index):
         """One round's update loop: a seed of its own, no warmup (rounds are short), a report per step."""
-        return TrainConfig(seed=self.seed + round_index, learning_rate=self.learning_rate, warmup=0,
+        return TrainConfig(seed=self.round_seed(round_index), learning_rate=self.learning_rate, warmup=0,
                            iters=self.iters, batch_size=self.batch_size, grad_accumulation=1, steps_per_report=1)
 
 
@@ -440,6 +476,18 @@ class ExtraDataConfig:
     def check(self):
         if not all(isinstance(name, str) for name in self.keep):
             yield f"keep={self.keep} must be a list of extra source names (data.extra)"
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """params.yaml [study]: the seeds the main study's training stages (and their evals) replicate over."""
+
+    seeds: list
+
+    def check(self):
+        if (not self.seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in self.seeds)
+                or len(set(self.seeds)) != len(self.seeds)):
+            yield f"seeds={self.seeds} must be a non-empty list of distinct integers >= 0"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,13 +32,29 @@ def accuracy(records):
     return {"accuracy": round(k / n, 4) if n else 0.0, "n": n, "correct": k, "ci95": [round(lo, 4), round(hi, 4)]}
 
 
+# The scorer's error for an answer with fewer or more calls than asked (every checker's ``<checker>:wrong_count``).
+WRONG_COUNT = ":wrong_count"
+
+
+def scored(records):
+    """``accuracy`` plus, of the wrong answers, how many have the wrong number of calls and their share.
+
+    The share follows the failure that dominates the parallel categories
+    (answers that stop after the first call); null when nothing is wrong.
+    """
+    out = accuracy(records)
+    wrong = out["n"] - out["correct"]
+    count = sum(1 for r in records if not r["valid"] and (r["error_type"] or "").endswith(WRONG_COUNT))
+    return {**out, "wrong_count": count, "wrong_count_share": round(count / wrong, 4) if wrong else None}
+
+
 def summarize(records):
-    """The metrics file layout: overall, by category, and error counts."""
+    """The metrics file layout: overall and by category (accuracy, wrong_count share), and error counts."""
     by_cat = defaultdict(list)
     for r in records:
         by_cat[r["category"]].append(r)
     return {
-        "overall": accuracy(records),
-        "by_category": {c: accuracy(rs) for c, rs in sorted(by_cat.items())},
+        "overall": scored(records),
+        "by_category": {c: scored(rs) for c, rs in sorted(by_cat.items())},
         "errors": dict(Counter(r["error_type"] for r in records if not r["valid"]).most_common()),
     }

@@ -188,3 +188,15 @@ def read_params(section, path="params.yaml"):
             raise KeyError(f"{path} has no [{section}] section")
         params = params[key]
     return params
+
+
+def run_path(root, variant, seed, suffix=""):
+    """Where one run of a variant lives under ``root`` (the main study's path scheme, dvc.yaml).
+
+    A variant trained once per seed of ``study.seeds`` has one entry per
+    seed, ``<root>/<variant>/s<seed><suffix>`` (models/sft/s0,
+    metrics/eval/sft_dpo/s1.json, data/predictions/sft_rl/s2.jsonl); a run
+    with no seed (``seed`` None: the base model's greedy eval) is
+    ``<root>/<variant><suffix>``.
+    """
+    return Path(root, f"{variant}{suffix}") if seed is None else Path(root, variant, f"s{seed}{suffix}")

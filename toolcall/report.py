@@ -1,13 +1,22 @@
-"""The study's report: our numbers with n and 95% intervals, beside the papers', with a verdict per comparison."""
+"""The study's report: our numbers with n and 95% intervals, beside the papers', with a verdict per comparison.
+
+The main study's runs (every scored item of base, and of SFT, SFT + DPO and
+SFT + RL under each seed) are one pandas DataFrame, one row per (variant,
+run, item); accuracies, seed spreads, error shares and the items x seeds
+matrices of the paired comparisons are group-bys and pivots of it.
+"""
 
 import dataclasses
 import math
 from pathlib import Path
 from typing import Optional
 
+import pandas as pd
+
 from .data import CATEGORIES
-from .io import TIMINGS_SUFFIX, read_json, read_jsonl
-from .paired import Comparison, compare, compare_table, holm
+from .errors import DataError
+from .io import TIMINGS_SUFFIX, read_json, read_jsonl, run_path
+from .paired import (Comparison, adjusted_verdict, compare, compare_seeds, compare_table, family_holm)
 
 # "What Actually Improves LLM Tool Calling?" Table 1 (overall accuracy, %).
 PAPER_TABLE1 = {"base": 9.7, "sft": 57.0, "sft_dpo": 57.7, "sft_rl": 58.0}
@@ -86,21 +95,38 @@ def claim_relation(c, claimed, cfg, source="paper"):
     return f"{tail}: {direction}{size} than claimed ({level} excludes it)"
 
 
-def method_note(cfg, family):
-    """What every verdict in a report means, and the multiplicity of its ``family`` of paired tests."""
+def method_note(cfg, family, seeds=1):
+    """What every verdict in a report means, and the multiplicity of its ``family`` of paired comparisons.
+
+    ``seeds``: how many seeds the report's trained variants replicate over (1: single runs).
+    """
     margin = 100 * cfg.equivalence_margin
-    return (f"Paired comparisons on the same items, Δ = the second accuracy minus the first, with its "
-            f"{100 * (1 - cfg.alpha):g}% interval by Newcombe's hybrid score method for paired data (1998, method "
-            f"10). Verdict: **better** / **worse** when that interval excludes 0; else **equivalent** when the "
-            f"{100 * (1 - 2 * cfg.alpha):g}% interval lies within ±{margin:g} pts (TOST at α={cfg.alpha:g}: its p "
-            f"is below α exactly then); else **inconclusive**. A difference that is also within the margin reads "
-            f"\"better, by less than ±{margin:g} pts\". MDE: the smallest difference the comparison could detect "
-            f"with {100 * cfg.power:g}% power at two-sided α={cfg.alpha:g} (Connor 1987: McNemar's test at the "
-            f"observed discordance rate, or at the rate the difference itself needs where that is higher); it is "
-            f"about detecting a difference, while equivalence is read from the interval. Multiplicity: this report "
-            f"makes {family} paired comparison{'s' if family != 1 else ''}; Holm p is each exact McNemar p adjusted "
-            f"over all of them (Holm 1979). Verdicts are per comparison and unadjusted: a better/worse whose Holm p "
-            f"is ≥ {cfg.alpha:g} does not survive the correction.")
+    level, level_eq = f"{100 * (1 - cfg.alpha):g}%", f"{100 * (1 - 2 * cfg.alpha):g}%"
+    if seeds > 1:
+        interval_text = (
+            f"Each trained variant ran once per seed ({seeds} seeds), DPO and RL continuing their own seed's SFT, "
+            f"and every run answers the same items: Δ is the mean over items and seeds, and its {level} interval "
+            f"comes from a two-way random-effects analysis of the paired differences (items x seeds, both "
+            f"random: Var(Δ) = σ²_item/n + σ²_seed/S + σ²_res/(nS) from the ANOVA mean squares, t with "
+            f"Satterthwaite's degrees of freedom; `toolcall/paired.py` crossed_difference), so it widens with "
+            f"the seed-to-seed spread as well as with the items. p is that t-test's.")
+        mde_text = "(t quantiles at the same degrees of freedom, times the standard error of Δ)"
+    else:
+        interval_text = (f"Paired comparisons on the same items, Δ = the second accuracy minus the first, with its "
+                         f"{level} interval by Newcombe's hybrid score method for paired data (1998, method 10); "
+                         f"p is the exact McNemar test.")
+        mde_text = ("(Connor 1987: McNemar's test at the observed discordance rate, or at the rate the difference "
+                    "itself needs where that is higher)")
+    return (f"{interval_text} Verdict: **better** / **worse** when that interval excludes 0; else **equivalent** "
+            f"when the {level_eq} interval lies within ±{margin:g} pts (TOST at α={cfg.alpha:g}: its p is below α "
+            f"exactly then); else **inconclusive**. A difference that is also within the margin reads \"better, by "
+            f"less than ±{margin:g} pts\". A claimed change is reproduced by its size, not its sign: a claim of "
+            f"more than ±{margin:g} pts holds when our interval includes the claimed value, a smaller one (\"< 1 "
+            f"point\") is a claim of no effect and holds when equivalence is shown. MDE: the smallest difference "
+            f"the comparison could detect with {100 * cfg.power:g}% power at two-sided α={cfg.alpha:g} {mde_text}. "
+            f"Multiplicity: this report makes {family} paired comparison{'s' if family != 1 else ''}, each with a "
+            f"difference test and an equivalence test; Holm p adjusts each over all {2 * family} (Holm 1979), "
+            f"and \"after Holm\" is the verdict those adjusted p-values support (family-wise α={cfg.alpha:g}).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,101 +139,253 @@ class Claim:
     source: str = "paper"
 
 
-def claim_line(claim, holm_p, cfg):
-    """``- label: **verdict**: ours Δ [CI] ...; paper ...: relation``."""
+def holm_text(c, adjusted, cfg):
+    """``Holm p=0.003, TOST Holm p=1.000; after Holm: better`` from ``(p, p_equivalence)`` adjusted."""
+    word = adjusted_verdict(c, *adjusted, cfg.alpha)
+    return f"Holm p={adjusted[0]:.3f}, TOST Holm p={adjusted[1]:.3f}; after Holm: {word}"
+
+
+def claim_line(claim, adjusted, cfg):
+    """``- label: **verdict**: ours Δ [CI] ...; paper ...: relation``; ``adjusted``: its Holm p-values."""
     c = claim.comparison
     return (f"- {claim.label}: **{verdict_text(c, cfg)}**: ours {points(c.delta)} pts {interval(c.ci)} on n={c.n} "
             f"paired items ({c.only_base} vs {c.only_other} discordant; exact McNemar p={c.p_value:.3f}, "
-            f"Holm p={holm_p:.3f}, TOST p={c.p_equivalence:.3f}; MDE {detectable(c)}); "
+            f"TOST p={c.p_equivalence:.3f}; {holm_text(c, adjusted, cfg)}; MDE {detectable(c)}); "
             f"{claim_relation(c, claim.claimed, cfg, claim.source)}")
 
 
 def render_claims(parts, cfg):
-    """Markdown lines from sections' lines and ``Claim``s, Holm-adjusted over every claim among them."""
-    adjusted = iter(holm([p.comparison.p_value for p in parts if isinstance(p, Claim)]))
+    """Markdown lines from sections' lines and ``Claim``s, Holm-adjusted over every claim's two tests."""
+    adjusted = iter(family_holm([p.comparison for p in parts if isinstance(p, Claim)]))
     return [claim_line(p, next(adjusted), cfg) if isinstance(p, Claim) else p for p in parts]
 
 
-def main_table(metrics, predictions, cfg, baseline="base"):
-    """Table 1 layout: overall and per category, the paper beside us, each variant's paired Δ against the baseline."""
-    variants = [v for v in VARIANT_NAMES if v in metrics]
-    cats = [c for c in CATEGORIES if any(c in metrics[v]["by_category"] for v in variants)]
-    level = f"{100 * (1 - cfg.alpha):g}%"
-    lines = [
-        "| Method | Ours, overall | Paper | " + " | ".join(cats) + " | Δ vs " + VARIANT_NAMES.get(baseline, baseline)
-        + f", paired {level} CI |",
-        "|---" * (len(cats) + 4) + "|",
-    ]
+# ---------------------------------------------------------------- the main study's runs
+
+# Evaluated once, greedily, with no training: no seed (stage eval_base). Every other variant runs per seed.
+SEEDLESS = ("base",)
+GREEDY = "greedy"  # the run label of a seedless variant; a seed's run is "s<seed>"
+FIELDS = ("id", "category", "valid", "error_type")
+
+
+def run_label(seed):
+    return GREEDY if seed is None else f"s{seed}"
+
+
+def load_runs(predictions_dir, variants, seeds):
+    """Every scored item of every run: a DataFrame with columns variant, run, id, category, valid, error_type.
+
+    Base is read from ``<dir>/base.jsonl``, every other variant from
+    ``<dir>/<variant>/s<seed>.jsonl`` for each of ``seeds`` (io.run_path):
+    exactly the seeds asked for, so a file left by a seed since removed from
+    ``study.seeds`` is not read.
+    """
+    parts = []
     for v in variants:
-        m = metrics[v]
-        per_cat = [cell(m["by_category"][c]) if c in m["by_category"] else "—" for c in cats]
-        delta = "—"
-        if v != baseline and baseline in predictions and v in predictions:
-            c = compare(predictions[baseline], predictions[v], cfg.equivalence_margin, cfg.alpha, cfg.power)
-            delta = f"{points(c.delta)} pts {interval(c.ci)}"
+        for seed in [None] if v in SEEDLESS else seeds:
+            path = run_path(predictions_dir, v, seed, ".jsonl")
+            records = read_jsonl(path)
+            if not records:
+                raise DataError(f"{path}: no predictions; rerun its eval stage (dvc repro)")
+            frame = pd.DataFrame.from_records(records, columns=list(FIELDS))
+            parts.append(frame.assign(variant=v, run=run_label(seed)))
+    return pd.concat(parts, ignore_index=True)
+
+
+def run_accuracy(runs):
+    """Accuracy of each run, overall and per category: index (variant, run), columns overall + categories."""
+    keys = ["variant", "run"]
+    overall = runs.groupby(keys, sort=False)["valid"].mean().rename("overall")
+    by_category = runs.pivot_table(index=keys, columns="category", values="valid", aggfunc="mean")
+    return pd.concat([overall, by_category[[c for c in CATEGORIES if c in by_category]]], axis=1)
+
+
+def load_scores(metrics_dir, variants, seeds):
+    """The eval metrics of every run (as ``load_runs``): one row per (variant, run, scope), scope "overall" or a
+    category, with that block's keys (accuracy, n, correct, wrong_count, wrong_count_share, ...)."""
+    rows = []
+    for v in variants:
+        for seed in [None] if v in SEEDLESS else seeds:
+            m = read_json(run_path(metrics_dir, v, seed, ".json"))
+            for scope, block in [("overall", m["overall"]), *m["by_category"].items()]:
+                rows.append({"variant": v, "run": run_label(seed), "scope": scope, **block})
+    return pd.DataFrame(rows)
+
+
+def variants_in(runs):
+    return [v for v in VARIANT_NAMES if v in set(runs["variant"])]
+
+
+def spread_cell(values, sd=False):
+    """``26.2% (25.5–27.0)`` over a variant's runs: mean and min–max (``sd``: ``sd 0.8;`` first); one run: ``25.5%``."""
+    values = values.dropna()
+    if values.empty:
+        return "—"
+    if len(values) == 1:
+        return pct(values.iloc[0])
+    sd_text = f"sd {100 * values.std(ddof=1):.1f}; " if sd else ""
+    return f"{pct(values.mean())} ({sd_text}{100 * values.min():.1f}–{100 * values.max():.1f})"
+
+
+def main_table(runs):
+    """Table 1: each method's mean over its runs with the spread (sd; min–max), the paper beside, per category."""
+    acc = run_accuracy(runs)
+    cats = [c for c in CATEGORIES if c in acc]
+    counts = runs.drop_duplicates("id")["category"].value_counts()
+    n = counts.sum()
+    lines = ["| Method | runs | Ours, overall (n=" + f"{n}): mean (sd; min–max) | Paper | "
+             + " | ".join(f"{c} (n={counts[c]})" for c in cats) + " |",
+             "|---" * (len(cats) + 4) + "|"]
+    for v in variants_in(runs):
+        a = acc.loc[v]
+        which = "1 greedy" if v in SEEDLESS else f"{len(a)} seeds"
         paper = f"{PAPER_TABLE1[v]:.1f}%" if v in PAPER_TABLE1 else "—"
-        lines.append(f"| {VARIANT_NAMES[v]} | {cell(m['overall'])} | {paper} | " + " | ".join(per_cat)
-                     + f" | {delta} |")
+        lines.append(f"| {VARIANT_NAMES[v]} | {which} | {spread_cell(a['overall'], sd=True)} | {paper} | "
+                     + " | ".join(spread_cell(a[c]) for c in cats) + " |")
     return "\n".join(lines)
+
+
+def wrong_count_table(scores):
+    """The dominant failure per method (eval metrics' wrong_count_share): of the wrong answers, the share with
+    fewer or more calls than asked, overall and per category, mean over the runs (min–max)."""
+    share = scores.pivot(index=["variant", "run"], columns="scope", values="wrong_count_share").astype(float)
+    wrong = scores[scores["scope"] == "overall"].set_index(["variant", "run"])
+    wrong = (wrong["n"] - wrong["correct"]).groupby(level=0).mean()
+    cats = [c for c in CATEGORIES if c in share]
+    lines = ["| Method | wrong answers (of n, mean per run) | wrong_count share, overall | " + " | ".join(cats) + " |",
+             "|---" * (len(cats) + 3) + "|"]
+    for v in [v for v in VARIANT_NAMES if v in wrong.index]:
+        s = share.loc[v]
+        lines.append(f"| {VARIANT_NAMES[v]} | {count(wrong[v])} | {spread_cell(s['overall'])} | "
+                     + " | ".join(spread_cell(s[c]) for c in cats) + " |")
+    return "\n".join(lines)
+
+
+def correctness(runs, variant):
+    """Items x runs booleans of one variant (one column for a seedless variant), rows sorted by id."""
+    table = runs[runs["variant"] == variant].pivot(index="id", columns="run", values="valid").sort_index()
+    missing = table.columns[table.isna().any()].tolist()
+    if missing:  # a run scored other items than its siblings: not the same test split
+        raise DataError(f"{variant}'s runs {missing} lack items the other runs scored "
+                        f"({table.isna().sum().sum()} missing); rerun their eval stages on the same test split")
+    return table.astype(bool)
+
+
+def paired_runs(runs, before, after):
+    """``(before, after)`` items x seeds matrices on the shared items, each seed's run against its own start.
+
+    A seedless start (base) is the same run for every seed: its column repeats.
+    """
+    b, a = correctness(runs, before), correctness(runs, after)
+    ids = b.index.intersection(a.index)
+    if list(b.columns) == [GREEDY]:
+        b = pd.concat([b[GREEDY]] * len(a.columns), axis=1, keys=a.columns)
+    elif list(b.columns) != list(a.columns):
+        raise DataError(f"{after}'s runs {list(a.columns)} do not match {before}'s {list(b.columns)}: each seed "
+                        f"continues its own seed's {before}")
+    return b.loc[ids, a.columns], a.loc[ids]
 
 
 # Each post-training step against the model it starts from (DPO and RL continue SFT).
 STEPS = (("base", "sft"), ("sft", "sft_dpo"), ("sft", "sft_rl"))
 
 
-def step_comparisons(predictions, cfg):
-    """``[(before, after, Comparison)]`` for each step in STEPS with predictions on both sides."""
-    return [(before, after, compare(predictions[before], predictions[after], cfg.equivalence_margin, cfg.alpha,
-                                    cfg.power))
-            for before, after in STEPS if before in predictions and after in predictions]
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One step's comparison and the seed-to-seed spread of the model it starts from."""
+
+    before: str
+    after: str
+    comparison: Comparison
+    start_runs: tuple  # the start's overall accuracy per run
+
+
+def step_comparisons(runs, cfg):
+    """A ``Step`` for each step in STEPS with runs on both sides."""
+    present = set(runs["variant"])
+    acc = run_accuracy(runs)["overall"]
+    return [Step(before, after, compare_seeds(*paired_runs(runs, before, after), cfg.equivalence_margin, cfg.alpha,
+                                              cfg.power), tuple(acc.loc[before]))
+            for before, after in STEPS if before in present and after in present]
+
+
+def seed_spread_text(step):
+    """The step's |Δ| against the seed-to-seed spread of its start's accuracy."""
+    start, d = VARIANT_NAMES[step.before], abs(step.comparison.delta)
+    if len(step.start_runs) < 2:
+        return f"{start}: one run, no seed spread"
+    s = pd.Series(step.start_runs)
+    sd, lo, hi = s.std(ddof=1), s.min(), s.max()
+    where = "inside" if d <= hi - lo else "beyond"
+    ratio = f"{d / sd:.1f}× its sd" if sd > 0 else "its seeds agree exactly"
+    return (f"|Δ| {100 * d:.1f} pts {where} {start}'s seed range ({100 * lo:.1f}–{100 * hi:.1f}%, sd "
+            f"{100 * sd:.1f}); {ratio}")
 
 
 def step_table(steps, cfg):
-    """Each step's paired comparison: Δ and interval, McNemar, Holm and TOST p, MDE, verdict, the paper's claim."""
+    """Each step: Δ and interval, per-seed Δ, p and TOST p with Holm, MDE, verdicts, the start's seed spread."""
     level = f"{100 * (1 - cfg.alpha):g}% CI"
-    lines = [f"| Step | n | Δ accuracy [{level}] | discordant (only before / only after) | exact McNemar p | Holm p "
-             f"| TOST p (±{100 * cfg.equivalence_margin:g} pts) | MDE ({100 * cfg.power:g}% power) | verdict "
-             f"| vs the paper |",
+    margin = f"±{100 * cfg.equivalence_margin:g} pts"
+    lines = [f"| Step | items × seeds | Δ accuracy [{level}] | Δ per seed | p (Holm) | TOST p, {margin} (Holm) "
+             f"| MDE ({100 * cfg.power:g}% power) | verdict | after Holm | against the start's seed spread |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    adjusted = holm([c.p_value for _, _, c in steps])
-    for (before, after, c), holm_p in zip(steps, adjusted):
-        claimed = PAPER_TABLE1[after] - PAPER_TABLE1[before]
-        lines.append(f"| {VARIANT_NAMES[after]} vs {VARIANT_NAMES[before]} | {c.n} | {points(c.delta)} pts "
-                     f"{interval(c.ci)} | {c.only_base} / {c.only_other} | {c.p_value:.3f} | {holm_p:.3f} | "
-                     f"{c.p_equivalence:.3f} | {detectable(c)} | {verdict_text(c, cfg)} | "
-                     f"{claim_relation(c, claimed, cfg)} |")
+    for step, adjusted in zip(steps, family_holm([s.comparison for s in steps])):
+        c = step.comparison
+        per_seed = ", ".join(points((t[2] - t[1]) / sum(t)) for t in c.tables)
+        lines.append(f"| {VARIANT_NAMES[step.after]} vs {VARIANT_NAMES[step.before]} | {c.n} × {c.seeds} | "
+                     f"{points(c.delta)} pts {interval(c.ci)} | {per_seed} | {c.p_value:.3f} ({adjusted[0]:.3f}) | "
+                     f"{c.p_equivalence:.3f} ({adjusted[1]:.3f}) | {detectable(c)} | {verdict_text(c, cfg)} | "
+                     f"{adjusted_verdict(c, *adjusted, cfg.alpha)} | {seed_spread_text(step)} |")
     return "\n".join(lines)
 
 
-def error_table(metrics, top=6):
-    variants = [v for v in VARIANT_NAMES if v in metrics]
-    lines = ["| Method | most frequent errors (count) |", "|---|---|"]
-    for v in variants:
-        errs = list(metrics[v].get("errors", {}).items())[:top]
-        lines.append(f"| {VARIANT_NAMES[v]} | " + ", ".join(f"`{e}` {n}" for e, n in errs) + " |")
+def paper_claims(steps, cfg):
+    """Each step against the paper's Table 1 change: its size, or equivalence for a "< 1 point" claim."""
+    lines = []
+    for step, adjusted in zip(steps, family_holm([s.comparison for s in steps])):
+        claimed = PAPER_TABLE1[step.after] - PAPER_TABLE1[step.before]
+        c = step.comparison
+        lines.append(f"- {VARIANT_NAMES[step.after]} vs {VARIANT_NAMES[step.before]}: "
+                     f"{claim_relation(c, claimed, cfg)}; after Holm: {adjusted_verdict(c, *adjusted, cfg.alpha)}")
     return "\n".join(lines)
 
 
-def bar_chart(metrics, path):
-    """Grouped bars per category with Wilson intervals as error bars."""
+def count(x):
+    """A count that may be a mean over runs: ``59`` or ``59.3``."""
+    return f"{x:.1f}".removesuffix(".0")
+
+
+def error_table(runs, top=6):
+    """Each method's most frequent errors, counted per run (mean over its runs)."""
+    lines = ["| Method | most frequent errors (count per run) |", "|---|---|"]
+    for v in variants_in(runs):
+        rows = runs[(runs["variant"] == v) & ~runs["valid"].astype(bool)]
+        n_runs = runs.loc[runs["variant"] == v, "run"].nunique()
+        counts = rows["error_type"].value_counts().head(top) / n_runs
+        lines.append(f"| {VARIANT_NAMES[v]} | " + ", ".join(f"`{e}` {count(n)}" for e, n in counts.items()) + " |")
+    return "\n".join(lines)
+
+
+def bar_chart(runs, path):
+    """Grouped bars per category: the mean over each method's runs, the min–max over its seeds as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = [v for v in VARIANT_NAMES if v in metrics]
-    groups = ["overall"] + [c for c in CATEGORIES if c in metrics[variants[0]]["by_category"]]
+    acc = run_accuracy(runs)
+    variants = variants_in(runs)
+    groups = ["overall"] + [c for c in CATEGORIES if c in acc]
     width = 0.8 / len(variants)
     fig, ax = plt.subplots(figsize=(9, 4))
     for i, v in enumerate(variants):
-        ms = [metrics[v]["overall"] if g == "overall" else metrics[v]["by_category"][g] for g in groups]
-        acc = [m["accuracy"] for m in ms]
-        err = [[a - m["ci95"][0] for a, m in zip(acc, ms)], [m["ci95"][1] - a for a, m in zip(acc, ms)]]
-        ax.bar([x + i * width for x in range(len(groups))], acc, width, yerr=err, capsize=3,
-               label=VARIANT_NAMES[v])
+        a = acc.loc[v, groups]
+        mean = a.mean()
+        ax.bar([x + i * width for x in range(len(groups))], mean, width, yerr=[mean - a.min(), a.max() - mean],
+               capsize=3, label=VARIANT_NAMES[v])
     ax.set_xticks([x + width * (len(variants) - 1) / 2 for x in range(len(groups))], groups)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("AST accuracy (95% Wilson CI)")
+    ax.set_ylabel("AST accuracy (mean; bars: min–max over seeds)")
     ax.legend()
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

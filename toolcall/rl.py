@@ -177,7 +177,7 @@ def run(model, tokenizer, fmt, rows, cfg, live=None, checkpoint=None):
         prompts = [fmt.encode(fmt.prompt(row["messages"], row["functions"])) for row in batch_rows]
         start = time.perf_counter()
         samples = sample(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.temperature, cfg.max_tokens,
-                         cfg.seed + r, cfg.sample_batch, label=f"rl round {r + 1} sample")
+                         cfg.round_seed(r), cfg.sample_batch, label=f"rl round {r + 1} sample")
         # Every rank samples the same prompts with the same seed (no gather needed, and the samples do not
         # depend on the rank count); each then trains on its share of the batches.
         launch.agree(json.dumps([[list(map(int, ids)) for _, ids in group] for group in samples]).encode(),

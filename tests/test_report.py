@@ -1,0 +1,153 @@
+"""The main study's report over seeds: Table 1's means and spreads, each seed paired with its own start,
+the wrong_count share, and the rendered report (toolcall/report.py, stages/report.py)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from toolcall import report
+from toolcall.config import ReportConfig
+from toolcall.errors import DataError
+from toolcall.evaluation import summarize
+from toolcall.io import run_path, write_json, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = ReportConfig(equivalence_margin=0.05, alpha=0.05, power=0.8)
+CATS = ("simple", "multiple", "parallel", "parallel_multiple")
+IDS = [(f"{c}_{i}", c) for c in CATS for i in range(2)]  # 8 items, 2 per category
+WRONG_COUNT = "parallel_function_checker_no_order:wrong_count"
+# Which of the 8 items each run gets right (1) and, for a wrong one, whether its error is wrong_count (w).
+RUNS = {
+    ("base", None): "0000 0000",
+    ("sft", 0): "1100 0000",     # 2/8
+    ("sft", 1): "1111 0000",     # 4/8
+    ("sft_dpo", 0): "1110 0000",  # seed 0: +1 item over its SFT
+    ("sft_dpo", 1): "1111 00ww",  # seed 1: no change over its own SFT (but +2 over seed 0's SFT)
+    ("sft_rl", 0): "1100 w000",  # the w is parallel_0
+    ("sft_rl", 1): "1111 1000",
+}
+
+
+def records(pattern):
+    marks = pattern.replace(" ", "")
+    return [{"id": i, "category": c, "raw": "", "calls": [], "valid": m == "1",
+             "error_type": None if m == "1" else (WRONG_COUNT if m == "w" else "value_error:string")}
+            for (i, c), m in zip(IDS, marks)]
+
+
+@pytest.fixture
+def study(tmp_path):
+    for (variant, seed), pattern in RUNS.items():
+        recs = records(pattern)
+        write_jsonl(run_path(tmp_path / "data/predictions", variant, seed, ".jsonl"), recs)
+        write_json(run_path(tmp_path / "metrics/eval", variant, seed, ".json"), summarize(recs))
+    return tmp_path
+
+
+def test_runs_are_read_per_seed_and_only_the_seeds_asked_for(study):
+    stale = run_path(study / "data/predictions", "sft", 9, ".jsonl")  # a seed since dropped from study.seeds
+    write_jsonl(stale, records("1111 1111"))
+    runs = report.load_runs(study / "data/predictions", ["base", "sft"], [0, 1])
+    assert sorted(set(zip(runs["variant"], runs["run"]))) == [("base", "greedy"), ("sft", "s0"), ("sft", "s1")]
+    assert len(runs) == 3 * 8
+    with pytest.raises(DataError, match=r"sft/s2.jsonl does not exist"):
+        report.load_runs(study / "data/predictions", ["sft"], [0, 2])  # a seed with no eval yet
+
+
+def test_table_1_shows_each_methods_mean_and_seed_spread(study):
+    runs = report.load_runs(study / "data/predictions", list(report.VARIANT_NAMES), [0, 1])
+    table = report.main_table(runs)
+    # SFT: 25% and 50% -> mean 37.5, sd |0.25 - 0.5| / sqrt(2) = 17.7 points; simple 100% under both seeds.
+    sft = "| SFT | 2 seeds | 37.5% (sd 17.7; 25.0–50.0) | 57.0% | 100.0% (100.0–100.0) | 50.0% (0.0–100.0) |"
+    assert sft in table
+    assert "| Base model | 1 greedy | 0.0% | 9.7% | 0.0% |" in table
+    assert "Ours, overall (n=8)" in table and "simple (n=2)" in table
+
+
+def test_each_seed_is_compared_with_its_own_start(study):
+    runs = report.load_runs(study / "data/predictions", list(report.VARIANT_NAMES), [0, 1])
+    before, after = report.paired_runs(runs, "sft", "sft_dpo")
+    assert list(before.columns) == ["s0", "s1"] and list(before.index) == sorted(i for i, _ in IDS)
+    steps = {s.after: s for s in report.step_comparisons(runs, CFG)}
+    dpo = steps["sft_dpo"].comparison
+    # Seed 0 gains one item, seed 1 none: tables (both, only SFT, only DPO, neither) per seed; Δ = (1/8 + 0) / 2.
+    assert dpo.tables == ((2, 0, 1, 5), (4, 0, 0, 4)) and dpo.delta == pytest.approx(1 / 16)
+    base = steps["sft"]  # base has one run: it stands against every seed's SFT
+    assert base.comparison.tables == ((0, 0, 2, 6), (0, 0, 4, 4)) and base.start_runs == (0.0,)
+    assert steps["sft_rl"].start_runs == (0.25, 0.5)
+
+
+def test_runs_that_do_not_continue_their_own_seed_are_refused(study):
+    runs = report.load_runs(study / "data/predictions", ["sft", "sft_dpo"], [0, 1])
+    runs = runs[~((runs["variant"] == "sft_dpo") & (runs["run"] == "s1"))]
+    with pytest.raises(DataError, match=r"sft_dpo's runs \['s0'\] do not match sft's \['s0', 's1'\]"):
+        report.paired_runs(runs, "sft", "sft_dpo")
+
+
+def test_step_table_judges_each_step_against_its_starts_seed_spread(study):
+    runs = report.load_runs(study / "data/predictions", list(report.VARIANT_NAMES), [0, 1])
+    steps = report.step_comparisons(runs, CFG)
+    table = report.step_table(steps, CFG)
+    assert "| SFT + DPO vs SFT | 8 × 2 | +6.2 pts" in table and "| +12.5, +0.0 |" in table
+    # SFT's seeds span 25.0-50.0%: a 6.25-point step lies inside that range, 0.4 x its sd of 17.7.
+    assert "|Δ| 6.2 pts inside SFT's seed range (25.0–50.0%, sd 17.7); 0.4× its sd" in table
+    assert "Base model: one run, no seed spread" in table
+    claims = report.paper_claims(steps, CFG)
+    assert "SFT + DPO vs SFT: paper +0.7 pts, a claim of no effect beyond ±5 pts: undecided" in claims
+    assert claims.count("after Holm:") == 3
+
+
+def test_wrong_count_share_per_method_and_category(study):
+    scores = report.load_scores(study / "metrics/eval", list(report.VARIANT_NAMES), [0, 1])
+    table = report.wrong_count_table(scores)
+    # SFT + DPO: seed 0 has no wrong_count (0 of 5 wrong), seed 1 two of 4 wrong -> 0% and 50%, mean 25%;
+    # its parallel_multiple items are both wrong_count under seed 1 and both other errors under seed 0. Nothing
+    # is wrong in simple under either seed (no share: "—"), nor in multiple under seed 1 (one share left).
+    assert "| SFT + DPO | 4.5 | 25.0% (0.0–50.0) | — | 0.0% | 0.0% (0.0–0.0) | 50.0% (0.0–100.0) |" in table
+    assert "| SFT + RL | 4.5 | 8.3% (0.0–16.7) |" in table  # seed 0: 1 of 6 wrong; seed 1: 0 of 3
+    m = json.loads(run_path(study / "metrics/eval", "sft_dpo", 1, ".json").read_text())
+    assert m["by_category"]["parallel_multiple"] == {**m["by_category"]["parallel_multiple"], "wrong_count": 2,
+                                                     "wrong_count_share": 1.0}
+    assert m["by_category"]["simple"]["wrong_count_share"] is None  # nothing wrong: no share
+
+
+def test_the_report_stage_writes_every_section(study):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["study"]["seeds"] = [0, 1]
+    (study / "params.yaml").write_text(yaml.safe_dump(params))
+    write_json(study / "metrics/validate.json", {"test": {"n_kept": 8, "by_category": {c: 2 for c in CATS}},
+                                                 "train": {"n_kept": 20}, "template": "project"})
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "stages.report", "metrics", "data/predictions", "reports",
+                           "--variants", "base", "sft", "sft_dpo", "sft_rl", "--name", "post_sft"],
+                          cwd=study, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = (study / "reports/post_sft.md").read_text()
+    for heading in ("## Table 1", "## Each step against the model it starts from", "## The dominant failure",
+                    "## Errors"):
+        assert heading in text
+    assert "once per seed of `study.seeds` (0, 1)" in text and "(2 seeds)" in text and "over all 6" in text
+    assert (study / "reports/post_sft.png").stat().st_size > 1000
+
+
+def test_one_seed_falls_back_to_newcombe_and_says_so(study):
+    runs = report.load_runs(study / "data/predictions", ["base", "sft"], [1])
+    (step,) = report.step_comparisons(runs, CFG)
+    assert step.comparison.seeds == 1 and step.comparison.tables == ((0, 0, 4, 4),)
+    assert "Newcombe" in report.method_note(CFG, 1, seeds=1)
+    assert "random-effects" in report.method_note(CFG, 1, seeds=2)
+    assert np.isfinite(step.comparison.ci).all()
+
+
+def test_a_run_on_other_items_is_refused(study):
+    path = run_path(study / "data/predictions", "sft", 1, ".jsonl")
+    write_jsonl(path, records("1111 0000")[:-1])  # one item fewer than seed 0's run
+    runs = report.load_runs(study / "data/predictions", ["sft"], [0, 1])
+    with pytest.raises(DataError, match=r"sft's runs \['s1'\] lack items the other runs scored \(1 missing\)"):
+        report.correctness(runs, "sft")
