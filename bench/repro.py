@@ -59,7 +59,7 @@ def build_tiny_repo(where):
 
     repo = where / "repo"
     repo.mkdir(parents=True)
-    for item in ("stages", "toolcall", "dvc.yaml", "params.yaml"):
+    for item in ("stages", "toolcall", "native", "dvc.yaml", "params.yaml"):
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
     for cache in repo.rglob("__pycache__"):

@@ -96,7 +96,7 @@ def test_stage_cmds_run_the_workspace_toolcall(tmp_path):
     an editable install of another checkout, or the tests' own path, must not win.
     """
     copy = tmp_path / "exp"
-    for item in ("stages", "toolcall", "dvc.yaml", "params.yaml"):
+    for item in ("stages", "toolcall", "native", "dvc.yaml", "params.yaml"):
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, copy / item)
     with open(copy / "toolcall" / "__init__.py", "a") as f:

@@ -67,11 +67,11 @@ def sft_work(tmp_path_factory):
 
 def train_sft(work, ranks, out):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["sft"].update(iters=4, epochs=None, batch_size=2, warmup=0, steps_per_report=1, max_seq_len=4096, lora_layers=2,
-                         ranks=ranks)
+    params["sft"].update(iters=4, epochs=None, batch_size=2, warmup=0, steps_per_report=1, max_seq_len=4096,
+                         lora_layers=2, ranks=ranks)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = subprocess.run([sys.executable, "-m", "stages.train_sft", "base", "train.jsonl", out, "--metrics",
-                           f"{out}.json", "--live", f"{out}.live"], cwd=work, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "stages.train_sft", "base", "train.jsonl", out, "--seed", "0",
+                           "--metrics", f"{out}.json", "--live", f"{out}.live"], cwd=work, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc.stdout

@@ -38,7 +38,7 @@ def ran_stages(output):
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
-    for item in ("stages", "toolcall", "dvc.yaml", "params.yaml"):
+    for item in ("stages", "toolcall", "native", "dvc.yaml", "params.yaml"):
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
     for cache in repo.rglob("__pycache__"):
