@@ -300,7 +300,10 @@ def test_ctrl_c_during_eval_leaves_the_old_outputs(tiny, tmp_path):
     proc = stage("eval", "sft", "--model", tiny, "--test", tmp_path / "test.jsonl", "--workers", "2",
                  "--predictions", pred, "--metrics", metrics, cwd=tmp_path,
                  params={"eval": {**PARAMS["eval"], "max_tokens": 2000, "batch_size": 2}},
-                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                 # As from a terminal: a shell's background job (`make test &`) runs with SIGINT
+                 # ignored, which Python then keeps, and the stage would never see the Ctrl-C.
+                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:  # generation has started in the workers
         if line.startswith("[eval sft"):
             break
