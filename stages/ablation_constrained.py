@@ -3,10 +3,10 @@
     python -m stages.ablation_constrained sft --model models/base --adapter models/sft/s0 \
         --test data/validated/test.jsonl --greedy data/predictions/sft/s0.jsonl
 
-Reads params [eval] (max_tokens, batch_size: as the greedy eval). Each item's
-offered functions become a grammar (toolcall.constrained) that only the calls
-the prompt format asks for satisfy. The same items are decoded twice, one
-process per core as in the eval stage: without the constraint (the speed
+Reads params [eval] (max_tokens, batch_size, workers: as the greedy eval).
+Each item's offered functions become a grammar (toolcall.constrained) that
+only the calls the prompt format asks for satisfy. The same items are decoded
+twice, in as many processes as the eval stage: without the constraint (the speed
 baseline; its outputs should equal the greedy predictions) and with it.
 Writes metrics/ablations/constrained/<name>.json (accuracy with Wilson
 intervals, exact McNemar against the greedy predictions, outputs finished by
@@ -25,7 +25,7 @@ from toolcall.data import read_rows
 from toolcall.errors import DataError, UserError, run_stage
 from toolcall.io import json_text, jsonl_text, read_jsonl, read_params, write_texts, write_timings
 from toolcall.prompts import PromptFormat
-from toolcall.sharding import default_workers, generate_sharded
+from toolcall.sharding import generate_sharded, resolve_workers
 
 
 def main():
@@ -35,7 +35,7 @@ def main():
     ap.add_argument("--adapter")
     ap.add_argument("--test", required=True)
     ap.add_argument("--greedy", required=True, help="the variant's greedy predictions on that test file")
-    ap.add_argument("--workers", type=int, default=default_workers(), help="generating processes (default: cores)")
+    ap.add_argument("--workers", type=int, help="generating processes (default: params eval.workers)")
     args = ap.parse_args()
     p = from_params(EvalConfig, read_params("eval"), "eval")
     rows, greedy = read_rows(args.test), read_jsonl(args.greedy)
@@ -56,11 +56,13 @@ def main():
         except ValueError as e:
             raise DataError(f"{args.test}: item {row['id']}: {e}") from None
     prompts = [fmt.encode(fmt.prompt(r["messages"], r["functions"])) for r in rows]
-    runs, timings = {}, {"workers": args.workers}
+    workers = args.workers or resolve_workers(p.workers, args.model, p.batch_size,
+                                              max(map(len, prompts)) + p.max_tokens)
+    runs, timings = {}, {"workers": workers}
     for kind, extra in (("unconstrained", {}),
                         ("constrained", {"generator": constrained.generate, "per_prompt": {"grammars": grammars}})):
         start = time.perf_counter()
-        runs[kind] = generate_sharded(args.model, args.adapter, prompts, workers=args.workers,
+        runs[kind] = generate_sharded(args.model, args.adapter, prompts, workers=workers,
                                       progress=f"{kind} {args.name}", max_tokens=p.max_tokens,
                                       batch_size=p.batch_size, **extra)
         seconds = time.perf_counter() - start
