@@ -55,33 +55,15 @@ def pipeline_busy(repo):
 
 def build_tiny_repo(where):
     """The end-to-end test's recipe (tests/test_pipeline.py): the DAG on a tiny model and fixture data."""
-    import yaml
-
     repo = where / "repo"
     repo.mkdir(parents=True)
-    for item in ("stages", "toolcall", "native", "dvc.yaml", "params.yaml"):
-        src = ROOT / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
-    for cache in repo.rglob("__pycache__"):
-        shutil.rmtree(cache)
     tiny = run_worker("repro", "tiny_model", {"out": str(where / "tiny")})["path"]
     sys.path.insert(0, str(ROOT / "tests"))
     try:
-        import test_pipeline as tp  # its TINY_OVERRIDES keep every later stage tiny
-        overrides, fixture = tp.TINY_OVERRIDES, tp.FIXTURE
+        import test_pipeline  # its recipe: code, tiny model and fixture data, every later stage tiny
     finally:
         sys.path.remove(str(ROOT / "tests"))
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"].update(source="local", local_dir=str(fixture))
-    params["model"] = {"source": "local", "path": tiny}
-    params["split"].update(test_per_category=3, valid_per_category=2)
-    params["validate"].update(max_seq_len=4096)
-    params["sft"].update(iters=3, epochs=None, batch_size=2, warmup=0, steps_per_report=1, max_seq_len=4096,
-                         lora_layers=2)
-    params["eval"].update(max_tokens=8, batch_size=4)
-    for section, values in overrides.items():
-        params.setdefault(section, {}).update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    test_pipeline.write_tiny_repo(repo, tiny)
     env = dvc_env(repo)
     run_cmd("git init -q && git config user.email b@b && git config user.name bench && dvc init -q"
             " && git add -A && git commit -qm init", repo, env)

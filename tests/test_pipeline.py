@@ -35,15 +35,16 @@ def ran_stages(output):
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("repo")
+def write_tiny_repo(repo, tiny):
+    """The DAG's code and a params.yaml for the tiny model ``tiny`` and the fixture data, in ``repo``.
+
+    bench/repro.py times a no-op ``dvc repro`` on the same repo.
+    """
     for item in ("stages", "toolcall", "native", "dvc.yaml", "params.yaml"):
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
     for cache in repo.rglob("__pycache__"):
         shutil.rmtree(cache)
-    tiny = make_tiny_model(tmp_path_factory.mktemp("tiny"))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"].update(source="local", local_dir=str(FIXTURE))
     params["model"] = {"source": "local", "dtype": "float32", "path": str(tiny)}
@@ -55,6 +56,12 @@ def repo(tmp_path_factory):
     for section, overrides in TINY_OVERRIDES.items():
         params.setdefault(section, {}).update(overrides)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("repo")
+    write_tiny_repo(repo, make_tiny_model(tmp_path_factory.mktemp("tiny")))
     run("git init -q && git config user.email t@t && git config user.name t && dvc init -q"
         " && git add -A && git commit -qm init", repo)
     out = run("dvc repro", repo)
