@@ -35,16 +35,8 @@ from toolcall.data import read_rows
 from toolcall.errors import run_stage
 from toolcall.io import read_params, write_json, write_timings
 from toolcall.prompts import PromptFormat
-from toolcall.rollouts import choose_rows, sample
+from toolcall.rollouts import choose_rows
 from toolcall.trainer import StepLog
-
-
-def preference_pairs(model, tokenizer, fmt, rows, cfg, seed, label):
-    """``(pairs, sample verdicts)`` from the SFT model's samples on ``rows``' prompts."""
-    prompts = [fmt.encode(fmt.prompt(r["messages"], r["functions"])) for r in rows]
-    samples = sample(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.temperature, cfg.max_tokens,
-                     seed, cfg.sample_batch, label=label)
-    return dpo.build_pairs(rows, samples, fmt, np.random.default_rng(seed), cfg.max_tokens)
 
 
 def main():
@@ -62,10 +54,10 @@ def main():
     seconds = {}
 
     start = time.perf_counter()
-    pairs, verdicts = preference_pairs(model, tokenizer, fmt, rows, cfg, cfg.seed, "dpo sample")
+    pairs, verdicts = dpo.preference_pairs(model, tokenizer, fmt, rows, cfg, cfg.seed, "dpo sample")
     # Another seed than the training prompts': the two sets of draws stay independent.
-    heldout, heldout_verdicts = preference_pairs(model, tokenizer, fmt, valid_rows, cfg, cfg.seed + 1,
-                                                 "dpo held-out sample")
+    heldout, heldout_verdicts = dpo.preference_pairs(model, tokenizer, fmt, valid_rows, cfg, cfg.seed + 1,
+                                                     "dpo held-out sample")
     launch.agree(json.dumps([pairs, heldout]).encode(), "the preference pairs", launch.SAME_EVERYWHERE)
     seconds["sample"] = round(time.perf_counter() - start, 1)
     print(f"{len(pairs)} pairs from {len(rows)} prompts: {dpo.count_sources(pairs)}; "

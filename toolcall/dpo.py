@@ -30,7 +30,7 @@ from .config import LOSSES
 from .data import gold_calls
 from .evaluation import score_output
 from .loss import token_logps
-from .rollouts import completion_ids, completion_logps
+from .rollouts import completion_ids, completion_logps, sample
 from .scoring import check
 from .trainer import optimize
 
@@ -123,6 +123,14 @@ def corruption(row, calls, rng):
 
 
 # ---------------------------------------------------------------- pairs
+
+
+def preference_pairs(model, tokenizer, fmt, rows, cfg, seed, label):
+    """``(pairs, sample verdicts)`` from the SFT model's samples on ``rows``' prompts."""
+    prompts = [fmt.encode(fmt.prompt(r["messages"], r["functions"])) for r in rows]
+    samples = sample(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.temperature, cfg.max_tokens,
+                     seed, cfg.sample_batch, label=label)
+    return build_pairs(rows, samples, fmt, np.random.default_rng(seed), cfg.max_tokens)
 
 
 def build_pairs(rows, samples, fmt, rng, max_tokens):
