@@ -17,9 +17,9 @@ and mean reward margin. Writes mlx-lm adapters to the output directory, the
 metrics (pairs per source, sample pass rate, last-steps loss, reward margin
 and preference accuracy, the held-out scores), the seconds of each phase
 beside them (.timings.json) and step curves under ``--live``. On a CPU it
-runs as ``dpo.ranks`` data-parallel processes (toolcall/launch.py): each
-samples every prompt (same seed, same samples) and trains on its share of
-each batch.
+runs as ``dpo.ranks`` data-parallel processes (toolcall/launch.py): they
+share the sampling and the reference scoring, and each trains on its share
+of each batch.
 """
 
 import contextlib
@@ -56,7 +56,7 @@ def main():
     start = time.perf_counter()
     pairs, verdicts = dpo.preference_pairs(model, tokenizer, fmt, rows, cfg, cfg.seed, "dpo sample")
     # Another seed than the training prompts': the two sets of draws stay independent.
-    heldout, heldout_verdicts = dpo.preference_pairs(model, tokenizer, fmt, valid_rows, cfg, cfg.seed + 1,
+    heldout, heldout_verdicts = dpo.preference_pairs(model, tokenizer, fmt, valid_rows, cfg, cfg.heldout_seed(),
                                                      "dpo held-out sample")
     launch.agree(json.dumps([pairs, heldout]).encode(), "the preference pairs", launch.SAME_EVERYWHERE)
     seconds["sample"] = round(time.perf_counter() - start, 1)

@@ -12,8 +12,8 @@ directory, the metrics (per round: mean reward, pass rate, format rate,
 samples kept; the update steps in all), the seconds of each round beside
 them (.timings.json), and under ``--live`` the step curves and each round's
 reward and kept count. On a CPU it runs as ``rl.ranks`` data-parallel
-processes (toolcall/launch.py): each samples every prompt (same seed, same
-samples) and trains on its share of each batch.
+processes (toolcall/launch.py): they share the sampling, and each trains on
+its share of each batch.
 """
 
 import contextlib

@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from configs import config  # noqa: E402
 from tiny_model import make_tiny_model  # noqa: E402
-from toolcall import dpo, launch, lora, rl  # noqa: E402
+from toolcall import dpo, launch, lora, rl, rollouts  # noqa: E402
 from toolcall.config import DpoConfig, RlConfig, SftConfig  # noqa: E402
 from toolcall.trainer import StepLog  # noqa: E402
 
@@ -62,6 +62,21 @@ def optimize(out):
     rl.grpo_update(model, examples, advantages, start, rl_cfg, rl_cfg.train(0), grpo_log)
     weights = {k: np.array(v).tolist() for k, v in tree_flatten(model.trainable_parameters())}
     return {"dpo": dpo_log.history, "grpo": grpo_log.history, "weights": weights}
+
+
+def shared_rollouts(out):
+    """Samples (3 chunks of prompts) and DPO reference log-probs, the work the ranks share (launch.share)."""
+    model = policy(out)
+    tokenizer = lora.load_model(out / f"base{launch.rank()}")[1]
+    prompts = [tokenizer.encode(f"Call tool number {i} please") for i in range(2 * rollouts.SAMPLE_CHUNK + 5)]
+    samples = rollouts.sample(model, tokenizer, prompts, k=2, temperature=1.0, max_tokens=5, seed=3, batch_size=16,
+                              label=None)
+    rng = np.random.default_rng(0)
+    pairs = [{"prompt_len": 6, "chosen": rng.integers(3, 200, 9 + i).tolist(),
+              "rejected": rng.integers(3, 200, 8 + 2 * i).tolist()} for i in range(7)]
+    chosen, rejected = dpo.reference_logps(model, pairs, "sigmoid")
+    return {"samples": [[[text, list(map(int, ids))] for text, ids in group] for group in samples],
+            "ref": [chosen.tolist(), rejected.tolist()]}
 
 
 def pid_then_sleep(out):

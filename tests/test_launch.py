@@ -57,6 +57,18 @@ def test_dpo_and_grpo_steps_on_two_ranks_equal_one_process(tmp_path):
     assert r0["weights"] == r1["weights"]
 
 
+def test_sampling_and_reference_scoring_shared_by_two_ranks_give_one_process_results(tmp_path):
+    code, (one,) = job("shared_rollouts", tmp_path / "one", 1)
+    assert code == 0
+    code, (r0, r1) = job("shared_rollouts", tmp_path / "two", 2)
+    assert code == 0
+    assert len(one["samples"]) == 69 and all(len(group) == 2 for group in one["samples"])
+    # Each chunk of prompts seeds itself: the same samples whichever rank drew them, gathered in order.
+    assert r0["samples"] == r1["samples"] == one["samples"]
+    assert r0["ref"] == r1["ref"]
+    assert np.allclose(r0["ref"], one["ref"], atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def sft_work(tmp_path_factory):
     work = tmp_path_factory.mktemp("dp_sft")

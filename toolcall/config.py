@@ -289,6 +289,14 @@ class DpoConfig:
                            iters=epoch_steps(self.epochs, n_pairs, self.batch_size, self.ranks),
                            batch_size=self.batch_size, grad_accumulation=1, steps_per_report=1)
 
+    def heldout_seed(self):
+        """The held-out pairs' sampling seed: drawn from (seed, 1) by NumPy's SeedSequence.
+
+        Not ``seed + 1``, which is the next replicate's training seed: seed 0's
+        held-out draws would replay seed 1's training draws.
+        """
+        return int(np.random.SeedSequence([self.seed, 1]).generate_state(1)[0])
+
 
 @dataclasses.dataclass(frozen=True)
 class RlConfig:

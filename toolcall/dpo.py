@@ -213,11 +213,18 @@ def dpo_loss(model, tokens, positions, weights, ref, beta, loss_type):
 
 
 def reference_logps(model, pairs, loss_type):
-    """Reference sequence log-probs ``(chosen, rejected)`` per pair, from the model as it is now."""
-    examples = [(p["chosen"], p["prompt_len"]) for p in pairs] + [(p["rejected"], p["prompt_len"]) for p in pairs]
-    per_token = completion_logps(model, examples)
-    seq = np.array([t.mean() if loss_type == "ipo" else t.sum() for t in per_token], np.float32)
-    return seq[: len(pairs)], seq[len(pairs):]
+    """Reference sequence log-probs ``(chosen, rejected)`` per pair, from the model as it is now.
+
+    Data-parallel ranks score a share of the pairs each (``launch.share``).
+    """
+
+    def score(block):
+        examples = [(p[side], p["prompt_len"]) for p in block for side in ("chosen", "rejected")]
+        seq = [t.mean() if loss_type == "ipo" else t.sum() for t in completion_logps(model, examples)]
+        return list(zip(seq[0::2], seq[1::2]))
+
+    seq = np.array(launch.share(score, pairs), np.float32).reshape(len(pairs), 2)
+    return seq[:, 0], seq[:, 1]
 
 
 def pair_batches(pairs, ref, batch_size, seed):

@@ -32,6 +32,7 @@ the same loss as one process on the same global batch (``token_mean``;
 import hashlib
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -207,6 +208,31 @@ def mean_over_ranks(tree):
     if n == 1:
         return tree
     return tree_map(lambda x: mx.distributed.all_sum(x, stream=mx.cpu) / n, tree)
+
+
+def share(fn, items):
+    """``fn(items)``, each rank computing ``fn`` of its contiguous block of ``items``; every rank gets the whole.
+
+    For the work each rank would otherwise repeat in full (sampling, scoring
+    with the frozen model): ``fn`` maps a list to a list of the same length,
+    item by item. Contiguous blocks keep neighbours (a prompt's pairs)
+    together. The blocks travel pickled: ranks run the same code (``agree``
+    checks what must match).
+    """
+    n = size()
+    if n == 1:
+        return fn(items)
+    bounds = [len(items) * r // n for r in range(n + 1)]
+    mine = fn(items[bounds[rank()]:bounds[rank() + 1]])
+    blob = np.frombuffer(pickle.dumps(mine), np.uint8)
+    lengths = np.array(mx.distributed.all_gather(mx.array([blob.size], mx.int64), stream=mx.cpu))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:blob.size] = blob
+    every = np.array(mx.distributed.all_gather(mx.array(padded), stream=mx.cpu)).reshape(n, -1)
+    out = []
+    for r in range(n):
+        out += pickle.loads(every[r, :int(lengths[r])].tobytes())
+    return out
 
 
 def agree(data, what, fix):

@@ -178,8 +178,8 @@ def run(model, tokenizer, fmt, rows, cfg, live=None, checkpoint=None):
         start = time.perf_counter()
         samples = sample(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.temperature, cfg.max_tokens,
                          cfg.round_seed(r), cfg.sample_batch, label=f"rl round {r + 1} sample")
-        # Every rank samples the same prompts with the same seed (no gather needed, and the samples do not
-        # depend on the rank count); each then trains on its share of the batches.
+        # The ranks share the sampling (the samples do not depend on the rank count); each then trains on
+        # its share of the batches.
         launch.agree(json.dumps([[list(map(int, ids)) for _, ids in group] for group in samples]).encode(),
                      f"round {r + 1}'s samples", launch.SAME_EVERYWHERE)
         scores = [[reward(row, text, cfg.reward_ast, cfg.reward_format) for text, _ in group]

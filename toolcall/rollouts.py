@@ -14,6 +14,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from . import launch
 from .generation import generate
 
 # Completions of one prompt scored per forward (no gradient); bounds memory.
@@ -31,22 +32,31 @@ def sample(model, tokenizer, prompts, k, temperature, max_tokens, seed, batch_si
     """``k`` sampled completions per token-id prompt: ``[[(text, token_ids)] * k]``.
 
     ``batch_size``: sequences generated side by side. ``label``: progress
-    label (None: quiet).
+    label (None: quiet). Each chunk of ``SAMPLE_CHUNK`` prompts seeds itself
+    from ``(seed, chunk)``, so data-parallel ranks share the chunks
+    (``launch.share``) and the samples do not depend on the rank count.
     """
     model.eval()  # LoRA dropout off: samples come from the policy as it is
-    mx.random.seed(seed)
-    out = []
-    for start in range(0, len(prompts), SAMPLE_CHUNK):
-        chunk = prompts[start:start + SAMPLE_CHUNK]
-        caches = []
-        for prompt in chunk:
-            cache = _prefill(model, prompt[:-1])
-            caches += [[_repeat(c, 1) for c in cache] for _ in range(k)]
-        flat = generate(model, tokenizer, [p[-1:] for p in chunk for _ in range(k)], max_tokens=max_tokens,
-                        temperature=temperature, batch_size=batch_size, return_tokens=True, caches=caches,
-                        progress=label and f"{label} {start + len(chunk)}/{len(prompts)} prompts")
-        out += [[(text, ids) for text, _, ids in flat[i * k:(i + 1) * k]] for i in range(len(chunk))]
-    return out
+    chunks = [(start, prompts[start:start + SAMPLE_CHUNK]) for start in range(0, len(prompts), SAMPLE_CHUNK)]
+
+    def run(block):
+        return [_sample_chunk(model, tokenizer, start, chunk, k, temperature, max_tokens, seed, batch_size,
+                              label and f"{label} {start + len(chunk)}/{len(prompts)} prompts")
+                for start, chunk in block]
+
+    return [group for groups in launch.share(run, chunks) for group in groups]
+
+
+def _sample_chunk(model, tokenizer, start, chunk, k, temperature, max_tokens, seed, batch_size, progress):
+    mx.random.seed(int(np.random.SeedSequence([seed, start]).generate_state(1)[0]))
+    caches = []
+    for prompt in chunk:
+        cache = _prefill(model, prompt[:-1])
+        caches += [[_repeat(c, 1) for c in cache] for _ in range(k)]
+    flat = generate(model, tokenizer, [p[-1:] for p in chunk for _ in range(k)], max_tokens=max_tokens,
+                    temperature=temperature, batch_size=batch_size, return_tokens=True, caches=caches,
+                    progress=progress)
+    return [[(text, ids) for text, _, ids in flat[i * k:(i + 1) * k]] for i in range(len(chunk))]
 
 
 def completion_ids(ids, eos, max_tokens, always_eos=False):
