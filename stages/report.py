@@ -84,6 +84,16 @@ def main():
         "",
         f"![accuracy by category]({args.name}.png)",
         "",
+        "## Beside BFCL's leaderboard",
+        "",
+        "Small models on BFCL's own leaderboard (non-live AST, accuracy in % per category), beside ours. Not the "
+        "same test: theirs are BFCL's full test sets (400 / 200 / 200 / 200 items), with training data that may "
+        "share functions with them; ours is a function-disjoint split of those sets (no test function seen in "
+        "training), a harder and smaller test. Model: SmolLM2-135M-Instruct (the Q4_1 GGUF dequantized to "
+        "float32).",
+        "",
+        report.leaderboard_table(runs),
+        "",
         "## The dominant failure: wrong_count",
         "",
         "Of each run's wrong answers, the share the scorer fails as `wrong_count` (fewer or more calls than the "

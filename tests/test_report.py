@@ -117,6 +117,14 @@ def test_wrong_count_share_per_method_and_category(study):
     assert m["by_category"]["simple"]["wrong_count_share"] is None  # nothing wrong: no share
 
 
+def test_leaderboard_table_puts_our_seed_means_beside_the_anchors(study):
+    runs = report.load_runs(study / "data/predictions", ["base", "sft"], [0, 1])
+    table = report.leaderboard_table(runs)
+    # SFT per category over seeds 0 and 1: simple 100, multiple (0 + 100) / 2 = 50, parallel 0, pm 0 -> mean 37.5.
+    assert "| SmolLM2-135M-Instruct, SFT (ours) | function-disjoint split | 100.0 | 50.0 | 0.0 | 0.0 | 37.5 |" in table
+    assert "| Llama-3.2-1B-Instruct (FC) | full BFCL sets | 75 | 50.5 | 44 | 15 | 46.1 |" in table
+
+
 def test_the_report_stage_writes_every_section(study):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["study"]["seeds"] = [0, 1]
@@ -129,8 +137,8 @@ def test_the_report_stage_writes_every_section(study):
                           cwd=study, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     text = (study / "reports/post_sft.md").read_text()
-    for heading in ("## Table 1", "## Each step against the model it starts from", "## The dominant failure",
-                    "## Errors"):
+    for heading in ("## Table 1", "## Each step against the model it starts from", "## Beside BFCL's leaderboard",
+                    "## The dominant failure", "## Errors"):
         assert heading in text
     assert "once per seed of `study.seeds` (0, 1)" in text and "(2 seeds)" in text and "over all 6" in text
     assert (study / "reports/post_sft.png").stat().st_size > 1000

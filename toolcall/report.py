@@ -21,6 +21,16 @@ from .paired import (Comparison, adjusted_verdict, compare, compare_seeds, compa
 # "What Actually Improves LLM Tool Calling?" Table 1 (overall accuracy, %).
 PAPER_TABLE1 = {"base": 9.7, "sft": 57.0, "sft_dpo": 57.7, "sft_rl": 58.0}
 VARIANT_NAMES = {"base": "Base model", "sft": "SFT", "sft_dpo": "SFT + DPO", "sft_rl": "SFT + RL"}
+# BFCL's leaderboard, non-live AST accuracy (%) per category (python simple, multiple, parallel,
+# parallel_multiple), full test sets: data_non_live.csv of the gorilla repo's gh-pages branch,
+# 2025-12 snapshot. FC: the model's native function calling; prompted: tools in the prompt.
+LEADERBOARD = {
+    "Granite-4.0-350m (FC)": (83.0, 84.5, 70.0, 55.5),
+    "Hammer2.1-0.5b (FC)": (83.25, 81.0, 69.0, 51.5),
+    "Qwen2.5-0.5B-Instruct (FC)": (81.5, 78.0, 60.0, 50.0),
+    "Llama-3.2-1B-Instruct (FC)": (75.0, 50.5, 44.0, 15.0),
+    "Gemma-3-1b-it (prompted)": (64.0, 36.0, 0.0, 1.5),
+}
 
 
 def pct(x):
@@ -242,6 +252,21 @@ def main_table(runs):
         paper = f"{PAPER_TABLE1[v]:.1f}%" if v in PAPER_TABLE1 else "—"
         lines.append(f"| {VARIANT_NAMES[v]} | {which} | {spread_cell(a['overall'], sd=True)} | {paper} | "
                      + " | ".join(spread_cell(a[c]) for c in cats) + " |")
+    return "\n".join(lines)
+
+
+def leaderboard_table(runs):
+    """Our methods (mean over runs) beside BFCL's leaderboard anchors, per category and their unweighted mean."""
+    acc = run_accuracy(runs).groupby(level=0).mean()
+    lines = ["| Model | test items | " + " | ".join(CATEGORIES) + " | mean of the four |", "|---" * 7 + "|"]
+    for v in variants_in(runs):
+        cats = [100 * acc.loc[v, c] if c in acc else math.nan for c in CATEGORIES]
+        lines.append(f"| SmolLM2-135M-Instruct, {VARIANT_NAMES[v]} (ours) | function-disjoint split | "
+                     + " | ".join("—" if math.isnan(x) else f"{x:.1f}" for x in cats)
+                     + (" | — |" if any(map(math.isnan, cats)) else f" | {sum(cats) / len(cats):.1f} |"))
+    for name, cats in LEADERBOARD.items():
+        lines.append(f"| {name} | full BFCL sets | " + " | ".join(f"{x:g}" for x in cats)
+                     + f" | {sum(cats) / len(cats):.1f} |")
     return "\n".join(lines)
 
 
