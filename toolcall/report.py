@@ -248,7 +248,7 @@ def main_table(runs):
              "|---" * (len(cats) + 4) + "|"]
     for v in variants_in(runs):
         a = acc.loc[v]
-        which = "1 greedy" if v in SEEDLESS else f"{len(a)} seeds"
+        which = "1 greedy" if v in SEEDLESS else f"{len(a)} seed{'s' * (len(a) > 1)}"
         paper = f"{PAPER_TABLE1[v]:.1f}%" if v in PAPER_TABLE1 else "—"
         lines.append(f"| {VARIANT_NAMES[v]} | {which} | {spread_cell(a['overall'], sd=True)} | {paper} | "
                      + " | ".join(spread_cell(a[c]) for c in cats) + " |")
@@ -265,8 +265,8 @@ def leaderboard_table(runs):
                      + " | ".join("—" if math.isnan(x) else f"{x:.1f}" for x in cats)
                      + (" | — |" if any(map(math.isnan, cats)) else f" | {sum(cats) / len(cats):.1f} |"))
     for name, cats in LEADERBOARD.items():
-        lines.append(f"| {name} | full BFCL sets | " + " | ".join(f"{x:g}" for x in cats)
-                     + f" | {sum(cats) / len(cats):.1f} |")
+        mean = math.floor(10 * sum(cats) / len(cats) + 0.5) / 10  # half up, as the leaderboard rounds
+        lines.append(f"| {name} | full BFCL sets | " + " | ".join(f"{x:g}" for x in cats) + f" | {mean:.1f} |")
     return "\n".join(lines)
 
 
