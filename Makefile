@@ -18,11 +18,11 @@ repro: $(STAMP) native
 exp: $(STAMP) native
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc exp run $(ARGS) report report_post_sft
 
-# The main study end to end on tiny budgets (5 test items a category, SFT 0.05 epoch, 8 DPO and RL
+# The main study end to end on tiny budgets (5 test items a category, 20 SFT steps, 8 DPO and RL
 # prompts): a smoke run of every stage on the real data and model, not results. It runs in a
 # temporary copy (dvc exp run --temp), so the workspace and its metrics stay as they are; see it
 # with `dvc exp show`. Append more -S with ARGS.
-SMOKE := -S "study.seeds=[0]" -S split.test_per_category=5 -S sft.epochs=0.05 -S sft.warmup=2 -S sft.steps_per_eval=0 -S sft.patience=0 \
+SMOKE := -S "study.seeds=[0]" -S split.test_per_category=5 -S sft.iters=20 -S sft.warmup=2 -S sft.steps_per_eval=0 -S sft.patience=0 \
 	-S dpo.prompts=8 -S dpo.valid_prompts=4 -S dpo.steps_per_eval=0 \
 	-S rl.rounds=2 -S rl.prompts=8 -S rl.iters=2
 smoke: $(STAMP) native

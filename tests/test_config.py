@@ -1,7 +1,11 @@
 """params.yaml is the one source of defaults: every section builds, and bad values are refused by key."""
 
+import re
+from pathlib import Path
+
 import pytest
-from configs import config, section
+import yaml
+from configs import PARAMS, config, section
 
 from toolcall.config import (AblationSplitConfig, ConfigError, DataConfig, DiversityConfig, DpoConfig, EvalConfig,
                              ExtraDataConfig, ReportConfig, RlConfig, ScaffoldConfig, SftConfig, SplitConfig,
@@ -25,14 +29,45 @@ def test_an_unknown_key_is_refused_in_every_section(cls, name):
         config(cls, name, typo_key=1)
 
 
+def test_an_epochs_budget_must_be_positive():
+    with pytest.raises(ConfigError, match=r"\[sft\]: epochs=0.0 must be > 0"):
+        config(SftConfig, "sft", iters=None, epochs=0)
+
+
 def test_training_configs_share_the_loop_settings():
     sft = config(SftConfig, "sft")
-    assert sft.train(800).iters == sft.steps(800) >= 2 * 800 / sft.batch_size  # the study's budget: >= 2 epochs
+    # The study's budget: at least half a pass over the default training split (1,718 rows).
+    assert sft.train(1718).iters == sft.steps(1718) >= 1718 / 2 / sft.batch_size
     # The ablation arms replace [sft] keys with their own sections, as stage ablation_train does.
     arms = section("ablations.format")
     for arm in arms.values():
         overrides = {**section("ablations.sft"), **{k: v for k, v in arm.items() if k != "style"}}
         config(SftConfig, "sft", **overrides)
+
+
+def smoke_params():
+    """params.yaml with the Makefile's ``make smoke`` overrides (``-S key=value``, values read as YAML)."""
+    make = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    block = re.search(r"^SMOKE := (.*?)\n(?=\S)", make, re.S | re.M).group(1)
+    params = yaml.safe_load(PARAMS.read_text())
+    for key, value in re.findall(r'-S "?([\w.]+)=([^" \\]+)"?', block):
+        *parents, leaf = key.split(".")
+        node = params
+        for name in parents:
+            node = node[name]
+        assert leaf in node, f"make smoke sets {key}, which params.yaml does not have"
+        node[leaf] = yaml.safe_load(value)
+    return params
+
+
+def test_make_smoke_overrides_give_valid_tiny_budgets():
+    """`make smoke` runs every stage in a temporary copy: its -S overrides must build every training config."""
+    params = smoke_params()
+    assert params["study"]["seeds"] == [0] and params["split"]["test_per_category"] == 5
+    for cls, name in ((SftConfig, "sft"), (DpoConfig, "dpo"), (RlConfig, "rl"), (SplitConfig, "split")):
+        values = params[name] if cls is SplitConfig else seeded(params[name], 0, name)
+        from_params(cls, values, name)
+    assert from_params(SftConfig, seeded(params["sft"], 0, "sft"), "sft").steps(1718) <= 30  # tiny, not the study's
 
 
 def test_an_iters_budget_checks_warmup_against_it():
@@ -61,10 +96,10 @@ def test_a_missing_key_is_an_error_not_a_hidden_default():
     (SftConfig, "sft", "iters", "many", r"sft\]\.iters='many': expected int"),
     (SftConfig, "sft", "iters", True, r"sft\]\.iters=True: expected int"),
     (SftConfig, "sft", "mask_prompt", "yes", r"mask_prompt='yes': expected bool"),
-    (SftConfig, "sft", "warmup", -1, r"warmup=-1 must be >= 0"),
-    (SftConfig, "sft", "epochs", 0, r"\[sft\]: epochs=0.0 must be > 0"),
-    (SftConfig, "sft", "iters", 40, r"\[sft\]: iters=40, epochs=3.0: set exactly one"),
-    (SftConfig, "sft", "epochs", None, r"\[sft\]: iters=None, epochs=None: set exactly one"),
+    (SftConfig, "sft", "warmup", -1, r"\[sft\]: warmup=-1 must be in \[0, iters\)"),
+    (SftConfig, "sft", "iters", 0, r"\[sft\]: iters=0 must be >= 1"),
+    (SftConfig, "sft", "epochs", 3.0, r"\[sft\]: iters=300, epochs=3.0: set exactly one"),
+    (SftConfig, "sft", "iters", None, r"\[sft\]: iters=None, epochs=None: set exactly one"),
     (SftConfig, "sft", "steps_per_eval", 15, r"steps_per_eval=15 must be 0 \(never\) or a multiple of 10"),
     (SftConfig, "sft", "patience", -1, r"patience=-1 must be >= 0"),
     (DpoConfig, "dpo", "loss_type", "hinge", r"\[dpo\].*loss_type"),
