@@ -276,19 +276,22 @@ def test_ablation_sections_render(tmp_path):
     assert any(line.startswith("- low → high diversity: **inconclusive**") for line in lines)
 
 
-def test_extra_sources_section_compares_the_two_arms_on_the_same_items(tmp_path):
+def test_extra_sources_section_pairs_the_arm_with_the_main_sft_on_the_same_items(tmp_path):
     ids = [f"q{i}" for i in range(40)]
     metric = {"overall": {"accuracy": 0.5, "n": 40, "correct": 20, "ci95": [0.35, 0.65]}, "by_category": {}}
     for kind in ("eval", "train"):
         (tmp_path / "ablations" / kind).mkdir(parents=True)
-    for arm, rows in (("extra_without", 689), ("extra_with", 1718)):
-        (tmp_path / "ablations" / "eval" / f"{arm}.json").write_text(json.dumps(metric))
-        (tmp_path / "ablations" / "train" / f"{arm}.json").write_text(json.dumps({"examples": rows}))
-    lines = report.ablation_sections(tmp_path, tmp_path / "none", {}, {
-        "extra_without": {i: k < 10 for k, i in enumerate(ids)}, "extra_with": {i: k < 30 for k, i in enumerate(ids)}},
-        CFG)
+    (tmp_path / "ablations" / "eval" / "extra_without.json").write_text(json.dumps(metric))
+    (tmp_path / "ablations" / "train" / "extra_without.json").write_text(
+        json.dumps({"examples": 689, "steps_trained": 240}))
+    with_metric = {**metric, "overall": {"accuracy": 0.75, "n": 40, "correct": 30, "ci95": [0.6, 0.86]}}
+    lines = report.ablation_sections(tmp_path, tmp_path / "none", {"sft": with_metric}, {
+        "extra_without": {i: k < 10 for k, i in enumerate(ids)}, "sft": {i: k < 30 for k, i in enumerate(ids)}},
+        CFG, sft_train={"examples": 1718, "steps_trained": 300})
     assert "## Extra training sources (BFCL live_* / exec_* rows from the same wheel)" in lines
     assert any(line.startswith("| Without the extra sources | 50.0% [35.0–65.0] (n=40) |") and line.endswith(
-        "| 689 |") for line in lines)
+        "| 689 | 240 |") for line in lines)
+    assert any(line.startswith("| With the extra sources (data.extra; the main SFT) | 75.0%") and line.endswith(
+        "| 1718 | 300 |") for line in lines)
     assert any(line.startswith("- without → with the extra sources: **better**: ours +50.0 pts") and
                line.endswith("this study: no number given") for line in lines)

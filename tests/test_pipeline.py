@@ -136,12 +136,12 @@ PER_SEED = {f"{stage}@{s}" for stage in ("train_sft", "train_dpo", "train_rl") f
 SFT_DOWNSTREAM = {
     *PER_SEED, "report", "report_post_sft", "report_ablations",
     *(f"ablation_train@{arm}" for arm in ("unseen_tools", "unseen_patterns", "diversity_low", "diversity_high",
-                                          "extra_without", "extra_with", "format_content", "format_structured",
-                                          "format_masked")),
+                                          "format_content", "format_structured", "format_masked")),
+    "ablation_train_extra",
     "ablation_train_rl@unseen_tools", "ablation_train_rl@unseen_patterns",
     *(f"ablation_eval@{arm}" for arm in ("unseen_tools_sft", "unseen_patterns_sft", "unseen_tools_rl",
                                          "unseen_patterns_rl", "diversity_low", "diversity_high", "extra_without",
-                                         "extra_with", "format_content", "format_structured", "format_masked")),
+                                         "format_content", "format_structured", "format_masked")),
     *(f"ablation_{kind}@{arm}" for kind in ("repair", "best_of_n", "constrained")
       for arm in ("sft", "unseen_tools_sft", "unseen_patterns_sft")),
     *(f"export@{variant}" for variant in ("sft", "sft_dpo", "sft_rl")),

@@ -15,8 +15,9 @@ no ablation needs to validate again.
   split (extra sources included); both are scored on the main test split
   (paper Table 3).
 * ``extra_without``: the main training split less the extra sources' rows
-  (all but ``keep``), against SFT on the whole training split
-  (``extra_with``, stage ablation_train), both scored on the main test split.
+  (all but ``keep``), trained with all of [sft] (stage ablation_train_extra),
+  against the main study's SFT of the first seed (the whole training split,
+  same settings), both scored on the main test split.
 
 The unseen_* splits re-split the paper's rows (training, validation and test
 sides together) and then add the extra rows that offer no function of their

@@ -431,7 +431,7 @@ ARM_NAMES = {
     "format_content": "Run 1: calls as text in assistant content",
     "format_structured": "Run 2: structured `tool_calls`, loss on every token",
     "format_masked": "Run 3: structured `tool_calls`, loss on the completion only",
-    "extra_without": "Without the extra sources", "extra_with": "With the extra sources (data.extra)",
+    "extra_without": "Without the extra sources", "extra_with": "With the extra sources (data.extra; the main SFT)",
 }
 
 
@@ -566,23 +566,27 @@ def diversity_section(kinds, predictions, cfg):
                      ""]
 
 
-def extra_section(kinds, predictions, cfg):
-    """Issue 16: SFT on the training split without vs with the extra sources, same settings, same test items."""
-    ev, train = kinds.get("eval", {}), kinds.get("train", {})
-    arms = [a for a in ("extra_without", "extra_with") if a in ev]
-    if not arms:
+def extra_section(kinds, metrics, predictions, sft_train, cfg):
+    """Issue 16: SFT without the extra sources (an ablation arm) vs the main study's SFT (with them).
+
+    Both train with all of [sft] at the same seed, so the training rows are the one difference.
+    """
+    without = kinds.get("eval", {}).get("extra_without")
+    if not without or "sft" not in metrics:
         return []
     lines = ["## Extra training sources (BFCL live_* / exec_* rows from the same wheel)", "",
-             "SFT with the `sft` LoRA settings and `ablations.sft` steps on the training split less the extra "
-             "sources' rows, and on all of it; both scored on the main test split (the paper's four "
-             "categories, function-disjoint from every training row).", "",
-             "| Training data | Ours, overall | " + " | ".join(CATEGORIES) + " | training rows |",
-             "|---" * (len(CATEGORIES) + 3) + "|"]
-    for a in arms:
-        per_cat = [cell(ev[a]["by_category"][c]) if c in ev[a]["by_category"] else "—" for c in CATEGORIES]
-        rows = str(train.get(a, {}).get("examples", "—"))
-        lines.append("| " + " | ".join([ARM_NAMES[a], cell(ev[a]["overall"]), *per_cat, rows]) + " |")
-    return lines + ["", _compare(predictions, "extra_without", "extra_with", None, "without → with the extra sources",
+             "SFT with all of `[sft]` (its steps, validation and early stopping) and the same seed on the training "
+             "split less the extra sources' rows (`ablation_train_extra`), against the main study's SFT of that "
+             "seed on all of it; both scored on the main test split (the paper's four categories, "
+             "function-disjoint from every training row).", "",
+             "| Training data | Ours, overall | " + " | ".join(CATEGORIES) + " | training rows | steps trained |",
+             "|---" * (len(CATEGORIES) + 4) + "|"]
+    for name, m, t in ((ARM_NAMES["extra_without"], without, kinds.get("train", {}).get("extra_without", {})),
+                       (ARM_NAMES["extra_with"], metrics["sft"], sft_train or {})):
+        per_cat = [cell(m["by_category"][c]) if c in m["by_category"] else "—" for c in CATEGORIES]
+        train = [str(t.get(k, "—")) for k in ("examples", "steps_trained")]
+        lines.append("| " + " | ".join([name, cell(m["overall"]), *per_cat, *train]) + " |")
+    return lines + ["", _compare(predictions, "extra_without", "sft", None, "without → with the extra sources",
                                  cfg, "this study"), ""]
 
 
@@ -620,15 +624,17 @@ def format_section(kinds, metrics, predictions, cfg):
     ]
 
 
-def ablation_sections(metrics_dir, ablation_predictions_dir, metrics, predictions, cfg):
-    """Every ablation section that has results, as markdown lines (main ``metrics``/``predictions`` for base/sft).
+def ablation_sections(metrics_dir, ablation_predictions_dir, metrics, predictions, cfg, sft_train=None):
+    """Every ablation section that has results, as markdown lines (main ``metrics``/``predictions`` for base/sft,
+    ``sft_train``: the main SFT's training metrics).
 
     Every claim in them is one family for Holm's adjustment.
     """
     kinds, abl_predictions = load_ablations(metrics_dir, ablation_predictions_dir)
     predictions = {**predictions, **abl_predictions}
     parts = (scaffold_section(kinds, metrics, cfg) + generalization_section(kinds, predictions, cfg)
-             + diversity_section(kinds, predictions, cfg) + extra_section(kinds, predictions, cfg)
+             + diversity_section(kinds, predictions, cfg)
+             + extra_section(kinds, metrics, predictions, sft_train, cfg)
              + format_section(kinds, metrics, predictions, cfg))
     family = sum(isinstance(p, Claim) for p in parts)
     return [method_note(cfg, family), ""] + render_claims(parts, cfg)
