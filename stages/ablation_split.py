@@ -3,7 +3,7 @@
     python -m stages.ablation_split unseen_tools data/validated data/ablations/splits/unseen_tools
 
 Names: unseen_tools, unseen_patterns, diversity_low, diversity_high,
-extra_without (see ``toolcall.ablations``). Reads params
+extra_with (see ``toolcall.ablations``). Reads params
 [ablations.<section>]. Writes train.jsonl, and test.jsonl for the unseen_*
 splits (the other arms are scored on the main test split).
 """
@@ -27,7 +27,8 @@ def main():
     section, cls = ablations.SECTIONS[args.name]
     p = from_params(cls, read_params(f"ablations.{section}"), f"ablations.{section}")
     train, valid, test = (read_rows(f"{args.validated_dir}/{side}.jsonl") for side in ("train", "valid", "test"))
-    train, test = ablations.make_split(args.name, train, test, p, valid=valid)
+    pool = read_rows(f"{args.validated_dir}/extra.jsonl", allow_empty=True)  # empty with data.extra_files: {}
+    train, test = ablations.make_split(args.name, train, test, p, valid=valid, pool=pool)
     write_jsonl(f"{args.out_dir}/train.jsonl", train)
     print(f"{args.name}: train {len(train)} {dict(Counter(r['category'] for r in train))}")
     if test is not None:

@@ -6,8 +6,8 @@ Reads params [data]. Default source: the pinned ``bfcl-eval`` wheel from the
 package index (sha256-verified, dependencies not installed); ``hub`` and
 ``local`` sources read the same file layout from elsewhere. Writes
 ``<category>.jsonl`` per category and ``extra/<name>.jsonl`` per extra source
-(``data.extra``: other BFCL files, training only; exec answers, Python call
-strings, parsed into possible answers).
+(every one of ``data.extra_files``: other BFCL files, training only; exec
+answers, Python call strings, parsed into possible answers).
 """
 
 import argparse
@@ -31,7 +31,7 @@ def main():
     out = {f"{cat}.jsonl": data.normalize(cat, questions, answers, where=files[cat])
            for cat, (questions, answers) in data.read_source(p.source, files, **where).items()}
     out |= {f"extra/{name}.jsonl": rows
-            for name, rows in data.read_extra(p.source, p.extra_files, p.extra, **where).items()}
+            for name, rows in data.read_extra(p.source, p.extra_files, list(p.extra_files), **where).items()}
     for name, rows in out.items():
         write_jsonl(f"{args.out_dir}/{name}", rows)
         print(f"{name}: {len(rows)} rows")

@@ -2,12 +2,14 @@
 
     python -m stages.split data/bfcl data/split
 
-Reads params [split], [data.categories] and [data.extra]. The test side is
-drawn from the paper's categories first (exactly as with no validation side
-and no extra sources), then the validation side from what it left; rows of
-the extra sources of those categories join the training side only, less
-those that offer a test or validation function. Writes train.jsonl,
-valid.jsonl and test.jsonl.
+Reads params [split], [data.categories], [data.extra] and [data.extra_files].
+The test side is drawn from the paper's categories first (exactly as with no
+validation side and no extra sources), then the validation side from what it
+left. The extra sources' rows of those categories that offer no test or
+validation function are the training side's pool: extra.jsonl holds them all
+(every source of data.extra_files, for the ablation arms), and those of
+data.extra's sources join the paper's rows in train.jsonl. Writes
+train.jsonl, valid.jsonl, test.jsonl and extra.jsonl.
 """
 
 import argparse
@@ -26,25 +28,25 @@ def main():
     ap.add_argument("out_dir")
     args = ap.parse_args()
     p = from_params(SplitConfig, read_params("split"), "split")
-    d = read_params("data")
-    cats = categories(d["categories"])
-    rows = data.load_categories(args.bfcl_dir, cats, extra_sources(d["extra"]))
+    cats = categories(read_params("data.categories"))
+    use, pool_sources = extra_sources(read_params("data.extra")), list(read_params("data.extra_files"))
+    rows = data.load_categories(args.bfcl_dir, cats, pool_sources)
     paper = [r for r in rows if not data.is_extra(r)]
     extra = [r for r in rows if data.is_extra(r) and r["category"] in cats]
-    train, valid, test, dropped = data.split_study(paper, extra, p.test_per_category, p.valid_per_category,
-                                                   p.seed, p.train_per_category)
+    train, valid, test, pool, dropped = data.split_study(paper, extra, p.test_per_category, p.valid_per_category,
+                                                         p.seed, p.train_per_category)
+    train = data.with_sources(train, pool, use, "data.extra")
     for name, side in (("train", train), ("test", test)):
         if not side:
             raise DataError(f"the {name} split is empty ({len(paper)} rows in {args.bfcl_dir}); "
                             f"check split.test_per_category / split.train_per_category and data.categories")
-    write_jsonl(f"{args.out_dir}/train.jsonl", train)
-    write_jsonl(f"{args.out_dir}/valid.jsonl", valid)
-    write_jsonl(f"{args.out_dir}/test.jsonl", test)
-    print(f"train {len(train)}  valid {len(valid)}  test {len(test)}")
+    for name, side in (("train", train), ("valid", valid), ("test", test), ("extra", pool)):
+        write_jsonl(f"{args.out_dir}/{name}.jsonl", side)
+    print(f"train {len(train)}  valid {len(valid)}  test {len(test)}  extra pool {len(pool)}")
     total, gone = Counter(r["source"] for r in extra), Counter(r["source"] for r in dropped)
     for source in total:
-        print(f"extra {source}: {total[source] - gone[source]} of {total[source]} rows kept "
-              f"({gone[source]} offer a test or validation function)")
+        print(f"extra {source}: {total[source] - gone[source]} of {total[source]} rows in the pool "
+              f"({gone[source]} offer a test or validation function){'; in train' if source in use else ''}")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 
     python -m stages.validate data/split models/base data/validated metrics/validate.json
 
-Reads params [validate]. Training and validation rows that fail are dropped
-with a reason (counted per source in the metrics); the stage fails if more
-than ``max_drop_fraction`` of the rows of one source on one side are (then
-the data or the template is broken, not a few rows; an extra source's rows
-past ``max_seq_len`` do not count). Test rows are never dropped: the
+Reads params [validate]. Training, validation and extra-pool rows
+(extra.jsonl: the extra sources' rows the training side may use) that fail
+are dropped with a reason (counted per source in the metrics); the stage
+fails if more than ``max_drop_fraction`` of the rows of one source on one
+side are (then the data or the template is broken, not a few rows; an extra
+source's rows past ``max_seq_len`` do not count). Test rows are never dropped: the
 test split is exactly what ``split`` wrote, so that every variant is scored on
 the same, complete set and n does not shrink silently; one bad test row fails
 the stage, naming it. Nothing is written when the stage fails.
@@ -35,9 +36,10 @@ def main():
 
     fmt = PromptFormat(load_tokenizer(args.model_dir))
     metrics, kept = {"template": fmt.template_source}, {}
-    for split in ("train", "valid", "test"):
+    for split in ("train", "valid", "test", "extra"):
         path = f"{args.split_dir}/{split}.jsonl"
-        kept[split], report = validate_rows(read_rows(path), fmt, p.max_seq_len)
+        # An empty extra pool is legitimate (data.extra_files: {}); an empty side is not.
+        kept[split], report = validate_rows(read_rows(path, allow_empty=split == "extra"), fmt, p.max_seq_len)
         metrics[split] = report
         print(f"{split}: kept {report['n_kept']}/{report['n_in']}  dropped {report['reasons']}")
     if dropped := metrics["test"]["dropped"]:
@@ -45,7 +47,7 @@ def main():
         raise DataError(f"{args.split_dir}/test.jsonl: {len(dropped)} test row(s) fail validation: {shown}"
                         f"{' …' if len(dropped) > 5 else ''}; the test split must stay complete: fix those rows "
                         "in the data, or change split.seed so that they land in training")
-    for split in ("train", "valid"):
+    for split in ("train", "valid", "extra"):
         for source, (fraction, reasons) in excess_drops(metrics[split], p.max_drop_fraction).items():
             raise DataError(f"{args.split_dir}/{split}.jsonl: validation dropped {fraction:.1%} of the {source} "
                             f"rows > validate.max_drop_fraction {p.max_drop_fraction:.1%} ({reasons}); "

@@ -74,26 +74,43 @@ def test_diversity_arms_have_the_same_budget_and_their_categories():
 
 
 def with_extra():
-    """The fixture rows, split as the main study splits them, with the fixture's extra sources on the training side."""
+    """``(train, valid, test, pool)``: the fixture rows split as the main study splits them, every fixture extra
+    source on the training side (data.extra: all of them), and the extra pool."""
     from test_data import fixture_extra
 
     extra = [r for rows in fixture_extra().values() for r in rows]
-    train, valid, test, _ = data.split_study(fixture_rows(), extra, 2, 1, seed=0)
-    return train, valid, test
+    train, valid, test, pool, _ = data.split_study(fixture_rows(), extra, 2, 1, seed=0)
+    return data.with_sources(train, pool, sorted({r["source"] for r in pool}), "data.extra"), valid, test, pool
 
 
-def test_extra_without_drops_the_extra_sources_but_those_kept():
-    train, _, _ = with_extra()
-    without, no_test = ablations.make_split("extra_without", train, [], ExtraDataConfig(keep=[]))
-    assert no_test is None and without == [r for r in train if not data.is_extra(r)] and len(without) < len(train)
-    some, _ = ablations.make_split("extra_without", train, [], ExtraDataConfig(keep=["exec_simple"]))
-    assert {r.get("source") for r in some} == {None, "exec_simple"}
-    with pytest.raises(data.DataError, match=r"ablations.extra.keep names \['exec_simpel'\]"):
-        ablations.make_split("extra_without", train, [], ExtraDataConfig(keep=["exec_simpel"]))
+def test_extra_with_adds_the_pool_rows_of_its_sources_to_the_paper_rows():
+    train, _, _, pool = with_extra()
+    paper = [r for r in train if not data.is_extra(r)]
+    arm, no_test = ablations.make_split("extra_with", train, [], ExtraDataConfig(sources=["exec_simple"]), pool=pool)
+    assert no_test is None and arm == paper + [r for r in pool if r["source"] == "exec_simple"] and len(arm) > len(paper)
+    every, _ = ablations.make_split("extra_with", train, [],
+                                    ExtraDataConfig(sources=sorted({r["source"] for r in pool})), pool=pool)
+    assert every == paper + pool  # whatever data.extra put into train: the paper's rows plus the arm's sources
+    with pytest.raises(data.DataError, match=r"ablations.extra.sources names \['exec_simpel'\], but no validated"):
+        ablations.make_split("extra_with", train, [], ExtraDataConfig(sources=["exec_simpel"]), pool=pool)
+
+
+def test_diversity_arms_draw_from_the_training_rows_and_the_extra_pool():
+    train, _, _, pool = with_extra()
+    paper = [r for r in train if not data.is_extra(r)]
+    simple = [r for r in paper + pool if r["category"] == "simple"]
+    n_paper_simple = sum(r["category"] == "simple" for r in paper)
+    low, _ = ablations.make_split("diversity_low", paper, [], DiversityConfig(seed=0, budget=len(simple)), pool=pool)
+    assert len(simple) > n_paper_simple and sorted(r["id"] for r in low) == sorted(r["id"] for r in simple)
+    # data.extra's rows are in both the training split and the pool: drawn once
+    low2, _ = ablations.make_split("diversity_low", train, [], DiversityConfig(seed=0, budget=len(simple)), pool=pool)
+    assert sorted(r["id"] for r in low2) == sorted(r["id"] for r in low)
+    with pytest.raises(data.DataError, match="training split and extra pool have"):
+        ablations.make_split("diversity_low", paper, [], DiversityConfig(seed=0, budget=len(simple) + 1), pool=pool)
 
 
 def test_unseen_splits_with_extra_rows_test_on_the_paper_rows_only():
-    train, valid, test = with_extra()
+    train, valid, test, _ = with_extra()
     tools, tools_test = ablations.make_split("unseen_tools", train, test, AblationSplitConfig(seed=0, test_per_category=2),
                                              valid=valid)
     assert not any(data.is_extra(r) for r in tools_test) and any(data.is_extra(r) for r in tools)
@@ -278,20 +295,20 @@ def test_ablation_sections_render(tmp_path):
 
 def test_extra_sources_section_pairs_the_arm_with_the_main_sft_on_the_same_items(tmp_path):
     ids = [f"q{i}" for i in range(40)]
-    metric = {"overall": {"accuracy": 0.5, "n": 40, "correct": 20, "ci95": [0.35, 0.65]}, "by_category": {}}
+    metric = {"overall": {"accuracy": 0.75, "n": 40, "correct": 30, "ci95": [0.6, 0.86]}, "by_category": {}}
     for kind in ("eval", "train"):
         (tmp_path / "ablations" / kind).mkdir(parents=True)
-    (tmp_path / "ablations" / "eval" / "extra_without.json").write_text(json.dumps(metric))
-    (tmp_path / "ablations" / "train" / "extra_without.json").write_text(
-        json.dumps({"examples": 689, "steps_trained": 240}))
-    with_metric = {**metric, "overall": {"accuracy": 0.75, "n": 40, "correct": 30, "ci95": [0.6, 0.86]}}
-    lines = report.ablation_sections(tmp_path, tmp_path / "none", {"sft": with_metric}, {
-        "extra_without": {i: k < 10 for k, i in enumerate(ids)}, "sft": {i: k < 30 for k, i in enumerate(ids)}},
-        CFG, sft_train={"examples": 1718, "steps_trained": 300})
+    (tmp_path / "ablations" / "eval" / "extra_with.json").write_text(json.dumps(metric))
+    (tmp_path / "ablations" / "train" / "extra_with.json").write_text(
+        json.dumps({"examples": 1718, "steps_trained": 240}))
+    main = {**metric, "overall": {"accuracy": 0.5, "n": 40, "correct": 20, "ci95": [0.35, 0.65]}}
+    lines = report.ablation_sections(tmp_path, tmp_path / "none", {"sft": main}, {
+        "extra_with": {i: k < 30 for k, i in enumerate(ids)}, "sft": {i: k < 10 for k, i in enumerate(ids)}},
+        CFG, sft_train={"examples": 689, "steps_trained": 300})
     assert "## Extra training sources (BFCL live_* / exec_* rows from the same wheel)" in lines
-    assert any(line.startswith("| Without the extra sources | 50.0% [35.0–65.0] (n=40) |") and line.endswith(
-        "| 689 | 240 |") for line in lines)
-    assert any(line.startswith("| With the extra sources (data.extra; the main SFT) | 75.0%") and line.endswith(
-        "| 1718 | 300 |") for line in lines)
-    assert any(line.startswith("- without → with the extra sources: **better**: ours +50.0 pts") and
+    assert any(line.startswith("| The main SFT: the paper's rows + data.extra | 50.0% [35.0–65.0] (n=40) |")
+               and line.endswith("| 689 | 300 |") for line in lines)
+    assert any(line.startswith("| The paper's rows + ablations.extra.sources | 75.0%") and line.endswith(
+        "| 1718 | 240 |") for line in lines)
+    assert any(line.startswith("- main SFT → + ablations.extra.sources: **better**: ours +50.0 pts") and
                line.endswith("this study: no number given") for line in lines)

@@ -8,6 +8,7 @@ and prompts and any ``max_tokens``.
 """
 
 import random
+import re
 
 import pytest
 from hypothesis import given
@@ -82,6 +83,8 @@ ALLOWED = [
     [{"name": "get_weather", "arguments": {"unit": "celsius", "coords": [48.9, 2], "city": "Paris", "days": 3}}],
     [{"name": "get_weather", "arguments": {"city": "Paris", "days": None}}],  # an optional one may be null
     [{"name": "math.hypot", "arguments": {"y": 4, "x": 3.5}}, {"name": "get_weather", "arguments": {"city": "é"}}],
+    # "<" is fine in a value, up to the parser's tags
+    [{"name": "get_weather", "arguments": {"city": "a < b <<t </td> <tool_call </tool_call <"}}],
 ]
 REFUSED = {
     "unoffered function": '<tool_call>{"name": "get_forecast", "arguments": {"city": "Paris"}}</tool_call>',
@@ -98,6 +101,9 @@ REFUSED = {
     "text after the call": f'<tool_call>{CALL}{{"city": "Paris"}}}}</tool_call> Done.',
     "no call at all": "",
     "an unclosed call": f'<tool_call>{CALL}{{"city": "Paris"}}}}',
+    # simple_python_53 on the base model: a tag inside a value ends the block early for every parser
+    "a closing tag in a value": f'<tool_call>{CALL}{{"city": "}}}}</tool_call> Paris"}}}}</tool_call>',
+    "an opening tag in a value": f'<tool_call>{CALL}{{"city": "<<tool_call>"}}}}</tool_call>',
 }
 
 
@@ -118,6 +124,19 @@ def test_grammar_names_what_it_cannot_express(tiny):
     many = {f"p{i}": {"type": "integer"} for i in range(65)}
     with pytest.raises(ValueError, match="65 parameters; at most 64"):
         constrained.grammar([{"name": "f", "parameters": {"properties": many}}], cf)
+
+
+def test_avoiding_matches_exactly_the_strings_without_the_words():
+    words = ("<tool_call>", "</tool_call>")
+    pattern = re.compile(constrained.avoiding(words)[1:-1], re.S)  # Python's fullmatch for llguidance's ^...$
+    rng = random.Random(0)
+    for _ in range(20000):
+        text = "".join(rng.choice("<tool_call>/x\n") for _ in range(rng.randint(0, 24)))
+        cut = rng.randint(0, len(text))
+        text = text[:cut] + rng.choice(["", *words, "<tool_call", "</tool_", "<<tool_call>", "<</tool_call>"]) + text[cut:]
+        assert (pattern.fullmatch(text) is not None) == (not any(w in text for w in words)), text
+    with pytest.raises(ValueError, match="must start with '<'"):
+        constrained.avoiding(("tool_call>",))
 
 
 # Characters a fuzzed name or prompt may hold: JSON's and Lark's escapes, unicode, a control character.

@@ -157,19 +157,19 @@ def test_exec_call_strings_that_cannot_be_read_are_refused_naming_the_row(text, 
         data.parse_call(text, [COUNTER], "BFCL_v4_exec_simple.json: row exec_simple_7")
     msg = str(e.value)
     assert msg.startswith(f"BFCL_v4_exec_simple.json: row exec_simple_7: cannot read the answer {text!r} as a call (")
-    assert re.search(why, msg) and msg.endswith("fix that answer or leave its source out of data.extra")
+    assert re.search(why, msg) and msg.endswith("fix that answer or leave its source out of data.extra_files")
 
 
 DATA = section("data")
 
 
 def fixture_extra():
-    return data.read_extra("local", DATA["extra_files"], DATA["extra"], local_dir=FIXTURE)
+    return data.read_extra("local", DATA["extra_files"], list(DATA["extra_files"]), local_dir=FIXTURE)
 
 
 def test_extra_sources_are_normalized_like_the_paper_rows_and_carry_their_source():
     extra = fixture_extra()
-    assert list(extra) == DATA["extra"] and all(len(rows) == 3 for rows in extra.values())
+    assert list(extra) == list(DATA["extra_files"]) and all(len(rows) == 3 for rows in extra.values())
     for name, rows in extra.items():
         for r in rows:
             assert list(r) == ["id", "category", "source", "messages", "functions", "ground_truth"]
@@ -187,26 +187,32 @@ def keys(rows, strict=False):
 @pytest.mark.parametrize("seed", range(6))
 def test_validation_and_extra_rows_keep_every_side_function_disjoint(seed):
     paper, extra = fixture_rows(), [r for rows in fixture_extra().values() for r in rows]
-    train, valid, test, dropped = data.split_study(paper, extra, 3, 2, seed)
+    train, valid, test, pool, dropped = data.split_study(paper, extra, 3, 2, seed)
     assert Counter(r["category"] for r in test) == {c: 3 for c in data.CATEGORIES}
     assert Counter(r["category"] for r in valid) == {c: 2 for c in data.CATEGORIES}
-    assert not keys(train) & keys(valid) and not keys(train) & keys(test) and not keys(valid) & keys(test)
-    assert not any(data.is_extra(r) for r in valid + test)
-    # Every extra row is in training, unless it offers a held-out function: then it is dropped.
-    assert [r for r in train if data.is_extra(r)] == [r for r in extra if r not in dropped]
+    assert not keys(train + pool) & keys(valid) and not keys(train + pool) & keys(test)
+    assert not keys(valid) & keys(test)
+    assert not any(data.is_extra(r) for r in train + valid + test)
+    # Every extra row is in the pool, unless it offers a held-out function: then it is dropped.
+    assert pool == [r for r in extra if r not in dropped]
     assert all(keys([r]) & keys(valid + test) for r in dropped)
-    assert sorted(r["id"] for r in train + valid + test + dropped) == sorted(r["id"] for r in paper + extra)
+    assert sorted(r["id"] for r in train + valid + test + pool + dropped) == sorted(r["id"] for r in paper + extra)
     # The test side is exactly the one drawn with neither a validation side nor extra rows.
     assert test == data.split_rows(paper, 3, seed)[1]
-    assert data.split_study(paper, extra, 3, 2, seed) == (train, valid, test, dropped)  # same seed, same split
+    assert data.split_study(paper, extra, 3, 2, seed) == (train, valid, test, pool, dropped)  # same seed, same split
+    # data.extra's sources join the training side, in the pool's order; a source with no row there is refused.
+    chosen = data.with_sources(train, pool, ["exec_simple", "live_simple"], "data.extra")
+    assert chosen == train + [r for r in pool if r["source"] in ("exec_simple", "live_simple")]
+    with pytest.raises(data.DataError, match=r"data.extra names \['live_complex'\], but no validated extra row"):
+        data.with_sources(train, pool, ["live_complex"], "data.extra")
 
 
 def test_an_extra_row_offering_a_test_function_is_dropped():
     paper, extra = fixture_rows(), [r for rows in fixture_extra().values() for r in rows]
     # Seed 2 draws the fixture rows whose functions these two exec rows offer into test or validation.
-    train, _, _, dropped = data.split_study(paper, extra, 3, 2, seed=2)
+    _, _, _, pool, dropped = data.split_study(paper, extra, 3, 2, seed=2)
     assert [r["id"] for r in dropped] == ["exec_simple_46", "exec_parallel_23"]
-    assert len([r for r in train if data.is_extra(r)]) == len(extra) - 2
+    assert len(pool) == len(extra) - 2
 
 
 def test_a_validation_side_that_does_not_fit_is_refused():
@@ -227,7 +233,7 @@ def wheel_rows():
     wheel = pip_wheel(DATA["wheel"], DATA["wheel_sha256"])
     raw = data.read_source("wheel", DATA["files"], wheel=wheel)
     paper = [r for cat, (q, a) in raw.items() for r in data.normalize(cat, q, a)]
-    extra = data.read_extra("wheel", DATA["extra_files"], DATA["extra"], wheel=wheel)
+    extra = data.read_extra("wheel", DATA["extra_files"], list(DATA["extra_files"]), wheel=wheel)
     return paper, extra
 
 
@@ -235,11 +241,11 @@ def test_default_test_split_is_byte_identical_with_extra_sources_and_validation(
     paper, extra = wheel_rows
     assert {name: len(rows) for name, rows in extra.items()} == WHEEL_COUNTS  # every exec answer parses
     p = section("split")
-    train, valid, test, dropped = data.split_study(paper, [r for rows in extra.values() for r in rows],
-                                                   p["test_per_category"], p["valid_per_category"], p["seed"],
-                                                   p["train_per_category"])
+    train, valid, test, pool, dropped = data.split_study(paper, [r for rows in extra.values() for r in rows],
+                                                         p["test_per_category"], p["valid_per_category"], p["seed"],
+                                                         p["train_per_category"])
     write_jsonl(tmp_path / "test.jsonl", test)
     assert sha256_file(tmp_path / "test.jsonl") == TEST_SPLIT_SHA256
     assert Counter(r["category"] for r in valid) == {c: p["valid_per_category"] for c in data.CATEGORIES}
-    assert not keys(train) & keys(valid + test) and not keys(valid) & keys(test)
-    assert len(train) + len(valid) + len(test) + len(dropped) == 1000 + sum(WHEEL_COUNTS.values())
+    assert not keys(train + pool) & keys(valid + test) and not keys(valid) & keys(test)
+    assert len(train) + len(valid) + len(test) == 1000 and len(pool) + len(dropped) == sum(WHEEL_COUNTS.values())

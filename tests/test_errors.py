@@ -64,7 +64,8 @@ def write_bfcl(dir_, rows_by_cat):
     dir_.mkdir(parents=True, exist_ok=True)
     for cat, rows in rows_by_cat.items():
         io.write_jsonl(dir_ / f"{cat}.jsonl", rows)
-    extra = data.read_extra("local", PARAMS["data"]["extra_files"], PARAMS["data"]["extra"], local_dir=FIXTURE)
+    extra = data.read_extra("local", PARAMS["data"]["extra_files"], list(PARAMS["data"]["extra_files"]),
+                           local_dir=FIXTURE)
     for name, rows in extra.items():
         io.write_jsonl(dir_ / "extra" / f"{name}.jsonl", rows)
     return dir_
@@ -151,7 +152,7 @@ def test_an_exec_answer_that_is_not_a_readable_call(tmp_path):
     msg = one_line_error(stage("fetch_bfcl", tmp_path / "out", cwd=tmp_path, params=params), "fetch_bfcl")
     assert msg == (f"fetch_bfcl: unused_datasets/possible_answer/BFCL_v4_exec_simple.json: row {rows[1]['id']}: "
                    "cannot read the answer 'calc(x=y)' as a call (not a literal value: y); fix that answer or leave "
-                   "its source out of data.extra")
+                   "its source out of data.extra_files")
     assert not (tmp_path / "out").exists()  # not even the files read before it
 
 
@@ -273,6 +274,7 @@ def split_files(dir_, bad_test_row=False):
     io.write_jsonl(dir_ / "train.jsonl", train[2:])
     io.write_jsonl(dir_ / "valid.jsonl", train[:2])
     io.write_jsonl(dir_ / "test.jsonl", test)
+    io.write_jsonl(dir_ / "extra.jsonl", [])  # an empty extra pool (data.extra_files: {}) is legitimate
     return test
 
 

@@ -122,8 +122,10 @@ def test_repro_runs_every_stage_and_writes_outputs(repo):
     validate = json.loads((repo / "metrics" / "validate.json").read_text())
     assert validate["test"]["n_kept"] == 12 and validate["valid"]["n_kept"] == 8
     assert len((repo / "data" / "validated" / "valid.jsonl").read_text().splitlines()) == 8
-    extra = yaml.safe_load((repo / "params.yaml").read_text())["data"]["extra"]
-    assert set(validate["train"]["by_source"]) == {"paper", *extra} and set(validate["valid"]["by_source"]) == {"paper"}
+    data_params = yaml.safe_load((repo / "params.yaml").read_text())["data"]
+    assert set(validate["train"]["by_source"]) == {"paper", *data_params["extra"]}
+    assert set(validate["valid"]["by_source"]) == {"paper"} and set(validate["extra"]["by_source"]) == set(
+        data_params["extra_files"])  # every source's rows are validated for the ablation arms
     assert "up to date" in run("dvc status", repo)
 
 
@@ -140,7 +142,7 @@ SFT_DOWNSTREAM = {
     "ablation_train_extra",
     "ablation_train_rl@unseen_tools", "ablation_train_rl@unseen_patterns",
     *(f"ablation_eval@{arm}" for arm in ("unseen_tools_sft", "unseen_patterns_sft", "unseen_tools_rl",
-                                         "unseen_patterns_rl", "diversity_low", "diversity_high", "extra_without",
+                                         "unseen_patterns_rl", "diversity_low", "diversity_high", "extra_with",
                                          "format_content", "format_structured", "format_masked")),
     *(f"ablation_{kind}@{arm}" for kind in ("repair", "best_of_n", "constrained")
       for arm in ("sft", "unseen_tools_sft", "unseen_patterns_sft")),

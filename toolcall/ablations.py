@@ -12,24 +12,26 @@ no ablation needs to validate again.
   the call pattern is what is new (paper Table 2, "unseen patterns").
 * ``diversity_low`` / ``diversity_high``: ``budget`` training rows, all from
   simple or an equal share of each category, drawn from the main training
-  split (extra sources included); both are scored on the main test split
-  (paper Table 3).
-* ``extra_without``: the main training split less the extra sources' rows
-  (all but ``keep``), trained with all of [sft] (stage ablation_train_extra),
-  against the main study's SFT of the first seed (the whole training split,
-  same settings), both scored on the main test split.
+  split and the extra pool (every extra source's validated rows: the paper's
+  own training rows hold fewer than 500 simple ones); both are scored on the
+  main test split (paper Table 3).
+* ``extra_with``: the paper's training rows plus the extra pool's rows of
+  ``sources``, trained with all of [sft] (stage ablation_train_extra),
+  against the main study's SFT of the first seed (the paper's rows plus
+  data.extra's, same settings), both scored on the main test split.
 
 The unseen_* splits re-split the paper's rows (training, validation and test
-sides together) and then add the extra rows that offer no function of their
-test side, as the main split does (unseen_tools by its strict keys;
-unseen_patterns only those of the training patterns).
+sides together) and then add the main training split's extra rows
+(data.extra's) that offer no function of their test side, as the main split
+does (unseen_tools by its strict keys; unseen_patterns only those of the
+training patterns).
 """
 
 import random
 from collections import defaultdict
 
 from .config import AblationSplitConfig, DiversityConfig, ExtraDataConfig
-from .data import CATEGORIES, DataError, add_extra, is_extra, split_rows
+from .data import CATEGORIES, DataError, add_extra, is_extra, split_rows, with_sources
 
 PATTERN_TEST = ("parallel_multiple",)
 PATTERN_TRAIN = ("simple", "multiple", "parallel")
@@ -38,7 +40,7 @@ DIVERSITY = {"diversity_low": ("simple",), "diversity_high": CATEGORIES}
 SECTIONS = {"unseen_tools": ("unseen_tools", AblationSplitConfig),
             "unseen_patterns": ("unseen_patterns", AblationSplitConfig),
             "diversity_low": ("diversity", DiversityConfig), "diversity_high": ("diversity", DiversityConfig),
-            "extra_without": ("extra", ExtraDataConfig)}
+            "extra_with": ("extra", ExtraDataConfig)}
 
 
 def budget_subset(rows, budget, seed, categories):
@@ -51,26 +53,18 @@ def budget_subset(rows, budget, seed, categories):
     for j, cat in enumerate(categories):
         share = budget // len(categories) + (j < budget % len(categories))
         if share > len(by_cat[cat]):
-            raise DataError(f"budget {budget} needs {share} {cat} rows but the training split has "
+            raise DataError(f"budget {budget} needs {share} {cat} rows but the training split and extra pool have "
                             f"{len(by_cat[cat])}: lower ablations.diversity.budget")
         chosen += rng.sample(by_cat[cat], share)
     return [rows[i] for i in sorted(chosen)]
 
 
-def without_extra(train, keep):
-    """The training rows less those of the extra sources not in ``keep``."""
-    missing = sorted(set(keep) - {row["source"] for row in train if is_extra(row)})
-    if missing:
-        raise DataError(f"ablations.extra.keep names {missing}, but no training row comes from them: "
-                        "use sources of data.extra")
-    return [row for row in train if not is_extra(row) or row["source"] in keep]
-
-
-def make_split(name, train, test, p, valid=()):
+def make_split(name, train, test, p, valid=(), pool=()):
     """``(train_rows, test_rows)`` of one split, ``p`` its config (``SECTIONS``).
 
     ``test_rows`` is None where the main test split is used. ``valid`` (the
-    main validation side) joins the pool the unseen_* splits re-split.
+    main validation side) joins the pool the unseen_* splits re-split;
+    ``pool`` is the main split's extra pool (data/validated/extra.jsonl).
     """
     paper = [row for row in train if not is_extra(row)] + list(valid) + list(test)
     extra = [row for row in train if is_extra(row)]
@@ -82,7 +76,9 @@ def make_split(name, train, test, p, valid=()):
                                  test_categories=PATTERN_TEST, train_categories=PATTERN_TRAIN)
         return train + add_extra([row for row in extra if row["category"] in PATTERN_TRAIN], test)[0], test
     if name in DIVERSITY:
-        return budget_subset(train, p.budget, p.seed, DIVERSITY[name]), None
-    if name == "extra_without":
-        return without_extra(train, p.keep), None
+        ids = {row["id"] for row in train}  # data.extra's rows are in both
+        rows = train + [row for row in pool if row["id"] not in ids]
+        return budget_subset(rows, p.budget, p.seed, DIVERSITY[name]), None
+    if name == "extra_with":
+        return with_sources([row for row in train if not is_extra(row)], pool, p.sources, "ablations.extra.sources"), None
     raise ValueError(f"unknown ablation split {name!r}: expected one of {sorted(SECTIONS)}")

@@ -368,8 +368,9 @@ class DataConfig:
     local_dir: Optional[str]
     categories: list
     files: dict
-    extra: list  # extra training sources (names in extra_files); their rows only ever join the training side
-    extra_files: dict  # name -> {category: the call pattern of its answers, questions: path, answers: path}
+    extra: list  # extra sources (names in extra_files) whose rows join the main study's training side
+    extra_files: dict  # the pool, every one fetched and validated: name -> {category: the call pattern of its
+                       # answers, questions: path, answers: path}
 
     def check(self):
         if self.source not in DATA_SOURCES:
@@ -477,13 +478,13 @@ class DiversityConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExtraDataConfig:
-    """params.yaml [ablations.extra]: the training split with the extra sources left out."""
+    """params.yaml [ablations.extra]: the paper's training rows plus chosen extra sources."""
 
-    keep: list  # extra sources this arm still trains on ([]: the paper's four categories only)
+    sources: list  # extra sources (data.extra_files) this arm trains on beside the paper's rows
 
     def check(self):
-        if not all(isinstance(name, str) for name in self.keep):
-            yield f"keep={self.keep} must be a list of extra source names (data.extra)"
+        if not all(isinstance(name, str) for name in self.sources) or len(set(self.sources)) != len(self.sources):
+            yield f"sources={self.sources} must be a list of distinct extra source names (data.extra_files)"
 
 
 @dataclasses.dataclass(frozen=True)

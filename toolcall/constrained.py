@@ -11,7 +11,8 @@ parametric rule keeps a bit per parameter), the required ones required. Each
 value has its parameter's BFCL type (``schema``: "float" is a JSON number,
 "tuple" an array, "any" a string, as the scorer reads them), an ``enum`` where
 the schema gives one, and may be ``null`` for an optional parameter (a Python
-default of None; BFCL's answers list it, e.g. parallel_152). Values are
+default of None; BFCL's answers list it, e.g. parallel_152). No string value
+may hold the parser's ``<tool_call>`` / ``</tool_call>`` tags (``avoiding``). Values are
 llguidance's own JSON Schema compiler (``%json``). A "dict" without properties
 takes scalar values or lists of them, which covers every BFCL answer and keeps
 nesting bounded. The grammar reads the schema only, never the answer: of the
@@ -30,6 +31,7 @@ those tokens are not the model's and are counted apart.
 
 import itertools
 import json
+import re
 from dataclasses import dataclass
 
 import llguidance.hf
@@ -39,6 +41,7 @@ from llguidance import LLMatcher
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
 from . import generation
+from .parsing import CLOSE, OPEN
 
 # The JSON separators a chat template may write calls with (item, key); both are
 # also valid regexes, which is how llguidance's %json reads them.
@@ -46,8 +49,34 @@ SEPARATORS = ((", ", ": "), (",", ":"))
 _PROBE = ({"name": "probe_a", "arguments": {"k": [1, 2], "é": {"j": "x"}}}, {"name": "probe_b", "arguments": {}})
 # Parameters per function the parametric rule can track: one bit each in llguidance's 64-bit parameter.
 MAX_PARAMETERS = 64
+
+
+def avoiding(words):
+    """A regex (no look-around: llguidance has none) of the strings in which no word of ``words`` occurs.
+
+    Each word starts with ``<`` and holds no other ``<``, as the parser's tags
+    do. Outside a ``<`` anything goes; a ``<`` starts a run of chunks ``<`` +
+    a proper prefix of a word (less its ``<``), each cut short by the next
+    ``<`` or, for the last, by a character no word continues that prefix with,
+    or by the end of the string.
+    """
+    tails = [w[1:] for w in words]
+    if any(not w.startswith("<") or "<" in t for w, t in zip(words, tails)):
+        raise ValueError(f"each word must start with '<' and hold no other: {words}")
+    prefixes = sorted({t[:i] for t in tails for i in range(len(t))})
+    chunk = "<(?:" + "|".join(map(re.escape, prefixes)) + ")"
+    diverged = []
+    for p in prefixes:
+        follows = {t[len(p)] for t in tails if t.startswith(p) and len(t) > len(p)}
+        diverged.append(re.escape(p) + "[^<" + "".join(re.escape(c) for c in sorted(follows)) + "]")
+    return f"^(?:[^<]|(?:{chunk})*<(?:{'|'.join(diverged)}))*(?:{chunk})*$"
+
+
+# String values may not hold the parser's tags: a "</tool_call>" inside a value would end the
+# block early for our parser and every client's (simple_python_53 on the base model, once).
+_STRING = {"type": "string", "pattern": avoiding((OPEN, CLOSE))}
 # Free-form values of a "dict" without properties: scalars or lists of them.
-_SCALARS = [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]
+_SCALARS = [_STRING, {"type": "number"}, {"type": "boolean"}]
 _FREE_VALUE = {"anyOf": _SCALARS + [{"type": "array", "items": {"anyOf": _SCALARS}}]}
 # Finishing a cut sequence takes a few dozen tokens; far more means a bug, not a long schema.
 _FINISH_LIMIT = 4096
@@ -92,7 +121,7 @@ def value_schema(spec):
         return {"enum": spec["enum"]}
     kind = spec.get("type")
     if kind in ("string", "any"):
-        return {"type": "string"}
+        return _STRING
     if kind == "integer":
         return {"type": "integer"}
     if kind == "float":

@@ -11,12 +11,13 @@ Schemas and answers are kept exactly as BFCL ships them: the scorer needs the
 original types ("dict", "float", "tuple", "any"); only the prompt maps them to
 JSON Schema names.
 
-Rows of an extra training source (params ``data.extra``: BFCL's live_* files
-and the exec_* files under ``unused_datasets/``) are normalized the same way,
+Rows of an extra training source (params ``data.extra_files``: BFCL's live_*
+files and the exec_* files under ``unused_datasets/``) are normalized the same way,
 with ``category`` the call pattern their answers follow (what the scorer
 needs) and one more field, ``"source": "<name>"``; the paper's four files'
 rows carry no ``source``, so they are byte for byte what they were before
-extra sources existed. Extra rows only ever join the training side.
+extra sources existed. Extra rows only ever join the training side: the
+sources of ``data.extra`` in the main study, others in its ablation arms.
 """
 
 import ast
@@ -113,7 +114,7 @@ def normalize(category, questions, answers, where="", source=None):
 
 
 def read_extra(source, extra_files, names, **source_kw):
-    """``{name: rows}`` of the extra training sources ``names`` (params ``data.extra``), each normalized
+    """``{name: rows}`` of the extra training sources ``names`` (params ``data.extra_files``), each normalized
     with the category and files ``extra_files`` gives it; ``source_kw`` as for ``read_source``."""
     specs = {name: extra_files[name] for name in names}
     raw = read_source(source, {name: (s["questions"], s["answers"]) for name, s in specs.items()}, **source_kw)
@@ -199,7 +200,7 @@ def parse_call(text, functions, where):
             params[kw.arg] = _literal(kw.value)
     except (SyntaxError, ValueError, ArithmeticError) as e:
         raise DataError(f"{where}: cannot read the answer {text!r} as a call ({e}); "
-                        "fix that answer or leave its source out of data.extra") from None
+                        "fix that answer or leave its source out of data.extra_files") from None
     return {name: {p: [_allowed(v)] for p, v in params.items()}}
 
 
@@ -366,7 +367,7 @@ def split_sides(rows, test_per_category, valid_per_category, seed, train_per_cat
 
 
 def is_extra(row):
-    """Whether a row comes from an extra training source (``data.extra``), not the paper's four files."""
+    """Whether a row comes from an extra training source (``data.extra_files``), not the paper's four files."""
     return "source" in row
 
 
@@ -389,32 +390,46 @@ def add_extra(extra, held_out, strict=False):
 
 
 def split_study(rows, extra, test_per_category, valid_per_category, seed, train_per_category=None):
-    """The main study's ``(train, valid, test, dropped)``.
+    """The main study's ``(train, valid, test, pool, dropped)``.
 
     ``rows`` (the paper's four categories) are split by ``split_sides``: test
-    first, exactly as with no validation side or extra rows, then validation.
-    The ``extra`` rows that offer no test or validation function are appended
-    to train; ``dropped`` holds the others.
+    first, exactly as with no validation side or extra rows, then validation;
+    ``train`` holds the rest of them. ``pool`` holds the ``extra`` rows that
+    offer no test or validation function, the candidates for the training
+    side (``with_sources`` adds those of chosen sources); ``dropped`` the others.
     """
     train, valid, test = split_sides(rows, test_per_category, valid_per_category, seed, train_per_category)
-    kept, dropped = add_extra(extra, valid + test)
-    return train + kept, valid, test, dropped
+    pool, dropped = add_extra(extra, valid + test)
+    return train, valid, test, pool, dropped
+
+
+def with_sources(train, pool, sources, knob):
+    """``train`` plus the ``pool`` rows of the extra ``sources``, refused if a source has none there.
+
+    ``knob`` names the params key that chose ``sources``, for the error.
+    """
+    missing = sorted(set(sources) - {row["source"] for row in pool})
+    if missing:
+        raise DataError(f"{knob} names {missing}, but no validated extra row comes from them (not in "
+                        "data.extra_files, or every row offers a test or validation function): leave them out")
+    return train + [row for row in pool if row["source"] in sources]
 
 
 ROW_FIELDS = ("id", "category", "messages", "functions", "ground_truth")
 
 
-def read_rows(*paths):
+def read_rows(*paths, allow_empty=False):
     """Normalized rows from JSONL files, refused unless every row is usable as a row.
 
     Each row must have every field of ``ROW_FIELDS``, ids must be unique across
-    the files, and no file may be empty: a row lost or doubled here would
+    the files, and no file may be empty (unless ``allow_empty``: the extra
+    pool with ``data.extra_files: {}``): a row lost or doubled here would
     silently change what is trained or tested on.
     """
     rows, first_seen = [], {}
     for path in paths:
         file_rows = read_jsonl(path)
-        if not file_rows:
+        if not file_rows and not allow_empty:
             raise DataError(f"{path}: no rows; rerun the stage that writes it (dvc repro) or fix its params")
         for n, row in enumerate(file_rows, 1):
             where = f"{path}: row {n}"
