@@ -1,8 +1,10 @@
 """End to end: `dvc repro` of the whole DAG in a temporary git repo on a tiny model.
 
-Then `dvc exp run -S sft.lora_rank=4` must rerun train_sft and what depends on
-it, for every seed of study.seeds, and nothing upstream or beside it;
-`-S dpo.beta=...` only DPO's branch, for every seed.
+Then `make exp`'s `dvc exp run -S sft.lora_rank=4 report report_post_sft` must
+rerun the main study from train_sft on, for every seed of study.seeds, and an
+untargeted `dvc exp run` after it the rest of what depends on [sft] (the
+ablation arms, the exports) and nothing upstream or beside it; `-S dpo.beta=...`
+only DPO's branch, for every seed.
 """
 
 import json
@@ -53,6 +55,12 @@ def write_tiny_repo(repo, tiny):
     params["sft"].update(iters=3, epochs=None, batch_size=2, warmup=0, steps_per_report=1, max_seq_len=4096,
                          lora_layers=2)
     params["eval"].update(max_tokens=8, batch_size=4)
+    # One process per stage: on a tiny model, starting ranks and eval workers (each imports mlx-lm, and
+    # transformers imports torch in the test environment) costs ~10x the work, and this file is about the
+    # DAG. The two-rank and sharded paths have their own tests (test_launch.py, test_sharding.py).
+    for section in ("sft", "dpo", "rl"):
+        params[section]["ranks"] = 1
+    params["eval"]["workers"] = 1
     for section, overrides in TINY_OVERRIDES.items():
         params.setdefault(section, {}).update(overrides)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -161,23 +169,37 @@ def digest(repo, paths):
     return out
 
 
-def test_changing_a_param_reruns_only_what_depends_on_it(repo):
-    repo, _ = repo
+def rerun(repo, cmd, readers):
+    """Run ``cmd`` in ``repo``: the stages it ran, and those of ``readers`` whose inputs it changed.
+
+    Readers are stages that only re-read other stages' outputs (JSON repair
+    re-scores greedy predictions; the reports read metrics and predictions):
+    they rerun when those outputs changed, as DVC compares content, and on the
+    tiny model a new adapter often leaves every greedy output as it was.
+    """
     stages = expanded_stages(repo)
-    # Stages that only re-read other stages' outputs (JSON repair re-scores greedy
-    # predictions; the reports read metrics and predictions) rerun when those
-    # outputs changed, as DVC compares content: on the tiny model a new adapter
-    # often leaves every greedy output as it was, and then they rightly do not.
-    readers = {s for s in stages if s.startswith(("ablation_repair@", "report"))}
     before = {s: digest(repo, stages[s]["deps"]) for s in readers}
-    out = run("dvc exp run -S sft.lora_rank=4", repo)
-    inputs_changed = {s for s in readers if digest(repo, stages[s]["deps"]) != before[s]}
-    assert inputs_changed <= SFT_DOWNSTREAM
-    assert ran_stages(out) == (SFT_DOWNSTREAM - readers) | inputs_changed
+    out = run(cmd, repo)
+    return ran_stages(out), {s for s in readers if digest(repo, stages[s]["deps"]) != before[s]}
+
+
+def test_changing_sft_reruns_the_main_study_then_only_what_else_depends_on_it(repo):
+    repo, _ = repo
+    readers = {s for s in expanded_stages(repo) if s.startswith(("ablation_repair@", "report"))}
+    # `make exp`: only its targets' upstream, so of the readers just the two reports may run.
+    ran, changed = rerun(repo, "dvc exp run -S sft.lora_rank=4 report report_post_sft", readers)
+    assert ran == (MAIN_STUDY - readers) | (changed & MAIN_STUDY)
     diff = run("dvc metrics diff", repo)
     for s in SEEDS:  # rank 8 -> 4 halves them, in every seed's run
         assert f"metrics/train_sft/s{s}.json" in diff
     assert "trainable_parameters" in diff
+    # What `make exp` left behind the new [sft] on purpose: an untargeted run reruns just that
+    # (and the readers of what either run changed).
+    ran, changed_after = rerun(repo, "dvc exp run", readers)
+    changed |= changed_after
+    assert changed <= SFT_DOWNSTREAM
+    assert ran == (SFT_DOWNSTREAM - MAIN_STUDY - readers) | (changed - MAIN_STUDY)
+    assert "up to date" in run("dvc status", repo)
 
 
 def metrics_of(repo, kind, name):
@@ -238,23 +260,8 @@ def test_dpo_and_rl_continue_sft_and_rerun_alone(repo):
     # [rl] also drives the RL generalization arms of the ablations.
     rl_arms = {f"ablation_train_rl@{s}" for s in ("unseen_tools", "unseen_patterns")} | {
         f"ablation_eval@{s}_rl" for s in ("unseen_tools", "unseen_patterns")}
-    stages = expanded_stages(repo)
-    readers = {"report_post_sft", "report_ablations"}  # rerun only when the outputs they read changed
+    readers = {"report_post_sft", "report_ablations"}
     for param, stage, extra in (("dpo.beta=0.2", "dpo", set()), ("rl.learning_rate=0.0002", "rl", rl_arms)):
-        before = {s: digest(repo, stages[s]["deps"]) for s in readers}
-        out = run(f"dvc exp run -S {param}", repo)
-        inputs_changed = {s for s in readers if digest(repo, stages[s]["deps"]) != before[s]}
+        ran, changed = rerun(repo, f"dvc exp run -S {param}", readers)
         branch = {f"train_{stage}@{s}" for s in SEEDS} | {f"eval@sft_{stage}-{s}" for s in SEEDS}  # every seed
-        assert ran_stages(out) == branch | {f"export@sft_{stage}"} | extra | inputs_changed
-
-
-# Last: its targeted run leaves the ablation arms behind the new [sft] on purpose, which would
-# make a later untargeted `dvc exp run` rerun them too.
-def test_the_main_study_command_reruns_the_main_study_only(repo):
-    repo, _ = repo
-    stages = expanded_stages(repo)
-    readers = {"report", "report_post_sft"}
-    before = {s: digest(repo, stages[s]["deps"]) for s in readers}
-    out = run("dvc exp run -S sft.lora_rank=2 report report_post_sft", repo)  # what `make exp` runs
-    inputs_changed = {s for s in readers if digest(repo, stages[s]["deps"]) != before[s]}
-    assert ran_stages(out) == (MAIN_STUDY - readers) | inputs_changed
+        assert ran == branch | {f"export@sft_{stage}"} | extra | changed
