@@ -41,7 +41,7 @@ serving: $(TEST_STAMP)
 	$(PY) bench/serving.py --variant sft
 
 test: $(TEST_STAMP) native
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: $(STAMP) native
 	$(PY) bench/bench.py
