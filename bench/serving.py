@@ -83,7 +83,9 @@ def fused(args, eval_records, eval_metrics):
     same = [r["id"] for r in records if r["raw"] == eval_records[r["id"]]["raw"]]
     correct = sum(r["valid"] for r in records)
     correct_eval = sum(eval_records[r["id"]]["valid"] for r in records)
-    return {"command": " ".join(cmd[1:]), "n": len(records), "outputs_identical": len(same),
+    # Recorded without this machine's paths: the script from the repo root, the scratch folder as <tmp>.
+    shown = " ".join(cmd[1:]).replace(f"{ROOT}/", "").replace(str(work), "<tmp>")
+    return {"command": shown, "n": len(records), "outputs_identical": len(same),
             "fraction_identical": round(len(same) / len(records), 4),
             "accuracy": read_json(work / "export_metrics.json")["overall"]["accuracy"],
             "accuracy_eval": eval_metrics["overall"]["accuracy"],

@@ -67,6 +67,9 @@ def test_served_fused_and_gguf_agree_with_eval(project):
     predictions = [json.loads(line) for line in (project / "data/predictions/sft/s3.jsonl").read_text().splitlines()]
     assert predictions[0]["valid"]  # eval scored the tuned answer correct: the comparison is not of empty lists
     assert fused["n"] == 2 and fused["outputs_identical"] == 2 and fused["correct_minus_eval_correct"] == 0
+    # The recorded command repeats anywhere: no path of this machine in it.
+    assert fused["command"].startswith("stages/eval.py sft_export ")
+    assert "<tmp>/export_predictions.jsonl" in fused["command"]
     assert gguf["summary"] | {"max_abs_logit_diff": 0, "max_abs_logit_diff_vs_float32": 0} == {
         "n": 2, "template_equal": 2, "tokens_equal": 2, "argmax_equal": 2,
         "max_abs_logit_diff": 0, "max_abs_logit_diff_vs_float32": 0}
