@@ -62,7 +62,7 @@ def count_rows(path):
 
 
 def shown(value):
-    """A path inside the repo as repo-relative (for metrics/bench.json); anything else unchanged."""
+    """A path inside the repo as repo-relative (the metrics files bench writes); anything else unchanged."""
     if isinstance(value, (str, Path)) and Path(value).is_absolute():
         try:
             return str(Path(value).resolve().relative_to(ROOT)) or "."

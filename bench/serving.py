@@ -32,7 +32,9 @@ import toolcall  # noqa: F401  (first: loads OpenBLAS before mlx)
 from toolcall.io import read_json, read_jsonl, read_params, run_path, write_json
 from toolcall.serving import ask, client, mlx_server, response_calls
 
-ROOT = Path(__file__).resolve().parent.parent
+if not __package__:  # python bench/serving.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import ROOT, shown  # noqa: E402
 TOKENIZER_KEYS = ("model", "pre", "tokens", "token_type", "merges", "bos_token_id", "eos_token_id",
                   "unknown_token_id", "padding_token_id", "add_bos_token")
 
@@ -84,8 +86,8 @@ def fused(args, eval_records, eval_metrics):
     correct = sum(r["valid"] for r in records)
     correct_eval = sum(eval_records[r["id"]]["valid"] for r in records)
     # Recorded without this machine's paths: the script from the repo root, the scratch folder as <tmp>.
-    shown = " ".join(cmd[1:]).replace(f"{ROOT}/", "").replace(str(work), "<tmp>")
-    return {"command": shown, "n": len(records), "outputs_identical": len(same),
+    command = " ".join(map(shown, cmd[1:])).replace(str(work), "<tmp>")
+    return {"command": command, "n": len(records), "outputs_identical": len(same),
             "fraction_identical": round(len(same) / len(records), 4),
             "accuracy": read_json(work / "export_metrics.json")["overall"]["accuracy"],
             "accuracy_eval": eval_metrics["overall"]["accuracy"],
