@@ -48,11 +48,11 @@ bench: $(STAMP) native
 
 env: $(STAMP) native
 
-# The native CPU kernels (toolcall/kernels.py): built once per source and toolchain into
+# The native CPU kernels (toolcall/model/kernels.py): built once per source and toolchain into
 # ~/.cache/toolcall/native/ (about a minute on 2 cores); a no-op when built. Where they
 # cannot be built or run, one warning line, and MLX's own ops are used.
 native: $(STAMP)
-	$(PY) -m toolcall.kernels
+	$(PY) -m toolcall.model.kernels
 
 $(STAMP): requirements.txt pyproject.toml
 	@$(MAKE) --no-print-directory openblas

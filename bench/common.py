@@ -83,8 +83,8 @@ def load_rows(path, indices):
 
 def examples(tokenizer, rows):
     """``(tokens, prompt_len)`` SFT examples of ``rows``, as the train_sft stage builds them."""
-    from toolcall.data import gold_calls
-    from toolcall.prompts import PromptFormat
+    from toolcall.bfcl.rows import gold_calls
+    from toolcall.calls.prompts import PromptFormat
 
     fmt = PromptFormat(tokenizer)
     return [fmt.example(r, gold_calls(r["ground_truth"])) for r in rows]

@@ -2,8 +2,8 @@
 
     python -m bench.eval [--eval-items 64] [--sequential-items 6] [--agreement-items N] [--adapter models/sft/s0]
 
-* Examples/s of what the eval stage runs (``toolcall.sharding.generate_sharded``:
-  batched ``toolcall.generation.generate`` in one process per core, model
+* Examples/s of what the eval stage runs (``toolcall.evaluate.sharding.generate_sharded``:
+  batched ``toolcall.evaluate.generation.generate`` in one process per core, model
   loading included), and of batched ``generate`` in one process, vs one prompt
   at a time through ``mlx_lm.stream_generate`` (the engine of
   ``mlx_lm.generate``), greedy, same max_tokens and stop tokens; token ids
@@ -36,9 +36,9 @@ def worker(spec):
     import toolcall  # noqa: F401
     import mlx.core as mx
 
-    from toolcall import generation
-    from toolcall.prompts import PromptFormat
-    from toolcall.lora import load_model
+    from toolcall.calls.prompts import PromptFormat
+    from toolcall.evaluate import generation
+    from toolcall.model.lora import load_model
 
     model, tokenizer = load_model(spec["model"], spec.get("adapter"))
     fmt = PromptFormat(tokenizer)
@@ -47,7 +47,7 @@ def worker(spec):
     max_tokens = spec["max_tokens"]
     out = {"prompt_tokens": [len(p) for p in prompts]}
     if spec["arm"] == "sharded":  # what the eval stage runs: one process per core
-        from toolcall.sharding import generate_sharded
+        from toolcall.evaluate.sharding import generate_sharded
 
         generate_sharded(spec["model"], spec.get("adapter"), prompts[:2], workers=spec["workers"], max_tokens=4,
                          **spec.get("kwargs", {}))
@@ -110,7 +110,7 @@ def worker(spec):
 
 def _generate_variant(model, tokenizer, prompts, max_tokens=256, batch_size=32, prefill_batch_size=8,
                       order="longest", return_tokens=True):
-    """``toolcall.generation.generate`` with its fixed choices as knobs, for the eval sweep."""
+    """``toolcall.evaluate.generation.generate`` with its fixed choices as knobs, for the eval sweep."""
     from mlx_lm.generate import BatchGenerator
     from mlx_lm.sample_utils import make_sampler
 
@@ -153,7 +153,7 @@ def run(args, params):
     sub = evenly(args.eval_items, n_seq)  # positions in ``indices``
     max_tokens = args.max_tokens or params["eval"]["max_tokens"]
     batch_size = params["eval"]["batch_size"]
-    from toolcall.sharding import resolve_workers
+    from toolcall.evaluate.sharding import resolve_workers
 
     workers = args.workers or resolve_workers(params["eval"]["workers"], args.model, batch_size,
                                               max_tokens + longest_prompt(args))
@@ -187,7 +187,7 @@ def run(args, params):
 
     def differing(run):
         """Subset positions whose batched output differs from the sequential one: (token ids, parsed calls)."""
-        from toolcall.parsing import parse_calls
+        from toolcall.calls.parsing import parse_calls
 
         ids = texts = []
         if run.get("tokens") is not None:
@@ -284,8 +284,8 @@ def longest_prompt(args):
     """Tokens of the longest test prompt (sizes the memory cap of eval.workers: auto)."""
     from mlx_lm.utils import load_tokenizer
 
+    from toolcall.calls.prompts import PromptFormat
     from toolcall.io import read_jsonl
-    from toolcall.prompts import PromptFormat
 
     fmt = PromptFormat(load_tokenizer(Path(args.model)))
     return max(len(fmt.encode(fmt.prompt(r["messages"], r["functions"]))) for r in read_jsonl(args.test))
@@ -293,7 +293,7 @@ def longest_prompt(args):
 
 def fast_vs_reference(args, spec, workers, batch_size, indices, fast_run):
     """The eval stage's path with the fast ops and with the reference ops on the same rows."""
-    from toolcall.evaluation import score_output
+    from toolcall.evaluate.score import score_output
     from toolcall.io import read_jsonl
 
     rows = read_jsonl(args.test)

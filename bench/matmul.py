@@ -23,7 +23,7 @@ def worker(spec):
     import toolcall  # noqa: F401  (loads OpenBLAS unless TOOLCALL_NO_OPENBLAS)
     import mlx.core as mx
 
-    from toolcall import blas
+    from toolcall.model import blas
 
     out = {"blas": blas.loaded_path}
     for name, (m, k, n) in spec["shapes"].items():

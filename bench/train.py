@@ -2,7 +2,7 @@
 
     python -m bench.train [--train-steps 6] [--dp-steps 20] [--repeats 3] [--out metrics/bench.json]
 
-* SFT training tokens/s (prompt + completion tokens) of ``toolcall.trainer.train_lora``
+* SFT training tokens/s (prompt + completion tokens) of ``toolcall.train.trainer.train_lora``
   as the stage runs it (params ``sft.ranks`` data-parallel processes on a CPU)
   vs ``python -m mlx_lm lora`` (its own ``main()``, one process; with OpenBLAS
   loaded the same way, so the row measures the training code, not the BLAS)
@@ -86,8 +86,9 @@ def worker_train(spec):
     import toolcall  # noqa: F401
     import mlx.core as mx  # noqa: F401
 
-    from toolcall import launch, lora, loss, trainer
     from toolcall.config import SftConfig
+    from toolcall.model import lora
+    from toolcall.train import launch, loss, trainer
 
     launch.ensure_ranks(spec["ranks"], "bench")
 
@@ -184,9 +185,9 @@ def worker_profile(spec):
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from toolcall import batches as batching
-    from toolcall import lora, loss, trainer
     from toolcall.config import SftConfig
+    from toolcall.model import lora
+    from toolcall.train import batches as batching, loss, trainer
 
     rows = load_rows(spec["train"], spec["indices"])
     model, tokenizer = lora.load_model(spec["model"])
@@ -364,7 +365,7 @@ def prepare_mlxlm(args, indices, cfg, workdir):
         "from pathlib import Path\n"
         "from toolcall.data import gold_calls\n"
         "from toolcall.io import read_jsonl\n"
-        "from toolcall.prompts import PromptFormat\n"
+        "from toolcall.calls.prompts import PromptFormat\n"
         "model, train, out, idx = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])\n"
         "fmt = PromptFormat(load_tokenizer(Path(model)))\n"
         "rows = read_jsonl(train)\n"

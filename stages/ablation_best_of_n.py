@@ -14,13 +14,13 @@ import argparse
 import dataclasses
 import time
 
-from toolcall import scaffold
+from toolcall.calls.prompts import PromptFormat
 from toolcall.config import EvalConfig, ScaffoldConfig, from_params
-from toolcall.generation import generate
-from toolcall.io import read_jsonl, read_params, write_json, write_jsonl, write_timings
-from toolcall.prompts import PromptFormat
 from toolcall.errors import run_stage
-from toolcall.lora import load_model
+from toolcall.evaluate import scaffold
+from toolcall.evaluate.generation import generate
+from toolcall.io import read_jsonl, read_params, write_json, write_jsonl, write_timings
+from toolcall.model.lora import load_model
 
 
 def main():

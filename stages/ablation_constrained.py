@@ -4,7 +4,7 @@
         --test data/validated/test.jsonl --greedy data/predictions/sft/s0.jsonl
 
 Reads params [eval] (max_tokens, batch_size, workers: as the greedy eval).
-Each item's offered functions become a grammar (toolcall.constrained) that
+Each item's offered functions become a grammar (toolcall.calls.constrained) that
 only the calls the prompt format asks for satisfy. The same items are decoded
 twice, in as many processes as the eval stage: without the constraint (the speed
 baseline; its outputs should equal the greedy predictions) and with it.
@@ -19,13 +19,14 @@ data/ablations/constrained/<name>.jsonl.
 import argparse
 import time
 
-from toolcall import constrained, scaffold
+from toolcall.bfcl.rows import read_rows
+from toolcall.calls import constrained
+from toolcall.calls.prompts import PromptFormat
 from toolcall.config import EvalConfig, from_params
-from toolcall.data import read_rows
 from toolcall.errors import DataError, UserError, run_stage
+from toolcall.evaluate import scaffold
+from toolcall.evaluate.sharding import generate_sharded, resolve_workers
 from toolcall.io import json_text, jsonl_text, read_jsonl, read_params, write_texts, write_timings
-from toolcall.prompts import PromptFormat
-from toolcall.sharding import generate_sharded, resolve_workers
 
 
 def main():

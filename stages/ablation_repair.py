@@ -10,9 +10,9 @@ predictions to data/ablations/repair/<name>.jsonl.
 
 import argparse
 
-from toolcall import scaffold
-from toolcall.io import read_jsonl, write_json, write_jsonl
 from toolcall.errors import run_stage
+from toolcall.evaluate import scaffold
+from toolcall.io import read_jsonl, write_json, write_jsonl
 
 
 def main():

@@ -3,7 +3,7 @@
     python -m stages.ablation_split unseen_tools data/validated data/ablations/splits/unseen_tools
 
 Names: unseen_tools, unseen_patterns, diversity_low, diversity_high,
-extra_with (see ``toolcall.ablations``). Reads params
+extra_with (see ``toolcall.bfcl.ablations``). Reads params
 [ablations.<section>]. Writes train.jsonl, and test.jsonl for the unseen_*
 splits (the other arms are scored on the main test split).
 """
@@ -11,9 +11,9 @@ splits (the other arms are scored on the main test split).
 import argparse
 from collections import Counter
 
-from toolcall import ablations
+from toolcall.bfcl import ablations
+from toolcall.bfcl.rows import read_rows
 from toolcall.config import from_params
-from toolcall.data import read_rows
 from toolcall.errors import run_stage
 from toolcall.io import read_params, write_jsonl
 

@@ -15,13 +15,13 @@ data/predictions/<variant>.jsonl (raw output, parsed calls, verdict per item).
 import argparse
 import time
 
+from toolcall.bfcl.rows import read_rows
+from toolcall.calls.prompts import PromptFormat
 from toolcall.config import EvalConfig, from_params
-from toolcall.data import read_rows
-from toolcall.evaluation import score_output, summarize
-from toolcall.io import json_text, jsonl_text, read_params, write_texts, write_timings
-from toolcall.prompts import PromptFormat
-from toolcall.sharding import generate_sharded, resolve_workers
 from toolcall.errors import run_stage
+from toolcall.evaluate.score import score_output, summarize
+from toolcall.evaluate.sharding import generate_sharded, resolve_workers
+from toolcall.io import json_text, jsonl_text, read_params, write_texts, write_timings
 
 
 def main():

@@ -15,7 +15,8 @@ import time
 
 import toolcall  # noqa: F401  (first: loads OpenBLAS before mlx)
 from toolcall.errors import run_stage
-from toolcall.export import GGUF_DTYPES, GGUF_FILE, export_variant
+from toolcall.model.export import GGUF_FILE, export_variant
+from toolcall.model.gguf import GGUF_DTYPES
 
 
 def main():

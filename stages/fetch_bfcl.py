@@ -12,11 +12,11 @@ answers, Python call strings, parsed into possible answers).
 
 import argparse
 
-from toolcall import data
+from toolcall.bfcl.sources import normalize, read_extra, read_source
 from toolcall.config import DataConfig, from_params
-from toolcall.fetch import pip_wheel
-from toolcall.io import read_params, write_jsonl
 from toolcall.errors import run_stage
+from toolcall.io import read_params, write_jsonl
+from toolcall.wheels import pip_wheel
 
 
 def main():
@@ -28,10 +28,10 @@ def main():
     where = dict(wheel=wheel, local_dir=p.local_dir, hub_repo=p.hub_repo, hub_revision=p.hub_revision)
     files = {cat: p.files[cat] for cat in p.categories}
     # Everything is read and parsed before anything is written: a bad file leaves no output.
-    out = {f"{cat}.jsonl": data.normalize(cat, questions, answers, where=files[cat])
-           for cat, (questions, answers) in data.read_source(p.source, files, **where).items()}
+    out = {f"{cat}.jsonl": normalize(cat, questions, answers, where=files[cat])
+           for cat, (questions, answers) in read_source(p.source, files, **where).items()}
     out |= {f"extra/{name}.jsonl": rows
-            for name, rows in data.read_extra(p.source, p.extra_files, list(p.extra_files), **where).items()}
+            for name, rows in read_extra(p.source, p.extra_files, list(p.extra_files), **where).items()}
     for name, rows in out.items():
         write_jsonl(f"{args.out_dir}/{name}", rows)
         print(f"{name}: {len(rows)} rows")

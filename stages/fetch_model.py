@@ -14,9 +14,9 @@ import argparse
 import time
 
 import toolcall  # noqa: F401  (first: loads OpenBLAS before mlx)
-from toolcall.io import read_json, read_params
-from toolcall.modelio import RECORD, fetch_model
 from toolcall.errors import run_stage
+from toolcall.io import read_json, read_params
+from toolcall.model.fetch import RECORD, fetch_model
 
 
 def main():

@@ -15,11 +15,11 @@ train.jsonl, valid.jsonl, test.jsonl and extra.jsonl.
 import argparse
 from collections import Counter
 
-from toolcall import data
+from toolcall.bfcl.rows import is_extra, load_categories
+from toolcall.bfcl.split import split_study, with_sources
 from toolcall.config import SplitConfig, categories, extra_sources, from_params
-from toolcall.errors import DataError
+from toolcall.errors import DataError, run_stage
 from toolcall.io import read_params, write_jsonl
-from toolcall.errors import run_stage
 
 
 def main():
@@ -30,12 +30,12 @@ def main():
     p = from_params(SplitConfig, read_params("split"), "split")
     cats = categories(read_params("data.categories"))
     use, pool_sources = extra_sources(read_params("data.extra")), list(read_params("data.extra_files"))
-    rows = data.load_categories(args.bfcl_dir, cats, pool_sources)
-    paper = [r for r in rows if not data.is_extra(r)]
-    extra = [r for r in rows if data.is_extra(r) and r["category"] in cats]
-    train, valid, test, pool, dropped = data.split_study(paper, extra, p.test_per_category, p.valid_per_category,
+    rows = load_categories(args.bfcl_dir, cats, pool_sources)
+    paper = [r for r in rows if not is_extra(r)]
+    extra = [r for r in rows if is_extra(r) and r["category"] in cats]
+    train, valid, test, pool, dropped = split_study(paper, extra, p.test_per_category, p.valid_per_category,
                                                          p.seed, p.train_per_category)
-    train = data.with_sources(train, pool, use, "data.extra")
+    train = with_sources(train, pool, use, "data.extra")
     for name, side in (("train", train), ("test", test)):
         if not side:
             raise DataError(f"the {name} split is empty ({len(paper)} rows in {args.bfcl_dir}); "

@@ -17,7 +17,7 @@ and mean reward margin. Writes mlx-lm adapters to the output directory, the
 metrics (pairs per source, sample pass rate, last-steps loss, reward margin
 and preference accuracy, the held-out scores), the seconds of each phase
 beside them (.timings.json) and step curves under ``--live``. On a CPU it
-runs as ``dpo.ranks`` data-parallel processes (toolcall/launch.py): they
+runs as ``dpo.ranks`` data-parallel processes (toolcall/train/launch.py): they
 share the sampling and the reference scoring, and each trains on its share
 of each batch.
 """
@@ -28,15 +28,16 @@ import time
 
 import numpy as np
 
+from toolcall.bfcl.rows import read_rows
+from toolcall.calls.prompts import PromptFormat
 from toolcall.cli import continuation_parser
-from toolcall import checkpoint, dpo, launch, lora
 from toolcall.config import DpoConfig, epoch_steps, from_params, seeded
-from toolcall.data import read_rows
 from toolcall.errors import run_stage
 from toolcall.io import read_params, write_json, write_timings
-from toolcall.prompts import PromptFormat
-from toolcall.rollouts import choose_rows
-from toolcall.trainer import StepLog
+from toolcall.model import lora
+from toolcall.train import checkpoint, dpo, launch
+from toolcall.train.rollouts import choose_rows
+from toolcall.train.trainer import StepLog
 
 
 def main():

@@ -7,24 +7,25 @@ Reads params [rl] and its seed from ``--seed`` (dvc.yaml: once per seed of
 study.seeds, on that seed's SFT); the LoRA shape comes from the SFT
 adapter's adapter_config.json. Each of ``rl.rounds`` rounds samples fresh
 training prompts from the current policy, rewards the samples and updates
-the LoRA (see toolcall/rl.py). Writes mlx-lm adapters to the output
+the LoRA (see toolcall/train/rl.py). Writes mlx-lm adapters to the output
 directory, the metrics (per round: mean reward, pass rate, format rate,
 samples kept; the update steps in all), the seconds of each round beside
 them (.timings.json), and under ``--live`` the step curves and each round's
 reward and kept count. On a CPU it runs as ``rl.ranks`` data-parallel
-processes (toolcall/launch.py): they share the sampling, and each trains on
+processes (toolcall/train/launch.py): they share the sampling, and each trains on
 its share of each batch.
 """
 
 import contextlib
 
+from toolcall.bfcl.rows import read_rows
+from toolcall.calls.prompts import PromptFormat
 from toolcall.cli import continuation_parser
-from toolcall import checkpoint, launch, lora, rl
 from toolcall.config import RlConfig, from_params, seeded
-from toolcall.io import read_params, write_json, write_timings
-from toolcall.prompts import PromptFormat
-from toolcall.data import read_rows
 from toolcall.errors import run_stage
+from toolcall.io import read_params, write_json, write_timings
+from toolcall.model import lora
+from toolcall.train import checkpoint, launch, rl
 
 
 def main():

@@ -14,7 +14,7 @@ evaluations without a new lowest stop training early. Writes mlx-lm adapters
 chosen step and epoch, the lowest validation loss), and the training and
 validation loss curves under ``--live`` for ``dvc plots show``. No example
 may exceed max_seq_len: the stage fails rather than train on a cut target.
-On a CPU it runs as ``sft.ranks`` data-parallel processes (toolcall/launch.py).
+On a CPU it runs as ``sft.ranks`` data-parallel processes (toolcall/train/launch.py).
 
 An ablation arm (stage ablation_train) passes ``--overrides SECTION``
 (dotted, repeatable, later ones win) whose keys replace [sft]'s and whose
@@ -30,14 +30,15 @@ import contextlib
 import dataclasses
 import sys
 
-from toolcall import checkpoint, launch, lora
+from toolcall.bfcl.rows import gold_calls, read_rows
+from toolcall.calls.prompts import PromptFormat
 from toolcall.cli import add_seed
 from toolcall.config import SftConfig, epoch_steps, from_params, seeded
-from toolcall.data import gold_calls, read_rows
 from toolcall.errors import run_stage
 from toolcall.io import read_params, write_json, write_timings
-from toolcall.prompts import PromptFormat
-from toolcall.trainer import train_lora
+from toolcall.model import lora
+from toolcall.train import checkpoint, launch
+from toolcall.train.trainer import train_lora
 
 
 def main():

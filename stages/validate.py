@@ -15,13 +15,12 @@ the stage, naming it. Nothing is written when the stage fails.
 
 import argparse
 
+from toolcall.bfcl.rows import read_rows
+from toolcall.bfcl.validate import excess_drops, validate_rows
+from toolcall.calls.prompts import PromptFormat
 from toolcall.config import ValidateConfig, from_params
-from toolcall.data import read_rows
-from toolcall.errors import DataError
+from toolcall.errors import DataError, run_stage
 from toolcall.io import read_params, write_json, write_jsonl
-from toolcall.prompts import PromptFormat
-from toolcall.validate import excess_drops, validate_rows
-from toolcall.errors import run_stage
 
 
 def main():

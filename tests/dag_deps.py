@@ -3,7 +3,7 @@
 A stage's code deps are its script plus every ``toolcall`` module it imports,
 transitively (imports inside functions too, and the package's ``__init__``,
 which any ``toolcall.x`` import runs), plus the non-Python code such a module
-builds and runs (``NATIVE``: the C++ kernels that ``toolcall/kernels.py``
+builds and runs (``NATIVE``: the C++ kernels that ``toolcall/model/kernels.py``
 compiles). ``stages/__init__.py``, which
 ``python -m stages.<name>`` also runs, is not counted: it holds a docstring
 only (``tests/test_dag.py`` checks that). ``tests/test_dag.py`` fails when
@@ -23,7 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "toolcall"
 # Module -> the non-Python code it builds and runs: a stage that imports it depends on that too.
-NATIVE = {"toolcall/kernels.py": ("native",)}
+NATIVE = {"toolcall/model/kernels.py": ("native",)}
 # `python -m stages.eval ...` or `python stages/eval.py ...`: the stage's script.
 SCRIPT = re.compile(r"python\s+(?:-m\s+stages\.(\w+)|stages/(\w+)\.py)")
 

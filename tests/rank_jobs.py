@@ -21,9 +21,10 @@ from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from configs import config  # noqa: E402
 from tiny_model import make_tiny_model  # noqa: E402
-from toolcall import dpo, launch, lora, rl, rollouts  # noqa: E402
-from toolcall.config import DpoConfig, RlConfig, SftConfig  # noqa: E402
-from toolcall.trainer import StepLog  # noqa: E402
+from toolcall.train import dpo, launch, rl, rollouts
+from toolcall.model import lora# noqa: E402
+from toolcall.config import DpoConfig, RlConfig, SftConfig# noqa: E402
+from toolcall.train.trainer import StepLog# noqa: E402
 
 
 def policy(out):

@@ -8,16 +8,21 @@ from collections import Counter
 import pytest
 
 from test_data import fixture_rows
-from toolcall import ablations, data, scaffold
-from toolcall.config import AblationSplitConfig, DiversityConfig, ExtraDataConfig
-from toolcall.parsing import parse_calls
-from toolcall import report
-from toolcall.config import ReportConfig
-from toolcall.paired import compare_table, holm
+from toolcall.bfcl import CATEGORIES, ablations
+from toolcall.bfcl.rows import is_extra
+from toolcall.bfcl.split import split_study, with_sources
+from toolcall.calls.parsing import parse_calls
+from toolcall.config import AblationSplitConfig, DiversityConfig, ExtraDataConfig, ReportConfig
+from toolcall.errors import DataError
+from toolcall.evaluate import scaffold
+from toolcall.report.ablations import ablation_sections, scaffold_table
+from toolcall.report.main import claim_relation
+from toolcall.report.paired import compare_table, holm
+from toolcall.report.verdicts import Claim, render_claims
 
 
 def near_duplicate_keys(rows):
-    """Every way two functions count as the same tool, written out independently of data.function_keys."""
+    """Every way two functions count as the same tool, written out independently of function_keys."""
     keys = set()
     for row in rows:
         for fn in row["functions"]:
@@ -48,7 +53,7 @@ def with_near_duplicates(rows):
 def test_unseen_tools_split_shares_no_function_or_near_duplicate(seed):
     train, test = ablations.make_split("unseen_tools", with_near_duplicates(fixture_rows()), [],
                                        AblationSplitConfig(seed=seed, test_per_category=2))
-    assert Counter(r["category"] for r in test) == {c: 2 for c in data.CATEGORIES}
+    assert Counter(r["category"] for r in test) == {c: 2 for c in CATEGORIES}
     assert not near_duplicate_keys(train) & near_duplicate_keys(test)
     assert len(train) + len(test) == 48 + 3
 
@@ -69,7 +74,7 @@ def test_diversity_arms_have_the_same_budget_and_their_categories():
     assert no_test is None and len(low) == len(high) == 10
     assert Counter(r["category"] for r in low) == {"simple": 10}
     assert Counter(r["category"] for r in high) == {"simple": 3, "multiple": 3, "parallel": 2, "parallel_multiple": 2}
-    with pytest.raises(data.DataError, match="lower ablations.diversity.budget"):
+    with pytest.raises(DataError, match="lower ablations.diversity.budget"):
         ablations.make_split("diversity_low", rows, [], DiversityConfig(seed=0, budget=13))
 
 
@@ -79,25 +84,25 @@ def with_extra():
     from test_data import fixture_extra
 
     extra = [r for rows in fixture_extra().values() for r in rows]
-    train, valid, test, pool, _ = data.split_study(fixture_rows(), extra, 2, 1, seed=0)
-    return data.with_sources(train, pool, sorted({r["source"] for r in pool}), "data.extra"), valid, test, pool
+    train, valid, test, pool, _ = split_study(fixture_rows(), extra, 2, 1, seed=0)
+    return with_sources(train, pool, sorted({r["source"] for r in pool}), "data.extra"), valid, test, pool
 
 
 def test_extra_with_adds_the_pool_rows_of_its_sources_to_the_paper_rows():
     train, _, _, pool = with_extra()
-    paper = [r for r in train if not data.is_extra(r)]
+    paper = [r for r in train if not is_extra(r)]
     arm, no_test = ablations.make_split("extra_with", train, [], ExtraDataConfig(sources=["exec_simple"]), pool=pool)
     assert no_test is None and arm == paper + [r for r in pool if r["source"] == "exec_simple"] and len(arm) > len(paper)
     every, _ = ablations.make_split("extra_with", train, [],
                                     ExtraDataConfig(sources=sorted({r["source"] for r in pool})), pool=pool)
     assert every == paper + pool  # whatever data.extra put into train: the paper's rows plus the arm's sources
-    with pytest.raises(data.DataError, match=r"ablations.extra.sources names \['exec_simpel'\], but no validated"):
+    with pytest.raises(DataError, match=r"ablations.extra.sources names \['exec_simpel'\], but no validated"):
         ablations.make_split("extra_with", train, [], ExtraDataConfig(sources=["exec_simpel"]), pool=pool)
 
 
 def test_diversity_arms_draw_from_the_training_rows_and_the_extra_pool():
     train, _, _, pool = with_extra()
-    paper = [r for r in train if not data.is_extra(r)]
+    paper = [r for r in train if not is_extra(r)]
     simple = [r for r in paper + pool if r["category"] == "simple"]
     n_paper_simple = sum(r["category"] == "simple" for r in paper)
     low, _ = ablations.make_split("diversity_low", paper, [], DiversityConfig(seed=0, budget=len(simple)), pool=pool)
@@ -105,7 +110,7 @@ def test_diversity_arms_draw_from_the_training_rows_and_the_extra_pool():
     # data.extra's rows are in both the training split and the pool: drawn once
     low2, _ = ablations.make_split("diversity_low", train, [], DiversityConfig(seed=0, budget=len(simple)), pool=pool)
     assert sorted(r["id"] for r in low2) == sorted(r["id"] for r in low)
-    with pytest.raises(data.DataError, match="training split and extra pool have"):
+    with pytest.raises(DataError, match="training split and extra pool have"):
         ablations.make_split("diversity_low", paper, [], DiversityConfig(seed=0, budget=len(simple) + 1), pool=pool)
 
 
@@ -113,15 +118,15 @@ def test_unseen_splits_with_extra_rows_test_on_the_paper_rows_only():
     train, valid, test, _ = with_extra()
     tools, tools_test = ablations.make_split("unseen_tools", train, test, AblationSplitConfig(seed=0, test_per_category=2),
                                              valid=valid)
-    assert not any(data.is_extra(r) for r in tools_test) and any(data.is_extra(r) for r in tools)
+    assert not any(is_extra(r) for r in tools_test) and any(is_extra(r) for r in tools)
     assert not near_duplicate_keys(tools) & near_duplicate_keys(tools_test)
     # The paper rows of every side are re-split: none is lost, none doubled.
-    assert sorted(r["id"] for r in tools + tools_test if not data.is_extra(r)) == sorted(
-        r["id"] for r in train + valid + test if not data.is_extra(r))
+    assert sorted(r["id"] for r in tools + tools_test if not is_extra(r)) == sorted(
+        r["id"] for r in train + valid + test if not is_extra(r))
     patterns, patterns_test = ablations.make_split("unseen_patterns", train, test,
                                                    AblationSplitConfig(seed=0, test_per_category=3), valid=valid)
     assert {r["category"] for r in patterns} == {"simple", "multiple", "parallel"}  # no parallel_multiple extra rows
-    assert any(data.is_extra(r) for r in patterns) and not any(data.is_extra(r) for r in patterns_test)
+    assert any(is_extra(r) for r in patterns) and not any(is_extra(r) for r in patterns_test)
     assert not ({f["name"] for r in patterns for f in r["functions"]}
                 & {f["name"] for r in patterns_test for f in r["functions"]})
 
@@ -253,14 +258,14 @@ CFG = ReportConfig(equivalence_margin=0.05, alpha=0.05, power=0.8)
     ((47, 5, 11, 137), None, "paper: no number given"),
 ])
 def test_claim_relation(table, claimed, relation):
-    assert relation in report.claim_relation(compare_table(table, 0.05, 0.05, 0.8), claimed, CFG)
+    assert relation in claim_relation(compare_table(table, 0.05, 0.05, 0.8), claimed, CFG)
 
 
 def test_claims_are_rendered_with_holm_over_the_whole_family():
     strong = compare_table((0, 0, 13, 67), 0.05, 0.05, 0.8)  # exact McNemar p = 2 / 2^13
     weak = compare_table((47, 5, 11, 137), 0.05, 0.05, 0.8)  # p = 0.2101
-    lines = report.render_claims(["## A section", report.Claim("strong", strong, 49.0),
-                                  report.Claim("weak", weak, None), "- other: not run"], CFG)
+    lines = render_claims(["## A section", Claim("strong", strong, 49.0),
+                                  Claim("weak", weak, None), "- other: not run"], CFG)
     assert lines[0] == "## A section" and lines[3] == "- other: not run"
     assert lines[1].startswith("- strong: **better**: ours +16.2 pts [+8.3, +25.8] on n=80 paired items")
     # The family is both claims' difference and equivalence tests: 4 p-values. The strongest is multiplied by 4.
@@ -274,9 +279,9 @@ def test_claims_are_rendered_with_holm_over_the_whole_family():
 def test_scaffold_table_rebuilds_the_paired_table_from_metrics():
     # Best-of-N on 60 items: 19 correct, 4 lost and 1 gained against greedy -> 18 both, 37 neither.
     m = {"overall": {"n": 60, "correct": 19}, "vs_greedy": {"n": 60, "only_base": 4, "only_other": 1}}
-    assert report.scaffold_table(m) == (18, 4, 1, 37)
+    assert scaffold_table(m) == (18, 4, 1, 37)
     with pytest.raises(ValueError):
-        report.scaffold_table({**m, "overall": {"n": 200, "correct": 19}})
+        scaffold_table({**m, "overall": {"n": 200, "correct": 19}})
 
 
 def test_ablation_sections_render(tmp_path):
@@ -286,7 +291,7 @@ def test_ablation_sections_render(tmp_path):
     (tmp_path / "ablations" / "eval").mkdir(parents=True)
     for arm in ("diversity_low", "diversity_high"):
         (tmp_path / "ablations" / "eval" / f"{arm}.json").write_text(json.dumps(metric))
-    lines = report.ablation_sections(tmp_path, tmp_path / "none", {"base": metric}, {
+    lines = ablation_sections(tmp_path, tmp_path / "none", {"base": metric}, {
         "diversity_low": sft, "diversity_high": {i: not v for i, v in sft.items()}}, CFG)
     assert lines[0].startswith("Paired comparisons") and "makes 1 paired comparison," in lines[0]
     assert "Holm p adjusts each over all 2" in lines[0]
@@ -302,7 +307,7 @@ def test_extra_sources_section_pairs_the_arm_with_the_main_sft_on_the_same_items
     (tmp_path / "ablations" / "train" / "extra_with.json").write_text(
         json.dumps({"examples": 1718, "steps_trained": 240}))
     main = {**metric, "overall": {"accuracy": 0.5, "n": 40, "correct": 20, "ci95": [0.35, 0.65]}}
-    lines = report.ablation_sections(tmp_path, tmp_path / "none", {"sft": main}, {
+    lines = ablation_sections(tmp_path, tmp_path / "none", {"sft": main}, {
         "extra_with": {i: k < 30 for k, i in enumerate(ids)}, "sft": {i: k < 10 for k, i in enumerate(ids)}},
         CFG, sft_train={"examples": 689, "steps_trained": 300})
     assert "## Extra training sources (BFCL live_* / exec_* rows from the same wheel)" in lines

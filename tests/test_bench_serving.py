@@ -18,7 +18,7 @@ from tiny_adapter import FUNCTIONS, MESSAGES, train_lora_adapter, train_tool_cal
 from tiny_model import make_tiny_model
 
 from toolcall.io import write_jsonl
-from toolcall.modelio import fetch_model
+from toolcall.model.fetch import fetch_model
 from test_data import fixture_rows
 from test_modelio import write_gguf, write_wheel
 

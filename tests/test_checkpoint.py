@@ -20,10 +20,11 @@ from mlx.utils import tree_flatten
 from test_dpo import fixture_split, tiny  # noqa: F401  (module fixture: tiny model + SFT-shaped adapter)
 from test_training import LIKE_TRAIN, TRAIN, UNLIKE_TRAIN, fresh  # noqa: F401  (fixture: a fresh tiny LoRA)
 from tiny_model import make_tiny_model
-from toolcall import checkpoint, dpo, lora, trainer
 from toolcall.config import DpoConfig, SftConfig
 from toolcall.io import write_jsonl
-from toolcall.trainer import DivergedError, StepLog, optimize
+from toolcall.model import lora
+from toolcall.train import checkpoint, dpo, trainer
+from toolcall.train.trainer import DivergedError, StepLog, optimize
 
 ROOT = Path(__file__).resolve().parents[1]
 ITERS = 12
@@ -35,7 +36,7 @@ def sft_setup(tmp_path_factory):
     work = tmp_path_factory.mktemp("sft")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     # Validation every 2 steps: the weights of the lowest loss so far must survive the kill too.
-    # ranks=2: the kill -9 hits the launcher, whose ranks must die with it (toolcall/launch.py).
+    # ranks=2: the kill -9 hits the launcher, whose ranks must die with it (toolcall/train/launch.py).
     params["sft"].update(iters=ITERS, epochs=None, batch_size=2, warmup=0, steps_per_report=1, checkpoint_every=2,
                          steps_per_eval=2, patience=0, max_seq_len=4096, lora_layers=2, ranks=2)
     (work / "params.yaml").write_text(yaml.safe_dump(params))

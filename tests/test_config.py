@@ -7,9 +7,7 @@ import pytest
 import yaml
 from configs import PARAMS, config, section
 
-from toolcall.config import (AblationSplitConfig, ConfigError, DataConfig, DiversityConfig, DpoConfig, EvalConfig,
-                             ExtraDataConfig, ReportConfig, RlConfig, ScaffoldConfig, SftConfig, SplitConfig,
-                             StudyConfig, ValidateConfig, categories, extra_sources, from_params, seeded)
+from toolcall.config import (AblationSplitConfig, ConfigError, DataConfig, DiversityConfig, DpoConfig, EvalConfig, ExtraDataConfig, ReportConfig, RlConfig, ScaffoldConfig, SftConfig, SplitConfig, StudyConfig, ValidateConfig, categories, extra_sources, from_params, seeded)
 
 SECTIONS = [(DataConfig, "data"), (SplitConfig, "split"), (ValidateConfig, "validate"), (SftConfig, "sft"),
             (EvalConfig, "eval"), (DpoConfig, "dpo"), (RlConfig, "rl"), (ScaffoldConfig, "ablations.scaffold"),

@@ -17,13 +17,18 @@ import toolcall  # noqa: F401  (first: loads OpenBLAS before mlx)
 from test_fuzz import ROWS, fuzz, random_schema_and_answer, seeds
 from tiny_adapter import CALLS, FUNCTIONS, MESSAGES, train_tool_caller
 from tiny_model import make_tiny_model
-from toolcall import constrained, data, generation, lora, report, scaffold
+from toolcall.bfcl.rows import gold_calls
+from toolcall.calls import constrained
+from toolcall.calls.parsing import parse_calls
+from toolcall.calls.prompts import PromptFormat
+from toolcall.calls.schema import call_problem
 from toolcall.config import ReportConfig
-from toolcall.evaluation import score_output
-from toolcall.parsing import parse_calls
-from toolcall.prompts import PromptFormat
-from toolcall.schema import call_problem
-from toolcall.sharding import generate_sharded
+from toolcall.evaluate import generation, scaffold
+from toolcall.evaluate.score import score_output
+from toolcall.evaluate.sharding import generate_sharded
+from toolcall.model import lora
+from toolcall.report.ablations import scaffold_section
+from toolcall.report.verdicts import Claim
 
 # What the grammar rules out, as schema.call_problem names it.
 RULED_OUT = ("schema:unknown_function", "schema:unknown_parameter", "schema:missing_required")
@@ -63,7 +68,7 @@ def test_grammar_accepts_every_gold_call_of_the_fixture_rows_in_any_argument_ord
     cf = constrained.call_format(fmt)
     for row in ROWS:
         grammar = constrained.grammar(row["functions"], cf)
-        gold = data.gold_calls(row["ground_truth"])
+        gold = gold_calls(row["ground_truth"])
         assert accepts(decoder, grammar, completion(fmt, row, gold), fmt), row["id"]
         reordered = [{**c, "arguments": dict(reversed(c["arguments"].items()))} for c in gold[::-1]]
         assert accepts(decoder, grammar, completion(fmt, row, reordered), fmt), row["id"]
@@ -254,7 +259,7 @@ def test_constrained_summary_and_its_report_row():
     assert m["overall"]["correct"] == 2 and m["vs_greedy"] == {**m["vs_greedy"], "only_base": 1, "only_other": 2}
     assert m["constrained"] == {"finished_at_max_tokens": 1, "unparseable": 0, "unoffered_names": 0,
                                 "generated_tokens": 90, "unconstrained_tokens": 24, "unconstrained_same_as_greedy": 2}
-    lines = report.scaffold_section({"constrained": {"sft": m}}, {"sft": m},
+    lines = scaffold_section({"constrained": {"sft": m}}, {"sft": m},
                                     ReportConfig(equivalence_margin=0.05, alpha=0.05, power=0.8))
     assert any(line.startswith("| SFT |") and line.endswith("| +33.3 pts |") for line in lines)
-    assert any(isinstance(c, report.Claim) and c.label == "SFT, constrained decoding" for c in lines)
+    assert any(isinstance(c, Claim) and c.label == "SFT, constrained decoding" for c in lines)

@@ -29,10 +29,11 @@ def test_stages_package_init_has_no_code():
 
 
 def test_closure_follows_every_import_form(tmp_path):
-    """from-imports of modules, relative imports, imports inside functions, the package __init__ and its imports."""
+    """from-imports of modules, relative imports (into a subpackage too), imports inside functions, the package __init__ and its imports."""
     files = {
-        "toolcall/__init__.py": "from . import blas\n",
-        "toolcall/blas.py": "import os\n",
+        "toolcall/__init__.py": "from .model import blas\n",
+        "toolcall/model/__init__.py": "",
+        "toolcall/model/blas.py": "import os\n",
         "toolcall/a.py": "from .b import thing\n",
         "toolcall/b.py": "def thing():\n    from toolcall import c\n",
         "toolcall/c.py": "import json\n",
@@ -43,7 +44,7 @@ def test_closure_follows_every_import_form(tmp_path):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(textwrap.dedent(text))
     assert code_closure(tmp_path / "stages/s.py", tmp_path) == {
-        "stages/s.py", "toolcall/__init__.py", "toolcall/blas.py", "toolcall/a.py", "toolcall/b.py", "toolcall/c.py"}
+        "stages/s.py", "toolcall/__init__.py", "toolcall/model/__init__.py", "toolcall/model/blas.py", "toolcall/a.py", "toolcall/b.py", "toolcall/c.py"}
 
 
 def test_foreach_and_matrix_stages_are_expanded_and_checked():

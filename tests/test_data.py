@@ -7,17 +7,21 @@ from pathlib import Path
 import pytest
 
 from configs import section
-from toolcall import data
-from toolcall.fetch import pip_wheel, sha256_file
+from toolcall.bfcl import CATEGORIES
+from toolcall.bfcl.rows import gold_calls, is_extra
+from toolcall.bfcl.sources import normalize, parse_call, read_extra, read_source
+from toolcall.bfcl.split import components, function_keys, split_rows, split_sides, split_study, with_sources
+from toolcall.errors import DataError
 from toolcall.io import write_jsonl
+from toolcall.wheels import pip_wheel, sha256_file
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bfcl"
 FILES = section("data")["files"]
 
 
 def fixture_rows():
-    raw = data.read_source("local", FILES, local_dir=FIXTURE)
-    return [r for cat, (q, a) in raw.items() for r in data.normalize(cat, q, a)]
+    raw = read_source("local", FILES, local_dir=FIXTURE)
+    return [r for cat, (q, a) in raw.items() for r in normalize(cat, q, a)]
 
 
 def fn(name, *params):
@@ -42,17 +46,17 @@ def test_malformed_rows_name_the_file_and_row(tmp_path):
     (tmp_path / "possible_answer").mkdir()
     (tmp_path / "x.json").write_text('{"id": "a", "question": [[]], "function": []}\n{not json\n')
     (tmp_path / "possible_answer" / "x.json").write_text('{"id": "a", "ground_truth": []}\n')
-    with pytest.raises(data.DataError, match=r"x.json:2: not valid JSON"):
-        data.read_source("local", {"simple": "x.json"}, local_dir=tmp_path)
-    with pytest.raises(data.DataError, match="has no possible answer"):
-        data.normalize("simple", [{"id": "b", "question": [[]], "function": []}], [], where="x.json")
-    with pytest.raises(data.DataError, match="does not exist"):
-        data.read_source("local", {"simple": "missing.json"}, local_dir=tmp_path)
+    with pytest.raises(DataError, match=r"x.json:2: not valid JSON"):
+        read_source("local", {"simple": "x.json"}, local_dir=tmp_path)
+    with pytest.raises(DataError, match="has no possible answer"):
+        normalize("simple", [{"id": "b", "question": [[]], "function": []}], [], where="x.json")
+    with pytest.raises(DataError, match="does not exist"):
+        read_source("local", {"simple": "missing.json"}, local_dir=tmp_path)
 
 
 def test_gold_calls_take_first_allowed_value_and_omit_optional():
     gt = [{"f": {"a": [3, 4], "b": ["", "x"], "c": [""]}}, {"g": {}}]
-    assert data.gold_calls(gt) == [{"name": "f", "arguments": {"a": 3, "b": "x"}}, {"name": "g", "arguments": {}}]
+    assert gold_calls(gt) == [{"name": "f", "arguments": {"a": 3, "b": "x"}}, {"name": "g", "arguments": {}}]
 
 
 def offered(rows):
@@ -61,13 +65,13 @@ def offered(rows):
 
 def test_split_is_stratified_seeded_and_leak_free_on_real_rows():
     rows = fixture_rows()
-    train, test = data.split_rows(rows, test_per_category=3, seed=1)
+    train, test = split_rows(rows, test_per_category=3, seed=1)
     assert Counter(r["category"] for r in test) == {c: 3 for c in FILES}
     assert not offered(train) & offered(test)
     assert {r["id"] for r in train} | {r["id"] for r in test} == {r["id"] for r in rows}
-    again = data.split_rows(rows, test_per_category=3, seed=1)
+    again = split_rows(rows, test_per_category=3, seed=1)
     assert [r["id"] for r in again[1]] == [r["id"] for r in test]
-    other = data.split_rows(rows, test_per_category=3, seed=2)
+    other = split_rows(rows, test_per_category=3, seed=2)
     assert [r["id"] for r in other[1]] != [r["id"] for r in test]
 
 
@@ -76,7 +80,7 @@ def test_split_keeps_rows_sharing_a_function_together():
     rows = [row(0, "simple", fn("f")), row(1, "multiple", fn("g"), fn("f")), row(2, "simple", fn("h")),
             row(3, "multiple", fn("k")), row(4, "simple", fn("m")), row(5, "multiple", fn("n"))]
     for seed in range(10):
-        train, test = data.split_rows(rows, test_per_category=1, seed=seed, test_categories=["simple", "multiple"])
+        train, test = split_rows(rows, test_per_category=1, seed=seed, test_categories=["simple", "multiple"])
         sides = {r["id"]: "test" for r in test} | {r["id"]: "train" for r in train}
         assert sides["r0"] == sides["r1"]
         assert not offered(train) & offered(test)
@@ -86,20 +90,20 @@ def test_strict_split_also_separates_near_duplicate_functions():
     rows = [row(0, "simple", fn("geo.distance", "a")), row(1, "simple", fn("GeoDistance", "z")),
             row(2, "simple", fn("area", "x", "y")), row(3, "simple", fn("volume", "x", "y")),
             row(4, "simple", fn("other", "q"))]
-    groups = [sorted(rows[i]["id"] for i in g) for g in data.components(rows, strict=True)]
+    groups = [sorted(rows[i]["id"] for i in g) for g in components(rows, strict=True)]
     assert ["r0", "r1"] in groups and ["r2", "r3"] in groups
-    assert len(data.components(rows, strict=False)) == 5
+    assert len(components(rows, strict=False)) == 5
 
 
 def test_split_refuses_when_quota_cannot_be_met():
     rows = fixture_rows()
-    with pytest.raises(data.DataError, match="lower split.test_per_category"):
-        data.split_rows(rows, test_per_category=13, seed=0)
+    with pytest.raises(DataError, match="lower split.test_per_category"):
+        split_rows(rows, test_per_category=13, seed=0)
 
 
 def test_held_out_category_split_trains_on_the_others():
     rows = fixture_rows()
-    train, test = data.split_rows(rows, 4, seed=0, test_categories=["parallel_multiple"],
+    train, test = split_rows(rows, 4, seed=0, test_categories=["parallel_multiple"],
                                   train_categories=["simple", "multiple", "parallel"])
     assert {r["category"] for r in test} == {"parallel_multiple"}
     assert "parallel_multiple" not in {r["category"] for r in train}
@@ -127,13 +131,13 @@ COUNTER = {"name": "count", "parameters": {"type": "dict", "properties": {"numbe
     ("count([1,3,4,6,8])", {"count": {"numbers": [[1, 3, 4, 6, 8]]}}),  # positional: the only parameter
 ])
 def test_exec_call_strings_parse_into_possible_answers(text, gold):
-    assert data.parse_call(text, [COUNTER], "x.json: row r") == gold
+    assert parse_call(text, [COUNTER], "x.json: row r") == gold
 
 
 def test_parsed_exec_answers_give_back_the_calls_as_written():
     text = "f(d={'a': 1, 'b': {'c': [1, 2]}}, ds=[{'k': 'v'}], s='a, b', n=-1)"
-    (gt,) = [data.parse_call(text, [], "x.json: row r")]
-    assert data.gold_calls([gt]) == [{"name": "f", "arguments": {"d": {"a": 1, "b": {"c": [1, 2]}},
+    (gt,) = [parse_call(text, [], "x.json: row r")]
+    assert gold_calls([gt]) == [{"name": "f", "arguments": {"d": {"a": 1, "b": {"c": [1, 2]}},
                                                                    "ds": [{"k": "v"}], "s": "a, b", "n": -1}}]
 
 
@@ -153,8 +157,8 @@ def test_parsed_exec_answers_give_back_the_calls_as_written():
     ("f(x=1", "never closed|unexpected EOF"),
 ])
 def test_exec_call_strings_that_cannot_be_read_are_refused_naming_the_row(text, why):
-    with pytest.raises(data.DataError) as e:
-        data.parse_call(text, [COUNTER], "BFCL_v4_exec_simple.json: row exec_simple_7")
+    with pytest.raises(DataError) as e:
+        parse_call(text, [COUNTER], "BFCL_v4_exec_simple.json: row exec_simple_7")
     msg = str(e.value)
     assert msg.startswith(f"BFCL_v4_exec_simple.json: row exec_simple_7: cannot read the answer {text!r} as a call (")
     assert re.search(why, msg) and msg.endswith("fix that answer or leave its source out of data.extra_files")
@@ -164,7 +168,7 @@ DATA = section("data")
 
 
 def fixture_extra():
-    return data.read_extra("local", DATA["extra_files"], list(DATA["extra_files"]), local_dir=FIXTURE)
+    return read_extra("local", DATA["extra_files"], list(DATA["extra_files"]), local_dir=FIXTURE)
 
 
 def test_extra_sources_are_normalized_like_the_paper_rows_and_carry_their_source():
@@ -174,50 +178,50 @@ def test_extra_sources_are_normalized_like_the_paper_rows_and_carry_their_source
         for r in rows:
             assert list(r) == ["id", "category", "source", "messages", "functions", "ground_truth"]
             assert r["source"] == name and r["category"] == DATA["extra_files"][name]["category"]
-            assert data.is_extra(r) and all(len(e) == 1 for e in r["ground_truth"])
+            assert is_extra(r) and all(len(e) == 1 for e in r["ground_truth"])
     (positional,) = [r for r in extra["exec_parallel_multiple"] if r["id"] == "exec_parallel_multiple_18"]
     assert positional["ground_truth"][0] == {"calculate_mean": {"numbers": [[1, 3, 4, 6, 8]]}}
-    assert not any(data.is_extra(r) for r in fixture_rows())
+    assert not any(is_extra(r) for r in fixture_rows())
 
 
 def keys(rows, strict=False):
-    return {k for r in rows for fn in r["functions"] for k in data.function_keys(fn, strict)}
+    return {k for r in rows for fn in r["functions"] for k in function_keys(fn, strict)}
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_validation_and_extra_rows_keep_every_side_function_disjoint(seed):
     paper, extra = fixture_rows(), [r for rows in fixture_extra().values() for r in rows]
-    train, valid, test, pool, dropped = data.split_study(paper, extra, 3, 2, seed)
-    assert Counter(r["category"] for r in test) == {c: 3 for c in data.CATEGORIES}
-    assert Counter(r["category"] for r in valid) == {c: 2 for c in data.CATEGORIES}
+    train, valid, test, pool, dropped = split_study(paper, extra, 3, 2, seed)
+    assert Counter(r["category"] for r in test) == {c: 3 for c in CATEGORIES}
+    assert Counter(r["category"] for r in valid) == {c: 2 for c in CATEGORIES}
     assert not keys(train + pool) & keys(valid) and not keys(train + pool) & keys(test)
     assert not keys(valid) & keys(test)
-    assert not any(data.is_extra(r) for r in train + valid + test)
+    assert not any(is_extra(r) for r in train + valid + test)
     # Every extra row is in the pool, unless it offers a held-out function: then it is dropped.
     assert pool == [r for r in extra if r not in dropped]
     assert all(keys([r]) & keys(valid + test) for r in dropped)
     assert sorted(r["id"] for r in train + valid + test + pool + dropped) == sorted(r["id"] for r in paper + extra)
     # The test side is exactly the one drawn with neither a validation side nor extra rows.
-    assert test == data.split_rows(paper, 3, seed)[1]
-    assert data.split_study(paper, extra, 3, 2, seed) == (train, valid, test, pool, dropped)  # same seed, same split
+    assert test == split_rows(paper, 3, seed)[1]
+    assert split_study(paper, extra, 3, 2, seed) == (train, valid, test, pool, dropped)  # same seed, same split
     # data.extra's sources join the training side, in the pool's order; a source with no row there is refused.
-    chosen = data.with_sources(train, pool, ["exec_simple", "live_simple"], "data.extra")
+    chosen = with_sources(train, pool, ["exec_simple", "live_simple"], "data.extra")
     assert chosen == train + [r for r in pool if r["source"] in ("exec_simple", "live_simple")]
-    with pytest.raises(data.DataError, match=r"data.extra names \['live_complex'\], but no validated extra row"):
-        data.with_sources(train, pool, ["live_complex"], "data.extra")
+    with pytest.raises(DataError, match=r"data.extra names \['live_complex'\], but no validated extra row"):
+        with_sources(train, pool, ["live_complex"], "data.extra")
 
 
 def test_an_extra_row_offering_a_test_function_is_dropped():
     paper, extra = fixture_rows(), [r for rows in fixture_extra().values() for r in rows]
     # Seed 2 draws the fixture rows whose functions these two exec rows offer into test or validation.
-    _, _, _, pool, dropped = data.split_study(paper, extra, 3, 2, seed=2)
+    _, _, _, pool, dropped = split_study(paper, extra, 3, 2, seed=2)
     assert [r["id"] for r in dropped] == ["exec_simple_46", "exec_parallel_23"]
     assert len(pool) == len(extra) - 2
 
 
 def test_a_validation_side_that_does_not_fit_is_refused():
-    with pytest.raises(data.DataError, match="cannot fill the validation split.*lower split.valid_per_category"):
-        data.split_sides(fixture_rows(), 3, 10, 0)
+    with pytest.raises(DataError, match="cannot fill the validation split.*lower split.valid_per_category"):
+        split_sides(fixture_rows(), 3, 10, 0)
 
 
 # The committed run's data/split/test.jsonl (dvc.lock), written before the extra
@@ -231,9 +235,9 @@ WHEEL_COUNTS = {"live_simple": 258, "live_multiple": 1053, "live_parallel": 16, 
 def wheel_rows():
     """(paper rows, extra rows) of the pinned wheel, read as stage fetch_bfcl reads them (no skip: fetch fails loud)."""
     wheel = pip_wheel(DATA["wheel"], DATA["wheel_sha256"])
-    raw = data.read_source("wheel", DATA["files"], wheel=wheel)
-    paper = [r for cat, (q, a) in raw.items() for r in data.normalize(cat, q, a)]
-    extra = data.read_extra("wheel", DATA["extra_files"], list(DATA["extra_files"]), wheel=wheel)
+    raw = read_source("wheel", DATA["files"], wheel=wheel)
+    paper = [r for cat, (q, a) in raw.items() for r in normalize(cat, q, a)]
+    extra = read_extra("wheel", DATA["extra_files"], list(DATA["extra_files"]), wheel=wheel)
     return paper, extra
 
 
@@ -241,11 +245,11 @@ def test_default_test_split_is_byte_identical_with_extra_sources_and_validation(
     paper, extra = wheel_rows
     assert {name: len(rows) for name, rows in extra.items()} == WHEEL_COUNTS  # every exec answer parses
     p = section("split")
-    train, valid, test, pool, dropped = data.split_study(paper, [r for rows in extra.values() for r in rows],
+    train, valid, test, pool, dropped = split_study(paper, [r for rows in extra.values() for r in rows],
                                                          p["test_per_category"], p["valid_per_category"], p["seed"],
                                                          p["train_per_category"])
     write_jsonl(tmp_path / "test.jsonl", test)
     assert sha256_file(tmp_path / "test.jsonl") == TEST_SPLIT_SHA256
-    assert Counter(r["category"] for r in valid) == {c: p["valid_per_category"] for c in data.CATEGORIES}
+    assert Counter(r["category"] for r in valid) == {c: p["valid_per_category"] for c in CATEGORIES}
     assert not keys(train + pool) & keys(valid + test) and not keys(valid) & keys(test)
     assert len(train) + len(valid) + len(test) == 1000 and len(pool) + len(dropped) == sum(WHEEL_COUNTS.values())

@@ -49,7 +49,7 @@ def digests(directory):
 def work(tmp_path_factory):
     work = tmp_path_factory.mktemp("det")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    # ranks=2: two data-parallel processes, as the stages run on a CPU (toolcall/launch.py).
+    # ranks=2: two data-parallel processes, as the stages run on a CPU (toolcall/train/launch.py).
     params["sft"].update(iters=4, epochs=None, batch_size=2, warmup=0, steps_per_report=1, steps_per_eval=2,
                          max_seq_len=4096, lora_layers=2, ranks=2)
     params["dpo"].update(prompts=4, samples_per_prompt=2, epochs=1.0, batch_size=2, max_tokens=8, valid_prompts=2,

@@ -13,12 +13,16 @@ from mlx.utils import tree_flatten, tree_unflatten
 from configs import config
 from dag_deps import expanded_stages
 from tiny_model import make_tiny_model
-from toolcall import data, dpo, lora
+from toolcall.bfcl.rows import gold_calls
+from toolcall.bfcl.sources import normalize, read_source
+from toolcall.bfcl.split import split_rows
+from toolcall.calls.prompts import PromptFormat
+from toolcall.calls.scoring import check
 from toolcall.config import DpoConfig, SftConfig
-from toolcall.evaluation import score_output
-from toolcall.prompts import PromptFormat
-from toolcall.scoring import check
-from toolcall.trainer import StepLog
+from toolcall.evaluate.score import score_output
+from toolcall.model import lora
+from toolcall.train import dpo
+from toolcall.train.trainer import StepLog
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "bfcl"
@@ -26,16 +30,16 @@ FIXTURE = ROOT / "tests" / "fixtures" / "bfcl"
 
 def fixture_rows():
     files = yaml.safe_load((ROOT / "params.yaml").read_text())["data"]["files"]
-    raw = data.read_source("local", files, local_dir=FIXTURE)
-    rows = [r for cat, (q, a) in raw.items() for r in data.normalize(cat, q, a)]
+    raw = read_source("local", files, local_dir=FIXTURE)
+    rows = [r for cat, (q, a) in raw.items() for r in normalize(cat, q, a)]
     # As validation does: only rows whose gold calls pass the AST check.
-    return [r for r in rows if check(r["functions"], data.gold_calls(r["ground_truth"]), r["ground_truth"],
+    return [r for r in rows if check(r["functions"], gold_calls(r["ground_truth"]), r["ground_truth"],
                                      r["category"]).valid]
 
 
 def fixture_split():
     """``(train, valid)``: the fixture rows split function-disjointly, as the validation split is carved."""
-    return data.split_rows(fixture_rows(), test_per_category=2, seed=0)
+    return split_rows(fixture_rows(), test_per_category=2, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +108,10 @@ def test_pairs_use_training_rows_only_and_rejected_never_equals_chosen(tiny):
     _, tokenizer, _ = tiny
     fmt = PromptFormat(tokenizer)
     rows = fixture_rows()
-    train, test = data.split_rows(rows, test_per_category=3, seed=0)
+    train, test = split_rows(rows, test_per_category=3, seed=0)
     samples = []
     for i, row in enumerate(train):
-        gold = fmt.completion(row["messages"], row["functions"], data.gold_calls(row["ground_truth"]))
+        gold = fmt.completion(row["messages"], row["functions"], gold_calls(row["ground_truth"]))
         right = gold[: -len(fmt.eos)]  # a sample's text has no stop token
         # Half the rows: all samples right (-> corruption); the rest: one failing sample, one repeated.
         texts = [right, right] if i % 2 else [right, "no call at all", "no call at all"]
@@ -189,7 +193,7 @@ def test_every_corruption_fails_the_ast_check_after_rendering(tiny):
     rng = np.random.default_rng(0)
     applied = set()
     for row in fixture_rows():
-        gold = data.gold_calls(row["ground_truth"])
+        gold = gold_calls(row["ground_truth"])
         for kind in dpo.CORRUPTIONS:
             calls = dpo.corrupt(row, gold, kind, rng)
             if calls is None:

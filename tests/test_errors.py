@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tiny_model import make_tiny_model
-from toolcall import fetch, io
+from toolcall import io, wheels
 from toolcall.errors import DataError, UserError, WriteError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,20 +51,20 @@ def one_line_error(proc, stage_name, status=1):
 
 def bfcl_rows():
     """The normalized fixture rows (data/bfcl/<category>.jsonl as fetch_bfcl writes them), by category."""
-    from toolcall import data
+    from toolcall.bfcl.sources import normalize, read_source
 
-    raw = data.read_source("local", PARAMS["data"]["files"], local_dir=FIXTURE)
-    return {cat: data.normalize(cat, q, a) for cat, (q, a) in raw.items()}
+    raw = read_source("local", PARAMS["data"]["files"], local_dir=FIXTURE)
+    return {cat: normalize(cat, q, a) for cat, (q, a) in raw.items()}
 
 
 def write_bfcl(dir_, rows_by_cat):
     """data/bfcl as fetch_bfcl writes it: ``rows_by_cat``, and the fixture's extra sources under extra/."""
-    from toolcall import data
+    from toolcall.bfcl.sources import read_extra
 
     dir_.mkdir(parents=True, exist_ok=True)
     for cat, rows in rows_by_cat.items():
         io.write_jsonl(dir_ / f"{cat}.jsonl", rows)
-    extra = data.read_extra("local", PARAMS["data"]["extra_files"], list(PARAMS["data"]["extra_files"]),
+    extra = read_extra("local", PARAMS["data"]["extra_files"], list(PARAMS["data"]["extra_files"]),
                            local_dir=FIXTURE)
     for name, rows in extra.items():
         io.write_jsonl(dir_ / "extra" / f"{name}.jsonl", rows)
@@ -163,12 +163,12 @@ def test_wheel_with_wrong_sha256_is_refused_and_not_kept(tmp_path, monkeypatch):
             zf.writestr("bfcl_eval/__init__.py", "")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(fetch.subprocess, "run", fake_download)
-    with pytest.raises(fetch.FetchError, match=r"bfcl-eval==2026\.3\.23: sha256 mismatch \(expected 0+, got [0-9a-f]{64}\)"
+    monkeypatch.setattr(wheels.subprocess, "run", fake_download)
+    with pytest.raises(wheels.FetchError, match=r"bfcl-eval==2026\.3\.23: sha256 mismatch \(expected 0+, got [0-9a-f]{64}\)"
                                                r"; refusing a corrupt or changed download: rerun"):
-        fetch.pip_wheel("bfcl-eval==2026.3.23", "0" * 64, cache=tmp_path)
+        wheels.pip_wheel("bfcl-eval==2026.3.23", "0" * 64, cache=tmp_path)
     assert list((tmp_path / "wheels").rglob("*.whl")) == []
-    assert isinstance(fetch.FetchError("x"), UserError)
+    assert isinstance(wheels.FetchError("x"), UserError)
 
 
 # ---- model files
@@ -320,9 +320,8 @@ def test_ctrl_c_during_eval_leaves_the_old_outputs(tiny, tmp_path):
 
 
 def test_user_errors_share_one_base_class():
-    from toolcall.data import DataError as DataErrorFromData
-    from toolcall.modelio import ModelError
+    from toolcall.errors import DataError as DataErrorFromData, ModelError
 
     assert DataErrorFromData is DataError
-    for cls in (DataError, WriteError, ModelError, fetch.FetchError):
+    for cls in (DataError, WriteError, ModelError, wheels.FetchError):
         assert issubclass(cls, UserError)

@@ -16,10 +16,11 @@ from mlx_lm import load
 from tiny_adapter import FUNCTIONS, MESSAGES, train_lora_adapter
 from tiny_model import make_tiny_model
 
-from toolcall.export import GGUF_FILE, export_variant
-from toolcall.gguf_check import compare_gguf, gguf_fields
-from toolcall.modelio import convert_gguf, fetch_model
-from toolcall.prompts import TOOL_PARSER, TOOL_TEMPLATE
+from toolcall.calls.prompts import TOOL_PARSER, TOOL_TEMPLATE
+from toolcall.model.export import GGUF_FILE, export_variant
+from toolcall.model.fetch import fetch_model
+from toolcall.model.gguf import convert_gguf
+from toolcall.serve.gguf_check import compare_gguf, gguf_fields
 from test_data import fixture_rows
 from test_modelio import write_gguf, write_wheel
 

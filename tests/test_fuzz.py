@@ -4,7 +4,7 @@ Hypothesis generates random text, valid model outputs mutated the ways
 generation goes wrong (truncated, tags dropped or doubled, JSON edited,
 unicode, deep nesting, huge integers), and schemas with ground truths. The
 scorer raises ValueError by design on malformed *ground truth* (see
-``toolcall.scoring``), so the ground truths here are always well formed; the
+``toolcall.calls.scoring``), so the ground truths here are always well formed; the
 calls are whatever the parser returns. Derandomized: CI runs the same cases
 every time. Each test counts its cases: 11,000 in all.
 """
@@ -17,14 +17,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from configs import section
-from toolcall import data
-from toolcall.parsing import parse_calls
-from toolcall.scoring import check
+from toolcall.bfcl.rows import gold_calls
+from toolcall.bfcl.sources import normalize, read_source
+from toolcall.calls.parsing import parse_calls
+from toolcall.calls.scoring import check
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bfcl"
 FILES = section("data")["files"]
-ROWS = [r for cat, (q, a) in data.read_source("local", FILES, local_dir=FIXTURE).items()
-        for r in data.normalize(cat, q, a)]
+ROWS = [r for cat, (q, a) in read_source("local", FILES, local_dir=FIXTURE).items()
+        for r in normalize(cat, q, a)]
 CATEGORIES = list(FILES)
 
 
@@ -35,7 +36,7 @@ def fuzz(n):
 
 
 def render(calls):
-    """Model output in the project's format (toolcall.prompts), one block per call."""
+    """Model output in the project's format (toolcall.calls.prompts), one block per call."""
     return "".join(f"<tool_call>\n{json.dumps(c, ensure_ascii=False)}\n</tool_call>" for c in calls)
 
 
@@ -157,7 +158,7 @@ def test_scorer_never_raises_on_parsed_outputs_for_real_rows():
     @given(row=st.sampled_from(ROWS), seed=seeds, category=st.sampled_from(CATEGORIES + [None]))
     def prop(row, seed, category):
         seen.append(1)
-        parsed = parse_calls(mutate(render(data.gold_calls(row["ground_truth"])), random.Random(seed)))
+        parsed = parse_calls(mutate(render(gold_calls(row["ground_truth"])), random.Random(seed)))
         result = check(row["functions"], parsed.calls, row["ground_truth"], category or row["category"])
         assert result.valid in (True, False)
 
@@ -220,7 +221,7 @@ def test_scorer_never_raises_on_generated_schemas():
         seen.append(1)
         rng = random.Random(seed)
         functions, ground_truth = random_schema_and_answer(rng)
-        gold = data.gold_calls(ground_truth)
+        gold = gold_calls(ground_truth)
         calls = rng.choice([gold, gold[::-1], gold * 2, [], random_calls(rng)])
         parsed = parse_calls(render(calls) if rng.random() < 0.3 else mutate(render(calls), rng))
         assert check(functions, parsed.calls, ground_truth, category).valid in (True, False)

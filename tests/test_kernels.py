@@ -1,4 +1,4 @@
-"""The native CPU kernels (toolcall/kernels.py, native/) against MLX's own ops.
+"""The native CPU kernels (toolcall/model/kernels.py, native/) against MLX's own ops.
 
 Each op's value and gradient within 1e-5 relative (max abs difference over
 the largest reference value) of MLX's, on SmolLM2-135M's shapes (hidden 576,
@@ -21,8 +21,8 @@ from tiny_model import make_tiny_model
 import toolcall  # noqa: F401  (first: loads OpenBLAS before mlx)
 import mlx.core as mx
 import mlx.nn as nn
-from toolcall import kernels, lora
-from toolcall.generation import generate
+from toolcall.evaluate.generation import generate
+from toolcall.model import kernels, lora
 
 TOL = 1e-5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,8 +205,8 @@ def tiny(tmp_path_factory):
 def test_tiny_model_greedy_outputs_and_loss_unchanged(tiny):
     from mlx_lm import load
 
-    from toolcall import loss
-    from toolcall.batches import collate
+    from toolcall.train import loss
+    from toolcall.train.batches import collate
 
     native, tokenizer = lora.load_model(tiny)
     reference, _ = load(str(tiny))
@@ -233,8 +233,8 @@ def run_python(code, env):
 
 LOAD_AND_GENERATE = """
     import toolcall
-    from toolcall import kernels, lora
-    from toolcall.generation import generate
+    from toolcall.evaluate.generation import generate
+    from toolcall.model import kernels, lora
     model, tok = lora.load_model({tiny!r})
     print(type(model.layers[0].self_attn).__name__, kernels.install(model))
     generate(model, tok, [tok.encode("Paris")], max_tokens=4, batch_size=1)

@@ -1,4 +1,4 @@
-"""Data-parallel ranks (toolcall/launch.py): the same losses as one process, and a launcher that fails loudly.
+"""Data-parallel ranks (toolcall/train/launch.py): the same losses as one process, and a launcher that fails loudly.
 
 Two ranks on loopback (MLX's ring backend), as the training stages run on a
 CPU with ``ranks: 2``. Byte-identical reruns with two ranks are
@@ -20,8 +20,8 @@ import yaml
 
 from test_dpo import fixture_rows
 from tiny_model import make_tiny_model
-from toolcall import launch
 from toolcall.io import write_jsonl
+from toolcall.train import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "tests" / "rank_jobs.py"

@@ -12,9 +12,9 @@ import json
 import pytest
 from tiny_model import make_tiny_model
 
-from toolcall.data import gold_calls
-from toolcall.modelio import fetch_model
-from toolcall.prompts import TOOL_PARSER, TOOL_TEMPLATE, PromptFormat, tool_specs
+from toolcall.bfcl.rows import gold_calls
+from toolcall.calls.prompts import PromptFormat, TOOL_PARSER, TOOL_TEMPLATE, tool_specs
+from toolcall.model.fetch import fetch_model
 from test_data import fixture_rows
 
 

@@ -14,10 +14,12 @@ from mlx.utils import tree_flatten
 from mlx_lm import load
 from mlx_lm.utils import quantize_model, save_config, save_model
 
+from toolcall.calls.prompts import PromptFormat, TOOL_TEMPLATE
 from toolcall.config import ConfigError
-from toolcall.fetch import sha256_file
-from toolcall.prompts import TOOL_TEMPLATE, PromptFormat
-from toolcall.modelio import ModelError, convert_gguf, fetch_model, gguf_to_hf, llama_config, unpermute_qk
+from toolcall.errors import ModelError
+from toolcall.model.fetch import fetch_model
+from toolcall.model.gguf import convert_gguf, gguf_to_hf, llama_config, unpermute_qk
+from toolcall.wheels import sha256_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_model import SPECIAL_TOKENS, make_tiny_model  # noqa: E402

@@ -1,11 +1,11 @@
-"""toolcall.parsing: <tool_call> blocks to calls, and every way that can fail."""
+"""toolcall.calls.parsing: <tool_call> blocks to calls, and every way that can fail."""
 
 import json
 import random
 
 import pytest
 
-from toolcall.parsing import ParseResult, UnbalancedTagsError, extract_json_blocks, parse_calls
+from toolcall.calls.parsing import ParseResult, UnbalancedTagsError, extract_json_blocks, parse_calls
 
 
 def block(obj, pad="\n"):

@@ -6,11 +6,11 @@ import json
 import pytest
 from tiny_model import make_tiny_model
 
-from toolcall.data import gold_calls
-from toolcall.parsing import parse_calls
-from toolcall.prompts import TOOL_TEMPLATE, PromptFormat, template_supports_tools
-from toolcall.schema import to_json_schema
-from toolcall.validate import excess_drops, validate_rows
+from toolcall.bfcl.rows import gold_calls
+from toolcall.bfcl.validate import excess_drops, validate_rows
+from toolcall.calls.parsing import parse_calls
+from toolcall.calls.prompts import PromptFormat, TOOL_TEMPLATE, template_supports_tools
+from toolcall.calls.schema import to_json_schema
 from test_data import fixture_extra, fixture_rows
 
 # A template that renders tools natively (Qwen2.5's layout, shortened).
@@ -133,7 +133,7 @@ def test_hub_data_source_reads_a_snapshot_layout(monkeypatch, tmp_path):
     import huggingface_hub
 
     from test_data import FILES, FIXTURE
-    from toolcall import data
+    from toolcall.bfcl.sources import read_source
 
     calls = []
 
@@ -142,7 +142,7 @@ def test_hub_data_source_reads_a_snapshot_layout(monkeypatch, tmp_path):
         return str(FIXTURE / filename)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    raw = data.read_source("hub", FILES, hub_repo="gorilla-llm/Berkeley-Function-Calling-Leaderboard", hub_revision="v1")
-    local = data.read_source("local", FILES, local_dir=FIXTURE)
+    raw = read_source("hub", FILES, hub_repo="gorilla-llm/Berkeley-Function-Calling-Leaderboard", hub_revision="v1")
+    local = read_source("local", FILES, local_dir=FIXTURE)
     assert raw == local
     assert ("gorilla-llm/Berkeley-Function-Calling-Leaderboard", "possible_answer/BFCL_v4_multiple.json", "dataset", "v1") in calls

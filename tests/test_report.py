@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import yaml
 
-from toolcall import report
 from toolcall.config import ReportConfig
 from toolcall.errors import DataError
-from toolcall.evaluation import summarize
+from toolcall.evaluate.score import summarize
 from toolcall.io import run_path, write_json, write_jsonl
+from toolcall.report.main import (VARIANT_NAMES, correctness, leaderboard_table, load_runs, load_scores, main_table,
+                                  paired_runs, paper_claims, step_comparisons, step_table, wrong_count_table)
+from toolcall.report.verdicts import method_note
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ReportConfig(equivalence_margin=0.05, alpha=0.05, power=0.8)
@@ -53,16 +55,16 @@ def study(tmp_path):
 def test_runs_are_read_per_seed_and_only_the_seeds_asked_for(study):
     stale = run_path(study / "data/predictions", "sft", 9, ".jsonl")  # a seed since dropped from study.seeds
     write_jsonl(stale, records("1111 1111"))
-    runs = report.load_runs(study / "data/predictions", ["base", "sft"], [0, 1])
+    runs = load_runs(study / "data/predictions", ["base", "sft"], [0, 1])
     assert sorted(set(zip(runs["variant"], runs["run"]))) == [("base", "greedy"), ("sft", "s0"), ("sft", "s1")]
     assert len(runs) == 3 * 8
     with pytest.raises(DataError, match=r"sft/s2.jsonl does not exist"):
-        report.load_runs(study / "data/predictions", ["sft"], [0, 2])  # a seed with no eval yet
+        load_runs(study / "data/predictions", ["sft"], [0, 2])  # a seed with no eval yet
 
 
 def test_table_1_shows_each_methods_mean_and_seed_spread(study):
-    runs = report.load_runs(study / "data/predictions", list(report.VARIANT_NAMES), [0, 1])
-    table = report.main_table(runs)
+    runs = load_runs(study / "data/predictions", list(VARIANT_NAMES), [0, 1])
+    table = main_table(runs)
     # SFT: 25% and 50% -> mean 37.5, sd |0.25 - 0.5| / sqrt(2) = 17.7 points; simple 100% under both seeds.
     sft = "| SFT | 2 seeds | 37.5% (sd 17.7; 25.0–50.0) | 57.0% | 100.0% (100.0–100.0) | 50.0% (0.0–100.0) |"
     assert sft in table
@@ -71,10 +73,10 @@ def test_table_1_shows_each_methods_mean_and_seed_spread(study):
 
 
 def test_each_seed_is_compared_with_its_own_start(study):
-    runs = report.load_runs(study / "data/predictions", list(report.VARIANT_NAMES), [0, 1])
-    before, after = report.paired_runs(runs, "sft", "sft_dpo")
+    runs = load_runs(study / "data/predictions", list(VARIANT_NAMES), [0, 1])
+    before, after = paired_runs(runs, "sft", "sft_dpo")
     assert list(before.columns) == ["s0", "s1"] and list(before.index) == sorted(i for i, _ in IDS)
-    steps = {s.after: s for s in report.step_comparisons(runs, CFG)}
+    steps = {s.after: s for s in step_comparisons(runs, CFG)}
     dpo = steps["sft_dpo"].comparison
     # Seed 0 gains one item, seed 1 none: tables (both, only SFT, only DPO, neither) per seed; Δ = (1/8 + 0) / 2.
     assert dpo.tables == ((2, 0, 1, 5), (4, 0, 0, 4)) and dpo.delta == pytest.approx(1 / 16)
@@ -84,28 +86,28 @@ def test_each_seed_is_compared_with_its_own_start(study):
 
 
 def test_runs_that_do_not_continue_their_own_seed_are_refused(study):
-    runs = report.load_runs(study / "data/predictions", ["sft", "sft_dpo"], [0, 1])
+    runs = load_runs(study / "data/predictions", ["sft", "sft_dpo"], [0, 1])
     runs = runs[~((runs["variant"] == "sft_dpo") & (runs["run"] == "s1"))]
     with pytest.raises(DataError, match=r"sft_dpo's runs \['s0'\] do not match sft's \['s0', 's1'\]"):
-        report.paired_runs(runs, "sft", "sft_dpo")
+        paired_runs(runs, "sft", "sft_dpo")
 
 
 def test_step_table_judges_each_step_against_its_starts_seed_spread(study):
-    runs = report.load_runs(study / "data/predictions", list(report.VARIANT_NAMES), [0, 1])
-    steps = report.step_comparisons(runs, CFG)
-    table = report.step_table(steps, CFG)
+    runs = load_runs(study / "data/predictions", list(VARIANT_NAMES), [0, 1])
+    steps = step_comparisons(runs, CFG)
+    table = step_table(steps, CFG)
     assert "| SFT + DPO vs SFT | 8 × 2 | +6.2 pts" in table and "| +12.5, +0.0 |" in table
     # SFT's seeds span 25.0-50.0%: a 6.25-point step lies inside that range, 0.4 x its sd of 17.7.
     assert "|Δ| 6.2 pts inside SFT's seed range (25.0–50.0%, sd 17.7); 0.4× its sd" in table
     assert "Base model: one run, no seed spread" in table
-    claims = report.paper_claims(steps, CFG)
+    claims = paper_claims(steps, CFG)
     assert "SFT + DPO vs SFT: paper +0.7 pts, a claim of no effect beyond ±5 pts: undecided" in claims
     assert claims.count("after Holm:") == 3
 
 
 def test_wrong_count_share_per_method_and_category(study):
-    scores = report.load_scores(study / "metrics/eval", list(report.VARIANT_NAMES), [0, 1])
-    table = report.wrong_count_table(scores)
+    scores = load_scores(study / "metrics/eval", list(VARIANT_NAMES), [0, 1])
+    table = wrong_count_table(scores)
     # SFT + DPO: seed 0 has no wrong_count (0 of 5 wrong), seed 1 two of 4 wrong -> 0% and 50%, mean 25%;
     # its parallel_multiple items are both wrong_count under seed 1 and both other errors under seed 0. Nothing
     # is wrong in simple under either seed (no share: "—"), nor in multiple under seed 1 (one share left).
@@ -118,8 +120,8 @@ def test_wrong_count_share_per_method_and_category(study):
 
 
 def test_leaderboard_table_puts_our_seed_means_beside_the_anchors(study):
-    runs = report.load_runs(study / "data/predictions", ["base", "sft"], [0, 1])
-    table = report.leaderboard_table(runs)
+    runs = load_runs(study / "data/predictions", ["base", "sft"], [0, 1])
+    table = leaderboard_table(runs)
     # SFT per category over seeds 0 and 1: simple 100, multiple (0 + 100) / 2 = 50, parallel 0, pm 0 -> mean 37.5.
     assert "| SmolLM2-135M-Instruct, SFT (ours) | function-disjoint split | 100.0 | 50.0 | 0.0 | 0.0 | 37.5 |" in table
     assert "| Llama-3.2-1B-Instruct (FC) | full BFCL sets | 75 | 50.5 | 44 | 15 | 46.1 |" in table
@@ -146,17 +148,17 @@ def test_the_report_stage_writes_every_section(study):
 
 
 def test_one_seed_falls_back_to_newcombe_and_says_so(study):
-    runs = report.load_runs(study / "data/predictions", ["base", "sft"], [1])
-    (step,) = report.step_comparisons(runs, CFG)
+    runs = load_runs(study / "data/predictions", ["base", "sft"], [1])
+    (step,) = step_comparisons(runs, CFG)
     assert step.comparison.seeds == 1 and step.comparison.tables == ((0, 0, 4, 4),)
-    assert "Newcombe" in report.method_note(CFG, 1, seeds=1)
-    assert "random-effects" in report.method_note(CFG, 1, seeds=2)
+    assert "Newcombe" in method_note(CFG, 1, seeds=1)
+    assert "random-effects" in method_note(CFG, 1, seeds=2)
     assert np.isfinite(step.comparison.ci).all()
 
 
 def test_a_run_on_other_items_is_refused(study):
     path = run_path(study / "data/predictions", "sft", 1, ".jsonl")
     write_jsonl(path, records("1111 0000")[:-1])  # one item fewer than seed 0's run
-    runs = report.load_runs(study / "data/predictions", ["sft"], [0, 1])
+    runs = load_runs(study / "data/predictions", ["sft"], [0, 1])
     with pytest.raises(DataError, match=r"sft's runs \['s1'\] lack items the other runs scored \(1 missing\)"):
-        report.correctness(runs, "sft")
+        correctness(runs, "sft")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from tiny_model import make_tiny_model
-from toolcall import resources, sharding
+from toolcall import resources
+from toolcall.evaluate import sharding
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30

@@ -12,13 +12,14 @@ from mlx.utils import tree_flatten
 import mlx.nn as nn
 from test_dpo import fixture_rows, tiny  # noqa: F401  (module fixture: tiny model + SFT-shaped adapter)
 from configs import config
-from toolcall import lora, rl
-from toolcall.batches import collate
+from toolcall.calls.prompts import PromptFormat
 from toolcall.config import RlConfig
-from toolcall.loss import token_logps
-from toolcall.prompts import PromptFormat
-from toolcall.rollouts import completion_logps
-from toolcall.trainer import StepLog
+from toolcall.model import lora
+from toolcall.train import rl
+from toolcall.train.batches import collate
+from toolcall.train.loss import token_logps
+from toolcall.train.rollouts import completion_logps
+from toolcall.train.trainer import StepLog
 
 WEATHER = {"name": "get_weather", "description": "", "parameters": {
     "type": "dict", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},

@@ -4,9 +4,10 @@ import numpy as np
 
 import toolcall  # noqa: F401  (first: loads OpenBLAS before mlx)
 from test_dpo import tiny  # noqa: F401  (module fixture: tiny model + SFT-shaped adapter)
-from toolcall import lora, rollouts
-from toolcall.batches import collate
-from toolcall.loss import token_logps
+from toolcall.model import lora
+from toolcall.train import rollouts
+from toolcall.train.batches import collate
+from toolcall.train.loss import token_logps
 
 
 def test_only_lora_matrices_are_trainable(tiny):  # noqa: F811
@@ -42,7 +43,7 @@ def test_samples_come_back_per_prompt_with_their_token_ids(tiny):  # noqa: F811
 
 
 def test_shared_prefill_gives_what_plain_generation_gives(tiny):  # noqa: F811
-    from toolcall.generation import generate
+    from toolcall.evaluate.generation import generate
 
     model, tokenizer, _ = tiny
     prompts = [tokenizer.encode("What is the weather in Paris?"), tokenizer.encode("Call the function")]

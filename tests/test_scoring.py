@@ -1,4 +1,4 @@
-"""toolcall.scoring: the BFCL AST rules one by one, then against the official checker."""
+"""toolcall.calls.scoring: the BFCL AST rules one by one, then against the official checker."""
 
 import copy
 import importlib
@@ -12,8 +12,8 @@ from unittest import mock
 
 import pytest
 
-from toolcall.data import gold_calls
-from toolcall.scoring import CheckResult, check, to_bfcl_output
+from toolcall.bfcl.rows import gold_calls
+from toolcall.calls.scoring import CheckResult, check, to_bfcl_output
 
 BFCL_WHEEL = ("bfcl-eval==2026.3.23", "3bb6dfa5f0c68ad403c9ec50b00db2bb3b4cc9b38ab1ff33f48fe30d853d3a0a")
 
@@ -275,10 +275,10 @@ def bfcl():
     """(official checker, [(id, category, functions, ground_truth)]) from the pinned wheel.
 
     No skip: if the wheel cannot be fetched (sha256-verified, from the package
-    index or the cache, see toolcall.fetch) or the checker does not import,
+    index or the cache, see toolcall.wheels) or the checker does not import,
     these tests fail and say why.
     """
-    from toolcall.fetch import pip_wheel
+    from toolcall.wheels import pip_wheel
 
     wheel = pip_wheel(*BFCL_WHEEL)
     rows = []

@@ -15,9 +15,9 @@ import pytest
 from tiny_adapter import CALLS, FUNCTIONS, MESSAGES, train_tool_caller
 from tiny_model import make_tiny_model
 
-from toolcall.modelio import fetch_model
-from toolcall.prompts import PromptFormat
-from toolcall.serving import ServerError, ask, client, mlx_server, response_calls
+from toolcall.calls.prompts import PromptFormat
+from toolcall.model.fetch import fetch_model
+from toolcall.serve.server import ServerError, ask, client, mlx_server, response_calls
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@
 import toolcall  # noqa: F401  (first: loads OpenBLAS before mlx)
 from test_dpo import tiny  # noqa: F401  (module fixture: tiny model + SFT-shaped adapter)
 from tiny_model import make_tiny_model
-from toolcall.generation import generate
-from toolcall.sharding import generate_sharded
+from toolcall.evaluate.generation import generate
+from toolcall.evaluate.sharding import generate_sharded
 
 
 def test_generation_split_over_processes_gives_what_one_process_gives(tiny, tmp_path):  # noqa: F811

@@ -1,4 +1,4 @@
-"""The paired statistics against published and hand-computed cases (toolcall/stats.py, toolcall/paired.py).
+"""The paired statistics against published and hand-computed cases (toolcall/stats.py, toolcall/report/paired.py).
 
 One run per variant: Newcombe's interval, McNemar, TOST, Connor's MDE, Holm. Several seeds: the crossed
 items x seeds analysis (t with Satterthwaite's df), checked against hand-worked designs.
@@ -15,9 +15,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from toolcall.paired import (Crossed, adjusted_verdict, compare, compare_seeds, compare_table, crossed_difference,
-                             crossed_tests, family_holm, holm, minimum_detectable_difference, newcombe_interval,
-                             newcombe_phi, one_sided_p, paired_table, t_cdf, t_quantile, tost_p, verdict)
+from toolcall.report.paired import (Crossed, adjusted_verdict, compare, compare_seeds, compare_table, crossed_difference, crossed_tests, family_holm, holm, minimum_detectable_difference, newcombe_interval, newcombe_phi, one_sided_p, paired_table, t_cdf, t_quantile, tost_p, verdict)
 from toolcall.stats import mcnemar_exact, wilson
 
 Z95 = 1.959963984540054  # NormalDist().inv_cdf(0.975)

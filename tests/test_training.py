@@ -6,8 +6,9 @@ import pytest
 from configs import config
 from tiny_model import make_tiny_model
 
-from toolcall import batches, lora, loss, trainer
 from toolcall.config import ConfigError, SftConfig, epoch_steps
+from toolcall.model import lora
+from toolcall.train import batches, loss, trainer
 
 
 @pytest.fixture(scope="module")

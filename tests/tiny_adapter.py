@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load, save_model
 
-from toolcall.prompts import PromptFormat
+from toolcall.calls.prompts import PromptFormat
 
 # One request a client might send, and the calls the model learns to answer it with.
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris and in Rome, in celsius?"}]

@@ -4,6 +4,6 @@ Importing the package first makes MLX use a fast BLAS on Linux (see ``blas``):
 it must happen before ``mlx.core`` is imported anywhere in the process.
 """
 
-from . import blas
+from toolcall.model import blas
 
 blas.load_openblas()

@@ -13,8 +13,8 @@ from typing import Optional
 
 import numpy as np
 
-from .data import CATEGORIES
-from .errors import UserError
+from toolcall.bfcl import CATEGORIES
+from toolcall.errors import UserError
 
 LOSSES = ("sigmoid", "ipo")
 ALGOS = ("rft", "grpo")
@@ -83,7 +83,7 @@ def extra_sources(value):
 
 
 def _rank_problems(cfg):
-    """``ranks`` (data-parallel processes, toolcall/launch.py) must split every batch evenly."""
+    """``ranks`` (data-parallel processes, toolcall/train/launch.py) must split every batch evenly."""
     if cfg.ranks < 1:
         yield f"ranks={cfg.ranks} must be >= 1"
     elif cfg.batch_size % cfg.ranks:
@@ -196,7 +196,7 @@ class SftConfig:
     # stops after ``patience`` evaluations without a new lowest (0: never early).
     steps_per_eval: int
     patience: int
-    ranks: int  # data-parallel processes on a CPU (toolcall/launch.py); 1: one plain process
+    ranks: int  # data-parallel processes on a CPU (toolcall/train/launch.py); 1: one plain process
 
     def check(self):
         yield from _seed_problems(self)
@@ -262,7 +262,7 @@ class DpoConfig:
     checkpoint_every: int
     valid_prompts: int  # validation prompts whose pairs are held out, scored every steps_per_eval steps
     steps_per_eval: int
-    ranks: int  # data-parallel processes on a CPU (toolcall/launch.py); 1: one plain process
+    ranks: int  # data-parallel processes on a CPU (toolcall/train/launch.py); 1: one plain process
 
     def check(self):
         yield from _seed_problems(self)
@@ -318,7 +318,7 @@ class RlConfig:
     reward_ast: float
     reward_format: float
     min_reward: float
-    ranks: int  # data-parallel processes on a CPU (toolcall/launch.py); 1: one plain process
+    ranks: int  # data-parallel processes on a CPU (toolcall/train/launch.py); 1: one plain process
 
     def check(self):
         yield from _seed_problems(self)
@@ -501,7 +501,7 @@ class StudyConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ReportConfig:
-    """params.yaml [report]: how the reports judge a paired difference (toolcall/paired.py)."""
+    """params.yaml [report]: how the reports judge a paired difference (toolcall/report/paired.py)."""
 
     equivalence_margin: float  # accuracy units: 0.05 = +/- 5 points counts as no effect
     alpha: float  # two-sided level of the difference interval; TOST uses the 1 - 2 alpha interval

@@ -21,6 +21,10 @@ class DataError(UserError, ValueError):
     """Input data that cannot be used; the message says which file and row."""
 
 
+class ModelError(UserError):
+    """A model file is missing, corrupt or inconsistent; the message says which."""
+
+
 class WriteError(UserError):
     """An output cannot be written (no space, no permission); nothing partial was left."""
 

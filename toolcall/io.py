@@ -12,7 +12,7 @@ import tempfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from .errors import DataError, WriteError
+from toolcall.errors import DataError, WriteError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -1,0 +1,1 @@
+"""The tool-call language: schemas, prompts, parsing, BFCL's AST scoring, constrained decoding."""

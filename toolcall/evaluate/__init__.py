@@ -1,0 +1,1 @@
+"""Generation and scoring of what a model answers, in one or several processes; scaffolds."""

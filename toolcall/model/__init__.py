@@ -1,0 +1,1 @@
+"""The model: fetching and converting it, GGUF both ways, LoRA, export, native kernels, BLAS."""
