@@ -38,10 +38,13 @@ export: $(STAMP) native
 # Served / fused / GGUF vs eval on the real tuned model, the first seed's run (after repro and export):
 # metrics/serving.json.
 serving: $(TEST_STAMP)
-	$(PY) bench/serving.py --variant sft
+	$(PY) -m toolcall.serve.acceptance --variant sft
 
-test: $(TEST_STAMP) native
-	$(PY) -m pytest -q --durations=15 tests
+# The test requirements install while the native kernels build; the tests then spread over two
+# processes, each test file whole in one (tests/test_pipeline.py's DAG chain is one file).
+test: $(STAMP)
+	@$(MAKE) --no-print-directory -j2 $(TEST_STAMP) native
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 bench: $(STAMP) native
 	$(PY) bench/bench.py
@@ -62,8 +65,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-$(TEST_STAMP): $(STAMP) requirements-test.txt
+$(TEST_STAMP): $(STAMP) requirements-test.txt requirements-torch.txt
 	$(PY) -m pip install -q -r requirements-test.txt
+	$(PY) -m pip install -q --upgrade --target $(VENV)/torch-site -r requirements-torch.txt
 	touch $@
 
 # MLX's Linux CPU wheel ships reference BLAS; toolcall loads OpenBLAS instead

@@ -47,7 +47,7 @@ def main():
     unknown = sorted(set(chosen) - set(SECTIONS))
     if unknown:
         ap.error(f"unknown sections {unknown}; known: {list(SECTIONS)}")
-    params = common.read_params(args.params)
+    params = common.params_at(args.params)
     start = time.perf_counter()
     result = {"machine": common.machine_info(),
               "config": {k: common.shown(getattr(args, k)) for k in (

@@ -2,9 +2,10 @@
 
 Each measurement runs in its own interpreter (``run_worker``): OpenBLAS has to
 be loaded before ``mlx.core`` is imported, and every arm starts from a fresh
-process. A worker is a function in a section module's ``WORKERS``; it prints
-one ``RESULT_TAG`` line of JSON. Section modules import nothing heavy at the
-top (no mlx), so the orchestrating process stays light.
+process. A worker is a function in a section module's ``WORKERS`` (or in
+bench.mlxlm's, the train section's baseline); it prints one ``RESULT_TAG``
+line of JSON. Section modules import nothing heavy at the top (no mlx), so
+the orchestrating process stays light.
 
 A section run alone (``python -m bench.train``, ``python bench/train.py``)
 merges its keys into the results file (``--out``, default
@@ -30,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from toolcall.repo import shown  # noqa: E402  (paths in the metrics files bench writes: repo-relative)
+
 RESULT_TAG = "BENCH_RESULT "
 
 
@@ -61,16 +64,6 @@ def count_rows(path):
         return sum(1 for line in f if line.strip())
 
 
-def shown(value):
-    """A path inside the repo as repo-relative (the metrics files bench writes); anything else unchanged."""
-    if isinstance(value, (str, Path)) and Path(value).is_absolute():
-        try:
-            return str(Path(value).resolve().relative_to(ROOT)) or "."
-        except ValueError:
-            return str(value)
-    return value
-
-
 # ====================================================================== inside workers
 
 
@@ -93,6 +86,45 @@ def examples(tokenizer, rows):
 def rusage():
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime, r.ru_stime
+
+
+def batch_counter(iterate, counts, per_row):
+    """Wrap an ``iterate_batches`` to count the padded positions it hands out."""
+
+    def wrapped(*args, **kwargs):
+        for batch in iterate(*args, **kwargs):
+            tokens, lengths = batch[0], batch[1]
+            counts["batches"] += 1
+            real = int(lengths[:, 1].sum().item()) + per_row * tokens.shape[0]
+            counts.setdefault("first_batch_tokens", real)
+            counts["padded_positions"] += int(tokens.size)
+            counts["real_tokens"] += real
+            yield batch
+
+    return wrapped
+
+
+class Recorder:
+    """Keeps every trainer report (we run with steps_per_report=1)."""
+
+    def __init__(self):
+        self.reports = []
+
+    def on_train_loss_report(self, info):
+        self.reports.append(dict(info))
+
+    def on_val_loss_report(self, info):
+        pass
+
+    def summary(self):
+        step_s = [1.0 / r["iterations_per_second"] for r in self.reports]
+        return {
+            "step_seconds": [round(s, 4) for s in step_s],
+            "train_seconds": sum(step_s),
+            "losses": [r["train_loss"] for r in self.reports],
+            "peak_memory_gb": max(r["peak_memory"] for r in self.reports),
+            "target_tokens": self.reports[-1]["trained_tokens"],
+        }
 
 
 # ====================================================================== workers
@@ -185,10 +217,12 @@ def add_common_args(ap):
     ap.add_argument("--out", default=str(ROOT / "metrics" / "bench.json"))
 
 
-def read_params(path):
-    import yaml
+def params_at(path):
+    """The params file ``path``'s sections, each read and checked by ``toolcall.config.load``:
+    ``params_at(path)("eval")`` is its [eval], ``params_at(path)("sft", seed=0)`` its [sft] at seed 0."""
+    from toolcall import config
 
-    return yaml.safe_load(Path(path).read_text())
+    return lambda name, **kw: config.load(name, path=path, **kw)
 
 
 def derive(r):
@@ -242,12 +276,22 @@ def met(r, key):
     return "met" if r["targets"].get(key) else "NOT met"
 
 
+def worker_main(module):
+    """``python -m bench.<module> --worker NAME SPEC`` (``run_worker``): run that worker, print its result.
+
+    False when the process was not started so.
+    """
+    if len(sys.argv) != 4 or sys.argv[1] != "--worker":
+        return False
+    with open(sys.argv[3]) as fh:
+        result = module.WORKERS[sys.argv[2]](json.load(fh))
+    print(RESULT_TAG + json.dumps(result), flush=True)
+    return True
+
+
 def section_main(module):
     """``python -m bench.<section>``: that section alone, merged into ``--out``; or one of its workers."""
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        with open(sys.argv[3]) as fh:
-            result = module.WORKERS[sys.argv[2]](json.load(fh))
-        print(RESULT_TAG + json.dumps(result), flush=True)
+    if worker_main(module):
         return
     name = Path(module.__file__).stem
     ap = argparse.ArgumentParser(description=module.__doc__.splitlines()[0])
@@ -258,7 +302,7 @@ def section_main(module):
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
     start, load = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
-    result.update(module.run(args, read_params(args.params)))
+    result.update(module.run(args, params_at(args.params)))
     result.setdefault("sections", {})[name] = {
         "command": " ".join(["python", "-m", f"bench.{name}", *map(str, map(shown, sys.argv[1:]))]),
         "machine": {**machine_info(), "loadavg_at_start": load,

@@ -151,11 +151,12 @@ def run(args, params):
     indices = evenly(total, args.eval_items)
     n_seq = min(args.sequential_items, args.eval_items)
     sub = evenly(args.eval_items, n_seq)  # positions in ``indices``
-    max_tokens = args.max_tokens or params["eval"]["max_tokens"]
-    batch_size = params["eval"]["batch_size"]
+    ev = params("eval")
+    max_tokens = args.max_tokens or ev.max_tokens
+    batch_size = ev.batch_size
     from toolcall.evaluate.sharding import resolve_workers
 
-    workers = args.workers or resolve_workers(params["eval"]["workers"], args.model, batch_size,
+    workers = args.workers or resolve_workers(ev.workers, args.model, batch_size,
                                               max_tokens + longest_prompt(args))
     spec = {"model": args.model, "adapter": args.adapter, "test": args.test, "max_tokens": max_tokens}
     runs = {"sharded": [], "batched": [], "sequential": []}

@@ -10,16 +10,13 @@
   one epoch of the slice, so both train on the same examples. Time = the
   trainer's own step time (batch building excluded on both sides), from its
   per-step report. Beside it: the same trainer with mlx-lm's full-vocabulary
-  loss, a step profile, the padding of the whole training file.
+  loss, the padding of the whole training file.
 * Data parallelism (``dp``): the first ``--dp-steps`` steps in one process and
   as ``--dp-ranks`` ranks on the same global batches: each step's loss (max
   abs difference) and the tokens/s ratio.
 """
 
-import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,54 +24,10 @@ from pathlib import Path
 
 if not __package__:  # python bench/train.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (ROOT, count_rows, evenly, f, load_rows, log, median, met, model_shape, rate_stats, ratio,
-                          run_worker, rusage, section_main)
+from bench import mlxlm
+from bench.common import (Recorder, batch_counter, count_rows, evenly, f, load_rows, log, median, met, model_shape,
+                          rate_stats, ratio, run_worker, rusage, section_main)
 from bench.common import examples as sft_examples
-
-# Renders [prompt, completion] as prompt + completion: mlx-lm's completions
-# dataset then yields exactly our PromptFormat tokens (checked in the worker).
-IDENTITY_TEMPLATE = (
-    "{{ messages[0]['content'] }}{% if messages|length > 1 %}{{ messages[1]['content'] }}{% endif %}"
-)
-
-
-def _batch_counter(iterate, counts, per_row):
-    """Wrap an ``iterate_batches`` to count the padded positions it hands out."""
-
-    def wrapped(*args, **kwargs):
-        for batch in iterate(*args, **kwargs):
-            tokens, lengths = batch[0], batch[1]
-            counts["batches"] += 1
-            real = int(lengths[:, 1].sum().item()) + per_row * tokens.shape[0]
-            counts.setdefault("first_batch_tokens", real)
-            counts["padded_positions"] += int(tokens.size)
-            counts["real_tokens"] += real
-            yield batch
-
-    return wrapped
-
-
-class _Recorder:
-    """Keeps every trainer report (we run with steps_per_report=1)."""
-
-    def __init__(self):
-        self.reports = []
-
-    def on_train_loss_report(self, info):
-        self.reports.append(dict(info))
-
-    def on_val_loss_report(self, info):
-        pass
-
-    def summary(self):
-        step_s = [1.0 / r["iterations_per_second"] for r in self.reports]
-        return {
-            "step_seconds": [round(s, 4) for s in step_s],
-            "train_seconds": sum(step_s),
-            "losses": [r["train_loss"] for r in self.reports],
-            "peak_memory_gb": max(r["peak_memory"] for r in self.reports),
-            "target_tokens": self.reports[-1]["trained_tokens"],
-        }
 
 
 def worker_train(spec):
@@ -99,7 +52,7 @@ def worker_train(spec):
     lora.add_lora(model, lora.adapter_config(cfg), cfg.seed)  # LoRA init: identical in every arm
     if spec["arm"] == "plain":
         trainer.sft_loss = lambda m: loss.full_loss  # mlx-lm's default_loss
-    rec = _Recorder()
+    rec = Recorder()
 
     class Callback(trainer._Reports):
         def on_train_loss_report(self, info):
@@ -107,7 +60,7 @@ def worker_train(spec):
 
     trainer._Reports = Callback
     counts = {"batches": 0, "padded_positions": 0, "real_tokens": 0}
-    trainer.iterate_batches = _batch_counter(trainer.iterate_batches, counts, per_row=1)
+    trainer.iterate_batches = batch_counter(trainer.iterate_batches, counts, per_row=1)
     u0, s0 = rusage()
     t0 = time.perf_counter()
     trainer.train_lora(model, examples, cfg.train(len(examples)))
@@ -124,177 +77,6 @@ def worker_train(spec):
         "completion_tokens": sum(len(t) - p for t, p in examples),
         "lora_parameters": lora.count_trainable(model),
     }
-
-
-def worker_mlxlm(spec):
-    """``python -m mlx_lm lora`` (its ``main()``), observed through a training callback."""
-    import toolcall  # noqa: F401  (the same OpenBLAS as ours; nothing else of ours runs)
-    import mlx.core as mx  # noqa: F401
-    import mlx_lm.lora as lora
-    from mlx_lm.tuner import trainer
-    from mlx_lm.tuner.datasets import CompletionsDataset
-    from mlx_lm.utils import load_tokenizer
-
-    work = Path(spec["workdir"])
-    # Same tokens as ours? mlx-lm's dataset (identity template) vs our PromptFormat.
-    ours = sft_examples(load_tokenizer(Path(spec["model"])), load_rows(spec["train"], spec["indices"]))
-    data = [json.loads(line) for line in (work / "data" / "train.jsonl").open()]
-    ds = CompletionsDataset(data, load_tokenizer(work / "model"), "prompt", "completion", mask_prompt=True)
-    theirs = [ds.process(d) for d in data]
-    mismatches = sum(tuple(a) != (list(b[0]), b[1]) for a, b in zip(ours, theirs))
-
-    rec = _Recorder()
-    lora.get_reporting_callbacks = lambda *a, **k: rec
-    counts = {"batches": 0, "padded_positions": 0, "real_tokens": 0}
-    timing = {}
-    real_train = lora.train
-
-    def timed_train(*args, **kwargs):
-        kwargs["iterate_batches"] = _batch_counter(trainer.iterate_batches, counts, per_row=0)
-        timing["u0"], timing["s0"] = rusage()
-        t0 = time.perf_counter()
-        real_train(*args, **kwargs)
-        timing["wall"] = time.perf_counter() - t0
-        timing["u1"], timing["s1"] = rusage()
-
-    lora.train = timed_train
-    sys.argv = ["mlx_lm.lora", *spec["argv"]]
-    lora.main()
-    return {
-        **rec.summary(),
-        **counts,
-        "wall_seconds": timing["wall"],
-        "cpu_user_s": timing["u1"] - timing["u0"],
-        "cpu_system_s": timing["s1"] - timing["s0"],
-        "tokens": sum(len(t) for t, _ in ours),
-        "completion_tokens": sum(len(t) - p for t, p in ours),
-        "token_mismatches": mismatches,
-    }
-
-
-def worker_profile(spec):
-    """Where a training step's time goes, with ``mx.eval`` barriers between the parts.
-
-    On a few real batches: body forward, vocab projection + loss (at completion
-    positions / at every position), forward+backward, optimizer update; plus the
-    leads from the issue: stop-gradient at the first LoRA block's input, and the
-    compiled vs uncompiled step.
-    """
-    import toolcall  # noqa: F401
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
-
-    from toolcall.config import SftConfig
-    from toolcall.model import lora
-    from toolcall.train import batches as batching, loss, trainer
-
-    rows = load_rows(spec["train"], spec["indices"])
-    model, tokenizer = lora.load_model(spec["model"])
-    examples = sft_examples(tokenizer, rows)
-    cfg = SftConfig(**spec["cfg"])
-    lora.add_lora(model, lora.adapter_config(cfg), cfg.seed)
-    model.train()
-    it = batching.iterate_batches(examples, cfg.batch_size, cfg.max_seq_len, loop=True, seed=cfg.seed)
-    batches = [next(it) for _ in range(spec["batches"])]
-    mx.eval(batches)
-    opt = trainer.make_optimizer(cfg)
-    ours = nn.value_and_grad(model, loss.completion_loss)
-    plain = nn.value_and_grad(model, loss.full_loss)
-    params = lambda: [v for _, v in tree_flatten(model.trainable_parameters())]  # noqa: E731
-
-    def body(batch):
-        return model.model(batch[0][:, :-1])
-
-    def head_ours(batch, hidden):
-        _, positions, weights = batch[1:]
-        targets = batch[0][:, 1:]
-        picked = mx.take_along_axis(hidden, positions[..., None], axis=1)
-        logits = loss.lm_head(model, picked)
-        ce = nn.losses.cross_entropy(logits, mx.take_along_axis(targets, positions, axis=1)) * weights
-        return ce.sum() / weights.sum()
-
-    def head_full(batch, hidden):
-        lengths, targets = batch[1], batch[0][:, 1:]
-        logits = loss.lm_head(model, hidden)
-        steps = mx.arange(1, targets.shape[1] + 1)
-        mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
-        return (nn.losses.cross_entropy(logits, targets) * mask).sum() / mask.sum()
-
-    def timed(fn, batch, reps=spec["reps"]):
-        fn(batch)  # warm-up (and compile, for a compiled fn)
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn(batch)
-            ts.append(time.perf_counter() - t)
-        return median(ts)
-
-    parts = {name: [] for name in (
-        "body_forward", "head_loss_forward_completion", "head_loss_forward_all_positions",
-        "forward_backward_ours", "forward_backward_plain", "optimizer_update",
-        "forward_backward_ours_stop_gradient", "step_uncompiled", "step_compiled",
-    )}
-    first = len(model.layers) - cfg.lora_layers
-    n_positions, n_completion = [], []
-    for batch in batches:
-        n_positions.append(int(batch[0].shape[0] * (batch[0].shape[1] - 1)))
-        n_completion.append(int(batch[3].sum().item()))
-        hidden = body(batch)
-        mx.eval(hidden)
-        parts["body_forward"].append(timed(lambda b: mx.eval(body(b)), batch))
-        parts["head_loss_forward_completion"].append(timed(lambda b: mx.eval(head_ours(b, hidden)), batch))
-        parts["head_loss_forward_all_positions"].append(timed(lambda b: mx.eval(head_full(b, hidden)), batch))
-        parts["forward_backward_ours"].append(timed(lambda b: mx.eval(ours(model, *b)), batch))
-        parts["forward_backward_plain"].append(timed(lambda b: mx.eval(plain(model, *b)), batch))
-        (_, _), grads = ours(model, *batch)
-        mx.eval(grads)
-
-        def update(_):
-            opt.update(model, grads)
-            mx.eval(params(), opt.state)
-
-        parts["optimizer_update"].append(timed(update, batch))
-    # Stop-gradient at the input of the first LoRA block: does MLX already skip
-    # the backward of the frozen blocks below it?
-    block = model.model.layers[first]
-
-    class StopGrad(nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-            self.use_sliding = getattr(inner, "use_sliding", False)
-
-        def __call__(self, x, *args, **kwargs):
-            return self.inner(mx.stop_gradient(x), *args, **kwargs)
-
-    model.model.layers[first] = StopGrad(block)
-    for batch in batches:
-        parts["forward_backward_ours_stop_gradient"].append(timed(lambda b: mx.eval(ours(model, *b)), batch))
-    model.model.layers[first] = block
-    # Compiled vs uncompiled step (trainer.train compiles one; each new padded shape recompiles).
-    state = [model.state, opt.state, mx.random.state]
-
-    def step(*batch):
-        (loss, ntoks), grads = ours(model, *batch)
-        opt.update(model, grads)
-        return loss, ntoks
-
-    compiled = mx.compile(step, inputs=state, outputs=state)
-    first_compiled = []
-    for batch in batches:
-        parts["step_uncompiled"].append(timed(lambda b: mx.eval(step(*b), state), batch))
-        t = time.perf_counter()
-        mx.eval(compiled(*batch), state)
-        first_compiled.append(time.perf_counter() - t)
-        parts["step_compiled"].append(timed(lambda b: mx.eval(compiled(*b), state), batch))
-    out = {k: sum(v) / len(v) for k, v in parts.items()}  # mean over batches of per-batch medians
-    out["step_compiled_first_call"] = sum(first_compiled) / len(first_compiled)
-    out["backward_ours"] = out["forward_backward_ours"] - out["body_forward"] - out["head_loss_forward_completion"]
-    out["positions_per_batch"] = sum(n_positions) / len(n_positions)
-    out["completion_tokens_per_batch"] = sum(n_completion) / len(n_completion)
-    out["batches"] = len(batches)
-    return out
 
 
 def worker_padding(spec):
@@ -343,61 +125,6 @@ def train_flops(shape, lengths, lora_layers, lora_params):
     return total, alt
 
 
-def prepare_mlxlm(args, indices, cfg, workdir):
-    """mlx-lm's inputs: model dir (symlinked weights, identity chat template), completions
-    JSONL whose prompt/completion text comes from our PromptFormat, config YAML; and its argv."""
-    import yaml
-
-    work, model_dir = Path(workdir), args.model
-    (work / "model").mkdir(parents=True)
-    (work / "data").mkdir()
-    for path in Path(model_dir).iterdir():
-        if path.name != "tokenizer_config.json":
-            (work / "model" / path.name).symlink_to(path.resolve())
-    with open(Path(model_dir) / "tokenizer_config.json") as f:
-        tok_cfg = json.load(f)
-    tok_cfg["chat_template"] = IDENTITY_TEMPLATE
-    (work / "model" / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
-    code = (
-        "import json, sys\n"
-        "import toolcall\n"
-        "from mlx_lm.utils import load_tokenizer\n"
-        "from pathlib import Path\n"
-        "from toolcall.data import gold_calls\n"
-        "from toolcall.io import read_jsonl\n"
-        "from toolcall.calls.prompts import PromptFormat\n"
-        "model, train, out, idx = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])\n"
-        "fmt = PromptFormat(load_tokenizer(Path(model)))\n"
-        "rows = read_jsonl(train)\n"
-        "with open(out, 'w') as f:\n"
-        "    for i in idx:\n"
-        "        r = rows[i]\n"
-        "        p = fmt.prompt(r['messages'], r['functions'])\n"
-        "        c = fmt.completion(r['messages'], r['functions'], gold_calls(r['ground_truth']))\n"
-        "        f.write(json.dumps({'prompt': p, 'completion': c}) + '\\n')\n"
-    )
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    subprocess.run([sys.executable, "-c", code, args.model, args.train, str(work / "data" / "train.jsonl"),
-                    json.dumps(indices)], check=True, env=env, cwd=ROOT)
-    decay = max(cfg["iters"] - cfg["warmup"], 1)
-    (work / "config.yaml").write_text(yaml.safe_dump({
-        "lora_parameters": {"rank": cfg["lora_rank"], "scale": cfg["lora_scale"], "dropout": cfg["lora_dropout"]},
-        "lr_schedule": {"name": "cosine_decay", "arguments": [cfg["learning_rate"], decay, 0.0],
-                        "warmup": cfg["warmup"]},
-    }))
-    argv = [
-        "--model", str(work / "model"), "--train", "--data", str(work / "data"),
-        "--fine-tune-type", "lora", "--optimizer", "adam", "--mask-prompt",
-        "--num-layers", str(cfg["lora_layers"]), "--batch-size", str(cfg["batch_size"]),
-        "--iters", str(cfg["iters"]), "--max-seq-length", str(cfg["max_seq_len"]),
-        "--grad-accumulation-steps", str(cfg["grad_accumulation"]),
-        "--learning-rate", str(cfg["learning_rate"]), "--steps-per-report", "1",
-        "--save-every", str(cfg["iters"] + 1), "--adapter-path", str(work / "adapters"),
-        "--seed", str(cfg["seed"]), "-c", str(work / "config.yaml"),
-    ]
-    return work, argv
-
-
 def train_summary(runs, shape, cfg, flops):
     tokens = runs[0]["tokens"]
     tps = [r["tokens"] / r["train_seconds"] for r in runs]
@@ -425,11 +152,10 @@ def train_summary(runs, shape, cfg, flops):
 
 
 def run(args, params):
-    from toolcall.config import SftConfig, from_params, seeded
+    import dataclasses
 
     # The main study's first seed, as the ablation arms train at.
-    sft = seeded(params["sft"], params["study"]["seeds"][0], "sft")
-    cfg = dict(from_params(SftConfig, sft, "sft").__dict__)
+    cfg = dataclasses.asdict(params("sft", seed=params("study").seeds[0]))
     cfg.update(iters=args.train_steps, epochs=None, steps_per_report=1,
                warmup=min(cfg["warmup"], args.train_steps - 1))
     if cfg["grad_accumulation"] != 1:
@@ -440,12 +166,12 @@ def run(args, params):
     spec = {"model": args.model, "train": args.train, "indices": indices, "cfg": cfg, "ranks": cfg["ranks"]}
     tmp = Path(tempfile.mkdtemp(prefix="bench-mlxlm-"))
     try:
-        work, argv = prepare_mlxlm(args, indices, cfg, tmp / "mlxlm")
+        work, argv = mlxlm.prepare(args, indices, cfg, tmp / "mlxlm")
         runs = {"ours": [], "mlx_lm": []}
         for r in range(args.repeats):
             runs["ours"].append(run_worker("train", "train", {**spec, "arm": "ours"}))
             shutil.rmtree(work / "adapters", ignore_errors=True)
-            runs["mlx_lm"].append(run_worker("train", "mlxlm", {**spec, "workdir": str(work), "argv": argv}))
+            runs["mlx_lm"].append(run_worker("mlxlm", "lora", {**spec, "workdir": str(work), "argv": argv}))
             log(f"train {r + 1}/{args.repeats}: ours {runs['ours'][-1]['tokens'] / runs['ours'][-1]['train_seconds']:.1f}"
                 f" tok/s, mlx-lm {runs['mlx_lm'][-1]['tokens'] / runs['mlx_lm'][-1]['train_seconds']:.1f} tok/s")
         extras = {}
@@ -457,9 +183,6 @@ def run(args, params):
                               ("ours_blas_thread_timeout_4", {"OPENBLAS_THREAD_TIMEOUT": "4"})):
                 extras[name] = [run_worker("train", "train", {**spec, "arm": "ours", "ranks": 1}, env)]
                 log(f"train lead {name}: {extras[name][0]['tokens'] / extras[name][0]['train_seconds']:.1f} tok/s")
-        if not args.no_profile:
-            extras["profile"] = run_worker("train", "profile", {**spec, "batches": args.profile_batches, "reps": 2})
-            log("train profile done")
         full = run_worker("train", "padding", {"model": args.model, "train": args.train, "batch_size": cfg["batch_size"],
                                       "max_seq_len": cfg["max_seq_len"]})
     finally:
@@ -481,8 +204,7 @@ def run(args, params):
     for arm, rs in runs.items():
         out[arm] = train_summary(rs, shape, cfg, flops)
     for arm, rs in extras.items():
-        if arm != "profile":
-            out[arm] = train_summary(rs, shape, cfg, flops)
+        out[arm] = train_summary(rs, shape, cfg, flops)
     if "plain_loss" in extras:
         a, b = runs["ours"][0]["losses"], extras["plain_loss"][0]["losses"]
         out["loss_check"] = {
@@ -490,14 +212,11 @@ def run(args, params):
             "max_abs_diff": max(abs(x - y) for x, y in zip(a, b)),
             "max_rel_diff": max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b)),
         }
-    if "profile" in extras:
-        out["profile"] = extras["profile"]
     out["dp"] = data_parallel(args, params, cfg, shape)
     return {"train": out,
             "train_speedup_vs_mlx_lm": out["ours"]["tokens_per_s"]["median"] / out["mlx_lm"]["tokens_per_s"]["median"],
             "dp_ranks": out["dp"]["ranks"], "dp_loss_max_abs_diff": out["dp"]["loss_max_abs_diff"],
             "dp_tokens_per_s_ratio": out["dp"]["tokens_per_s_ratio"]}
-
 
 
 def data_parallel(args, params, cfg, shape):
@@ -526,13 +245,11 @@ def data_parallel(args, params, cfg, shape):
     }
 
 
-WORKERS = {"train": worker_train, "mlxlm": worker_mlxlm, "profile": worker_profile, "padding": worker_padding}
+WORKERS = {"train": worker_train, "padding": worker_padding}
 
 
 def add_args(ap):
     ap.add_argument("--train-steps", type=int, default=6, help="steps of sft.batch_size rows: one epoch of the slice")
-    ap.add_argument("--profile-batches", type=int, default=1)
-    ap.add_argument("--no-profile", action="store_true", help="skip the training step profile")
     ap.add_argument("--dp-steps", type=int, default=20, help="steps of the one process vs ranks loss check")
     ap.add_argument("--dp-ranks", type=int, default=None, help="default: params sft.ranks")
     ap.add_argument("--dp-repeats", type=int, default=1)
@@ -584,15 +301,6 @@ def rows(r):
                         ratio(one, x), ""))
     out.append(("  mean step loss (mlx-lm: other batch order, +1 padding target per row)",
                 f(o["mean_loss"], 4), f(b["mean_loss"], 4), "", ""))
-    if "profile" in t:
-        p = t["profile"]
-        out.append((f"training step profile (one process), s per batch ({p['positions_per_batch']:.0f} positions,"
-                    f" {p['completion_tokens_per_batch']:.0f} completion tokens)", "", "", "", ""))
-        for k in ("body_forward", "head_loss_forward_completion", "head_loss_forward_all_positions",
-                  "backward_ours", "forward_backward_ours", "forward_backward_plain",
-                  "forward_backward_ours_stop_gradient", "optimizer_update", "step_uncompiled", "step_compiled",
-                  "step_compiled_first_call"):
-            out.append((f"  {k}", f(p[k], 3), "", "", ""))
     return out
 
 

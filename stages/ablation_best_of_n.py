@@ -1,39 +1,33 @@
 """Best-of-N: sample N outputs per test item, keep one without looking at the answer, score it.
 
     python -m stages.ablation_best_of_n sft --model models/base --adapter models/sft/s0 \
-        --test data/validated/test.jsonl --greedy data/predictions/sft/s0.jsonl
+        --test data/validated/dataset/test.parquet --greedy data/predictions/sft/s0.jsonl
 
 Reads params [eval] (max_tokens, batch_size) and [ablations.scaffold] (n,
 temperature, seed, per_category: the first items of each category of the
 test file). Writes metrics/ablations/best_of_n/<name>.json (kept-sample
-accuracy, oracle pass@N, exact McNemar against the greedy outputs on the same
-items) and data/ablations/best_of_n/<name>.jsonl (every sample and the kept one).
+accuracy, oracle pass@N, the paired table against the greedy outputs on the
+same items) and data/ablations/best_of_n/<name>.jsonl (every sample and the kept one).
 """
 
-import argparse
 import dataclasses
 import time
 
+from toolcall.bfcl.dataset import read_split
 from toolcall.calls.prompts import PromptFormat
-from toolcall.config import EvalConfig, ScaffoldConfig, from_params
+from toolcall import config
 from toolcall.errors import run_stage
 from toolcall.evaluate import scaffold
 from toolcall.evaluate.generation import generate
-from toolcall.io import read_jsonl, read_params, write_json, write_jsonl, write_timings
+from toolcall.io import read_jsonl, write_json, write_jsonl, write_timings
 from toolcall.model.lora import load_model
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("name")
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--adapter")
-    ap.add_argument("--test", required=True)
-    ap.add_argument("--greedy", required=True, help="the variant's greedy predictions on the same test file")
-    args = ap.parse_args()
-    p = from_params(EvalConfig, read_params("eval"), "eval")
-    s = from_params(ScaffoldConfig, read_params("ablations.scaffold"), "ablations.scaffold")
-    rows = scaffold.first_per_category(read_jsonl(args.test), s.per_category)
+    args = scaffold.arm_parser(__doc__).parse_args()
+    p = config.load("eval")
+    s = config.load("ablations.scaffold")
+    rows = scaffold.first_per_category(read_split(args.test), s.per_category)
     model, tokenizer = load_model(args.model, args.adapter)
     fmt = PromptFormat(tokenizer)
     n = s.n
@@ -51,9 +45,9 @@ def main():
     write_json(f"metrics/ablations/best_of_n/{args.name}.json", metrics)
     write_timings(f"metrics/ablations/best_of_n/{args.name}.json",
                   {"seconds": round(seconds, 1), "tokens_per_second": round(sum(k for _, k in outputs) / seconds, 1)})
-    o, orc, pc = metrics["overall"], metrics["oracle"], metrics["vs_greedy"]
+    o, orc, t = metrics["overall"], metrics["oracle"], metrics["paired"]
     print(f"{args.name}: best-of-{n} {o['accuracy']:.1%}, oracle {orc['accuracy']:.1%} of {o['n']}; "
-          f"vs greedy {100 * pc['delta']:+.1f} pts (p={pc['p_value']})")
+          f"{t['only_before']} right only greedy, {t['only_after']} only best-of-{n}")
 
 
 if __name__ == "__main__":

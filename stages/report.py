@@ -20,9 +20,9 @@ waits for the hours-long ablation arms.
 import argparse
 from pathlib import Path
 
-from toolcall.config import ReportConfig, StudyConfig, from_params
+from toolcall import config
 from toolcall.errors import run_stage
-from toolcall.io import read_json, read_jsonl, read_params, run_path, write_text
+from toolcall.io import read_json, read_jsonl, run_path, write_text
 from toolcall.report.ablations import ablation_sections
 from toolcall.report.main import (SEEDLESS, VARIANT_NAMES, bar_chart, error_table, leaderboard_table, load_runs,
                                   load_scores, main_table, paper_claims, step_comparisons, step_table,
@@ -39,8 +39,8 @@ def main():
     ap.add_argument("--name", default="report", help="output basename: <name>.md and <name>.png")
     ap.add_argument("--ablations", metavar="PREDICTIONS_DIR", help="the ablation arms' predictions")
     args = ap.parse_args()
-    cfg = from_params(ReportConfig, read_params("report"), "report")
-    seeds = from_params(StudyConfig, read_params("study"), "study").seeds
+    cfg = config.load("report")
+    seeds = config.load("study").seeds
     if args.ablations:
         first = {v: None if v in SEEDLESS else seeds[0] for v in args.variants}
         metrics = {v: read_json(run_path(Path(args.metrics_dir, "eval"), v, s, ".json")) for v, s in first.items()}

@@ -2,7 +2,8 @@
 
     python -m stages.split data/bfcl data/split
 
-Reads params [split], [data.categories], [data.extra] and [data.extra_files].
+Reads params [split], [data.categories], [data.extra] and [data.extra_files] (all of
+[data] is checked, as fetch_bfcl checks it).
 The test side is drawn from the paper's categories first (exactly as with no
 validation side and no extra sources), then the validation side from what it
 left. The extra sources' rows of those categories that offer no test or
@@ -17,9 +18,9 @@ from collections import Counter
 
 from toolcall.bfcl.rows import is_extra, load_categories
 from toolcall.bfcl.split import split_study, with_sources
-from toolcall.config import SplitConfig, categories, extra_sources, from_params
+from toolcall import config
 from toolcall.errors import DataError, run_stage
-from toolcall.io import read_params, write_jsonl
+from toolcall.io import write_jsonl
 
 
 def main():
@@ -27,9 +28,8 @@ def main():
     ap.add_argument("bfcl_dir")
     ap.add_argument("out_dir")
     args = ap.parse_args()
-    p = from_params(SplitConfig, read_params("split"), "split")
-    cats = categories(read_params("data.categories"))
-    use, pool_sources = extra_sources(read_params("data.extra")), list(read_params("data.extra_files"))
+    p, data = config.load("split"), config.load("data")
+    cats, use, pool_sources = data.categories, data.extra, list(data.extra_files)
     rows = load_categories(args.bfcl_dir, cats, pool_sources)
     paper = [r for r in rows if not is_extra(r)]
     extra = [r for r in rows if is_extra(r) and r["category"] in cats]

@@ -1,7 +1,8 @@
 """DPO on top of the SFT adapter, with on-policy negatives; held-out pairs from the validation split.
 
-    python -m stages.train_dpo models/base models/sft/s0 data/validated/train.jsonl models/sft_dpo/s0 --seed 0 \
-        --metrics metrics/train_dpo/s0.json --live dvclive/train_dpo/s0 --valid data/validated/valid.jsonl
+    python -m stages.train_dpo models/base models/sft/s0 data/validated/dataset/train.parquet models/sft_dpo/s0 \
+        --seed 0 --metrics metrics/train_dpo/s0.json --live dvclive/train_dpo/s0 \
+        --valid data/validated/dataset/valid.parquet
 
 Reads params [dpo] and its seed from ``--seed`` (dvc.yaml: once per seed of
 study.seeds, on that seed's SFT); the LoRA shape comes from the SFT
@@ -28,12 +29,13 @@ import time
 
 import numpy as np
 
-from toolcall.bfcl.rows import read_rows
+from toolcall.bfcl.dataset import read_split
 from toolcall.calls.prompts import PromptFormat
 from toolcall.cli import continuation_parser
-from toolcall.config import DpoConfig, epoch_steps, from_params, seeded
+from toolcall import config
+from toolcall.sections import epoch_steps
 from toolcall.errors import run_stage
-from toolcall.io import read_params, write_json, write_timings
+from toolcall.io import write_json, write_timings
 from toolcall.model import lora
 from toolcall.train import checkpoint, dpo, launch
 from toolcall.train.rollouts import choose_rows
@@ -42,14 +44,15 @@ from toolcall.train.trainer import StepLog
 
 def main():
     ap = continuation_parser(__doc__, "train_dpo")
-    ap.add_argument("--valid", required=True, help="validation rows (JSONL) whose prompts give the held-out pairs")
+    ap.add_argument("--valid", required=True,
+                    help="validation rows whose prompts give the held-out pairs (a dataset split's .parquet, or JSONL)")
     args = ap.parse_args()
-    cfg = from_params(DpoConfig, seeded(read_params("dpo"), args.seed, "dpo"), "dpo")
+    cfg = config.load("dpo", seed=args.seed)
     launch.ensure_ranks(cfg.ranks, "dpo")
     model, tokenizer = lora.load_policy(args.model_dir, args.sft_dir)
     fmt = PromptFormat(tokenizer)
-    rows = choose_rows(read_rows(args.train), cfg.prompts, cfg.seed)
-    valid_rows = choose_rows(read_rows(args.valid), cfg.valid_prompts, cfg.seed)
+    rows = choose_rows(read_split(args.train), cfg.prompts, cfg.seed)
+    valid_rows = choose_rows(read_split(args.valid), cfg.valid_prompts, cfg.seed)
     key = checkpoint.continuation_key("train_dpo", cfg, args.model_dir, args.sft_dir, args.train, args.valid)
     ckpt = checkpoint.Checkpoint(args.out_dir, key, cfg.checkpoint_every)
     seconds = {}

@@ -1,6 +1,6 @@
 """RL on top of the SFT adapter, rewarded by the AST check (rl.algo: rft or grpo).
 
-    python -m stages.train_rl models/base models/sft/s0 data/validated/train.jsonl models/sft_rl/s0 --seed 0 \
+    python -m stages.train_rl models/base models/sft/s0 data/validated/dataset/train.parquet models/sft_rl/s0 --seed 0 \
         --metrics metrics/train_rl/s0.json --live dvclive/train_rl/s0
 
 Reads params [rl] and its seed from ``--seed`` (dvc.yaml: once per seed of
@@ -18,23 +18,23 @@ its share of each batch.
 
 import contextlib
 
-from toolcall.bfcl.rows import read_rows
+from toolcall.bfcl.dataset import read_split
 from toolcall.calls.prompts import PromptFormat
 from toolcall.cli import continuation_parser
-from toolcall.config import RlConfig, from_params, seeded
+from toolcall import config
 from toolcall.errors import run_stage
-from toolcall.io import read_params, write_json, write_timings
+from toolcall.io import write_json, write_timings
 from toolcall.model import lora
 from toolcall.train import checkpoint, launch, rl
 
 
 def main():
     args = continuation_parser(__doc__, "train_rl").parse_args()
-    cfg = from_params(RlConfig, seeded(read_params("rl"), args.seed, "rl"), "rl")
+    cfg = config.load("rl", seed=args.seed)
     launch.ensure_ranks(cfg.ranks, "rl")
     model, tokenizer = lora.load_policy(args.model_dir, args.sft_dir)
     fmt = PromptFormat(tokenizer)
-    rows = read_rows(args.train)
+    rows = read_split(args.train)
     key = checkpoint.continuation_key("train_rl", cfg, args.model_dir, args.sft_dir, args.train)
     ckpt = checkpoint.Checkpoint(args.out_dir, key, every=1)  # after every round
     from dvclive import Live

@@ -1,7 +1,8 @@
 """LoRA supervised fine-tuning on the validated training split, its length chosen on the validation split.
 
-    python -m stages.train_sft models/base data/validated/train.jsonl models/sft/s0 --seed 0 \
-        --metrics metrics/train_sft/s0.json --live dvclive/train_sft/s0 --valid data/validated/valid.jsonl
+    python -m stages.train_sft models/base data/validated/dataset/train.parquet models/sft/s0 --seed 0 \
+        --metrics metrics/train_sft/s0.json --live dvclive/train_sft/s0 \
+        --valid data/validated/dataset/valid.parquet
 
 Reads params [sft] and its seed from ``--seed`` (dvc.yaml: once per seed of
 study.seeds). Loss on the completion (the calls) only when
@@ -17,11 +18,11 @@ may exceed max_seq_len: the stage fails rather than train on a cut target.
 On a CPU it runs as ``sft.ranks`` data-parallel processes (toolcall/train/launch.py).
 
 An ablation arm (stage ablation_train) passes ``--overrides SECTION``
-(dotted, repeatable, later ones win) whose keys replace [sft]'s and whose
-``style`` picks the prompt style (structured | content), e.g.
+(dotted, repeatable, later ones win) whose keys replace [sft]'s, ``style``
+(the prompt style, structured | content) among them, e.g.
 
-    python -m stages.train_sft models/base data/validated/train.jsonl models/ablations/format_content --seed 0 \
-        --overrides ablations.sft --overrides ablations.format.content \
+    python -m stages.train_sft models/base data/validated/dataset/train.parquet models/ablations/format_content \
+        --seed 0 --overrides ablations.sft --overrides ablations.format.content \
         --metrics metrics/ablations/train/format_content.json --live dvclive/ablations/format_content
 """
 
@@ -30,12 +31,14 @@ import contextlib
 import dataclasses
 import sys
 
-from toolcall.bfcl.rows import gold_calls, read_rows
+from toolcall.bfcl.dataset import read_split
+from toolcall.bfcl.rows import gold_calls
 from toolcall.calls.prompts import PromptFormat
 from toolcall.cli import add_seed
-from toolcall.config import SftConfig, epoch_steps, from_params, seeded
+from toolcall import config
+from toolcall.sections import epoch_steps
 from toolcall.errors import run_stage
-from toolcall.io import read_params, write_json, write_timings
+from toolcall.io import write_json, write_timings
 from toolcall.model import lora
 from toolcall.train import checkpoint, launch
 from toolcall.train.trainer import train_lora
@@ -49,22 +52,19 @@ def main():
     add_seed(ap)
     ap.add_argument("--metrics", required=True, help="e.g. metrics/train_sft/s0.json")
     ap.add_argument("--live", required=True, help="dvclive directory, e.g. dvclive/train_sft/s0")
-    ap.add_argument("--valid", help="validation rows (JSONL) that choose the step whose adapter is kept")
+    ap.add_argument("--valid",
+                    help="validation rows that choose the step whose adapter is kept (a split's .parquet, or JSONL)")
     ap.add_argument("--overrides", action="append", default=[], metavar="SECTION")
     args = ap.parse_args()
-    p = read_params("sft")
-    for section in args.overrides:
-        p.update(read_params(section))
-    style = p.pop("style", "structured")
-    name = " + ".join(["sft", *args.overrides])
-    cfg = from_params(SftConfig, seeded(p, args.seed, name), name)
-    launch.ensure_ranks(cfg.ranks, name)
+    cfg = config.load("sft", seed=args.seed, overrides=args.overrides)
+    style = cfg.style
+    launch.ensure_ranks(cfg.ranks, " + ".join(["sft", *args.overrides]))
     model, tokenizer = lora.load_model(args.model_dir)
     fmt = PromptFormat(tokenizer, style)
-    rows = read_rows(args.train)
+    rows = read_split(args.train)
     calls = [gold_calls(row["ground_truth"]) for row in rows]
     examples = [fmt.example(row, c) for row, c in zip(rows, calls)]
-    valid = [fmt.example(row, gold_calls(row["ground_truth"])) for row in read_rows(args.valid)] if args.valid else []
+    valid = [fmt.example(row, gold_calls(row["ground_truth"])) for row in read_split(args.valid)] if args.valid else []
     longest = max(len(t) for t, _ in examples + valid)
     if longest > cfg.max_seq_len:
         sys.exit(f"train_sft: an example has {longest} tokens > max_seq_len={cfg.max_seq_len}; "

@@ -11,16 +11,21 @@ source's rows past ``max_seq_len`` do not count). Test rows are never dropped: t
 test split is exactly what ``split`` wrote, so that every variant is scored on
 the same, complete set and n does not shrink silently; one bad test row fails
 the stage, naming it. Nothing is written when the stage fails.
+
+Writes <out_dir>/{train,valid,test,extra}.jsonl, and train, valid and test as a
+Hugging Face dataset, <out_dir>/dataset/ (one parquet file per split and a
+dataset card: toolcall.bfcl.dataset), which training and eval read.
 """
 
 import argparse
 
+from toolcall.bfcl.dataset import SPLITS, write_dataset
 from toolcall.bfcl.rows import read_rows
 from toolcall.bfcl.validate import excess_drops, validate_rows
 from toolcall.calls.prompts import PromptFormat
-from toolcall.config import ValidateConfig, from_params
+from toolcall import config
 from toolcall.errors import DataError, run_stage
-from toolcall.io import read_params, write_json, write_jsonl
+from toolcall.io import write_json, write_jsonl
 
 
 def main():
@@ -30,7 +35,7 @@ def main():
     ap.add_argument("out_dir")
     ap.add_argument("metrics")
     args = ap.parse_args()
-    p = from_params(ValidateConfig, read_params("validate"), "validate")
+    p = config.load("validate")
     from mlx_lm.utils import load_tokenizer
 
     fmt = PromptFormat(load_tokenizer(args.model_dir))
@@ -51,6 +56,8 @@ def main():
             raise DataError(f"{args.split_dir}/{split}.jsonl: validation dropped {fraction:.1%} of the {source} "
                             f"rows > validate.max_drop_fraction {p.max_drop_fraction:.1%} ({reasons}); "
                             "the data or the template is broken: see the reasons")
+    # First: a row the dataset's columns cannot hold fails the stage before anything is written.
+    write_dataset(f"{args.out_dir}/dataset", {split: kept[split] for split in SPLITS})
     for split, rows in kept.items():
         write_jsonl(f"{args.out_dir}/{split}.jsonl", rows)
     write_json(args.metrics, metrics)

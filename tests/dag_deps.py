@@ -52,7 +52,7 @@ def imported_modules(path, root=ROOT):
                 base += node.module.split(".")
             module = ".".join(base)
             names.append(module)
-            # `from toolcall import data` imports the module toolcall.data.
+            # `from toolcall import config` imports the module toolcall.config.
             names += [f"{module}.{alias.name}" for alias in node.names]
     found = set()
     for name in names:

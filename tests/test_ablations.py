@@ -196,7 +196,9 @@ def test_best_of_n_records_score_the_choice_and_the_oracle():
         (2, False, True, 1), (1, False, False, 0)]  # the gold width is 2.0: sample 3 was right, sample 2 was kept
     m = scaffold.best_of_n_summary(records, {"q1": True, "q2": False})
     assert m["overall"]["correct"] == 0 and m["oracle"]["correct"] == 1
-    assert m["vs_greedy"]["only_base"] == 1 and m["chosen_by"] == {"schema": 1, "vote": 1}
+    assert m["paired"] == {"before": "greedy", "after": "best_of_n", "both_correct": 0, "only_before": 1,
+                           "only_after": 0, "both_wrong": 1}
+    assert m["chosen_by"] == {"schema": 1, "vote": 1} and "p_value" not in json.dumps(m)
 
 
 def test_first_per_category_keeps_file_order():
@@ -226,7 +228,8 @@ def test_json_repair_fixes_broken_outputs_and_counts_them(name):
     assert new[0]["changed"] and new[0]["valid"]
     m = scaffold.repair_summary(greedy, new)
     assert m["repair"] == {"malformed_json_before": 1, "changed": 1, "changed_and_correct": 1}
-    assert m["vs_greedy"]["only_other"] == 1
+    assert m["paired"] == {"before": "greedy", "after": "json_repair", "both_correct": 0, "only_before": 0,
+                           "only_after": 1, "both_wrong": 0}
 
 
 def test_json_repair_leaves_valid_and_tagless_outputs_alone():
@@ -276,12 +279,16 @@ def test_claims_are_rendered_with_holm_over_the_whole_family():
     assert lines[2].startswith("- weak: **inconclusive**") and "MDE 5.6 pts" in lines[2]
 
 
-def test_scaffold_table_rebuilds_the_paired_table_from_metrics():
+def test_scaffold_table_reads_the_stored_table_and_checks_it_against_the_arm():
     # Best-of-N on 60 items: 19 correct, 4 lost and 1 gained against greedy -> 18 both, 37 neither.
-    m = {"overall": {"n": 60, "correct": 19}, "vs_greedy": {"n": 60, "only_base": 4, "only_other": 1}}
-    assert scaffold_table(m) == (18, 4, 1, 37)
-    with pytest.raises(ValueError):
-        scaffold_table({**m, "overall": {"n": 200, "correct": 19}})
+    stored = {"overall": {"n": 60, "correct": 19},
+              "paired": {"before": "greedy", "after": "best_of_n", "both_correct": 18, "only_before": 4,
+                         "only_after": 1, "both_wrong": 37}}
+    assert scaffold_table(stored) == (18, 4, 1, 37)
+    with pytest.raises(ValueError):  # a table over other items than the arm's
+        scaffold_table({**stored, "overall": {"n": 200, "correct": 19}})
+    with pytest.raises(ValueError):  # a stored table that disagrees with the arm's own count
+        scaffold_table({**stored, "overall": {"n": 60, "correct": 20}})
 
 
 def test_ablation_sections_render(tmp_path):

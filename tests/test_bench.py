@@ -47,7 +47,7 @@ def work(tmp_path_factory):
 
 def test_bench_writes_every_headline_key_and_a_section_alone_merges(work):
     table = bench(work, "bench/bench.py", "--only", "train,eval", "--train-steps", "2", "--dp-steps", "2",
-                  "--no-profile", "--eval-items", "4", "--sequential-items", "2", "--max-tokens", "8")
+                  "--eval-items", "4", "--sequential-items", "2", "--max-tokens", "8")
     r = json.loads((work / "bench.json").read_text())
     assert r["train_speedup_vs_mlx_lm"] > 0 and r["train"]["ranks"] == 2
     assert r["dp_ranks"] == 2 and r["dp_loss_max_abs_diff"] < 1e-3  # two ranks, the losses of one process

@@ -7,13 +7,12 @@ import pytest
 import yaml
 from configs import PARAMS, config, section
 
-from toolcall.config import (AblationSplitConfig, ConfigError, DataConfig, DiversityConfig, DpoConfig, EvalConfig, ExtraDataConfig, ReportConfig, RlConfig, ScaffoldConfig, SftConfig, SplitConfig, StudyConfig, ValidateConfig, categories, extra_sources, from_params, seeded)
+from toolcall import config as toolcall_config
+from toolcall.config import (ConfigError, DataConfig, DiversityConfig, DpoConfig, EvalConfig, ExtraDataConfig,
+                             ModelConfig, ReportConfig, RlConfig, ScaffoldConfig, SftConfig, SplitConfig, StudyConfig,
+                             ValidateConfig, from_params, seeded)
 
-SECTIONS = [(DataConfig, "data"), (SplitConfig, "split"), (ValidateConfig, "validate"), (SftConfig, "sft"),
-            (EvalConfig, "eval"), (DpoConfig, "dpo"), (RlConfig, "rl"), (ScaffoldConfig, "ablations.scaffold"),
-            (AblationSplitConfig, "ablations.unseen_tools"), (AblationSplitConfig, "ablations.unseen_patterns"),
-            (DiversityConfig, "ablations.diversity"), (ExtraDataConfig, "ablations.extra"), (ReportConfig, "report"),
-            (StudyConfig, "study")]
+SECTIONS = [(cls, name) for name, cls in toolcall_config.SECTIONS.items()]  # every section load() reads
 
 
 @pytest.mark.parametrize("cls, name", SECTIONS)
@@ -39,8 +38,7 @@ def test_training_configs_share_the_loop_settings():
     # The ablation arms replace [sft] keys with their own sections, as stage ablation_train does.
     arms = section("ablations.format")
     for arm in arms.values():
-        overrides = {**section("ablations.sft"), **{k: v for k, v in arm.items() if k != "style"}}
-        config(SftConfig, "sft", **overrides)
+        config(SftConfig, "sft", **{**section("ablations.sft"), **arm})
 
 
 def smoke_params():
@@ -94,7 +92,7 @@ def test_a_missing_key_is_an_error_not_a_hidden_default():
     (SftConfig, "sft", "iters", "many", r"sft\]\.iters='many': expected int"),
     (SftConfig, "sft", "iters", True, r"sft\]\.iters=True: expected int"),
     (SftConfig, "sft", "mask_prompt", "yes", r"mask_prompt='yes': expected bool"),
-    (SftConfig, "sft", "warmup", -1, r"\[sft\]: warmup=-1 must be in \[0, iters\)"),
+    (SftConfig, "sft", "warmup", -1, r"\[sft\]: warmup=-1 must be >= 0"),
     (SftConfig, "sft", "iters", 0, r"\[sft\]: iters=0 must be >= 1"),
     (SftConfig, "sft", "epochs", 3.0, r"\[sft\]: iters=300, epochs=3.0: set exactly one"),
     (SftConfig, "sft", "iters", None, r"\[sft\]: iters=None, epochs=None: set exactly one"),
@@ -105,7 +103,7 @@ def test_a_missing_key_is_an_error_not_a_hidden_default():
     (DpoConfig, "dpo", "lora_rank", 8, r"\[dpo\].*unknown keys \['lora_rank'\]"),  # the shape is the SFT adapter's
     (DpoConfig, "dpo", "epochs", 0, r"\[dpo\]: epochs=0.0 must be > 0"),
     (DpoConfig, "dpo", "valid_prompts", 0, r"\[dpo\]: valid_prompts=0 must be >= 1"),
-    (DpoConfig, "dpo", "steps_per_eval", -2, r"\[dpo\]: steps_per_eval=-2 must be 0"),
+    (DpoConfig, "dpo", "steps_per_eval", -2, r"\[dpo\]: steps_per_eval=-2 must be >= 0 \(0: at the end only\)"),
     (RlConfig, "rl", "algo", "ppo", r"\[rl\].*algo"),
     (RlConfig, "rl", "min_reward", 2.0, r"\[rl\].*min_reward"),
     (DataConfig, "data", "source", "ftp", r"\[data\]: source='ftp' must be one of"),
@@ -146,6 +144,17 @@ def test_a_missing_key_is_an_error_not_a_hidden_default():
     (SftConfig, "sft", "seed", -1, r"\[sft\]: seed=-1 must be >= 0"),
     (DpoConfig, "dpo", "seed", -2, r"\[dpo\]: seed=-2 must be >= 0"),
     (RlConfig, "rl", "seed", -3, r"\[rl\]: seed=-3 must be >= 0"),
+    (SftConfig, "sft", "style", "json", r"\[sft\]: style='json' must be one of \('structured', 'content'\)"),
+    (SftConfig, "sft", "lora_dropout", 1.0, r"\[sft\]: lora_dropout=1.0 must be in \[0, 1\)"),
+    (RlConfig, "rl", "clip_eps", 0, r"\[rl\]: clip_eps=0.0 must be > 0"),
+    (RlConfig, "rl", "temperature", 0, r"\[rl\]: temperature=0.0 must be > 0 \(0 is greedy"),
+    (SplitConfig, "split", "train_per_category", 0, r"\[split\]: train_per_category=0 must be >= 1"),
+    (ModelConfig, "model", "sourc", "local", r"\[model\]: unknown keys \['sourc'\]"),
+    (ModelConfig, "model", "source", "ftp", r"\[model\]: source='ftp' must be one of \('gguf_wheel', 'hub', 'local'\)"),
+    (ModelConfig, "model", "dtype", "int4", r"\[model\]: dtype='int4' must be one of"),
+    (ModelConfig, "model", "source", "local", r"\[model\]: source 'local' needs \['path'\]"),
+    (ModelConfig, "model", "source", "hub", r"\[model\]: source 'hub' needs \['repo'\]"),
+    (ModelConfig, "model", "revision", 3, r"\[model\]\.revision=3: expected str or null"),
 ])
 def test_impossible_params_are_refused_with_the_key(cls, name, key, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -167,13 +176,41 @@ def test_an_int_is_accepted_where_a_float_is_expected():
     assert cfg.lora_scale == 4.0 and isinstance(cfg.lora_scale, float)
 
 
-def test_stages_reading_only_the_categories_check_them_too():
-    assert categories(["simple"]) == ["simple"]
-    with pytest.raises(ConfigError, match=r"\[data\]: categories="):
-        categories("simple")
-    assert extra_sources([]) == [] and extra_sources(["exec_simple"]) == ["exec_simple"]
-    with pytest.raises(ConfigError, match=r"\[data\]: extra='exec_simple' must be a list of distinct"):
-        extra_sources("exec_simple")
+def test_a_model_section_needs_every_key_even_those_of_other_sources():
+    """No hidden defaults for [model] either: a source's unused keys are in params.yaml, null."""
+    values = section("model")
+    del values["revision"]
+    with pytest.raises(ConfigError, match=r"\[model\]: missing keys \['revision'\]"):
+        from_params(ModelConfig, values, "model")
+    assert config(ModelConfig, "model", source="local", path="/some/dir").path == "/some/dir"
+
+
+def test_load_reads_every_section_of_params_yaml():
+    """One loader: every section's name gives its checked dataclass; the training ones take the run's seed."""
+    top = set(yaml.safe_load(PARAMS.read_text())) - {"ablations"}
+    loaded = {name.split(".")[0] for name in toolcall_config.SECTIONS}
+    assert top <= loaded, f"params.yaml sections no class reads: {sorted(top - loaded)}"
+    for name, cls in toolcall_config.SECTIONS.items():
+        seed = 5 if name in toolcall_config.SEEDED else None
+        cfg = toolcall_config.load(name, seed=seed, path=PARAMS)
+        assert isinstance(cfg, cls) and (seed is None or cfg.seed == seed)
+    with pytest.raises(TypeError, match="seed"):
+        toolcall_config.load("sft", path=PARAMS)  # a training section needs the stage's --seed
+    with pytest.raises(TypeError, match="seed"):
+        toolcall_config.load("eval", seed=0, path=PARAMS)
+
+
+def test_load_applies_overrides_and_names_them(tmp_path):
+    """train_sft's --overrides: later sections' keys replace [sft]'s; a bad one is named with them."""
+    arm = toolcall_config.load("sft", seed=0, overrides=["ablations.sft", "ablations.format.content"], path=PARAMS)
+    assert (arm.iters, arm.style, arm.mask_prompt) == (section("ablations.sft")["iters"], "content", False)
+    params = yaml.safe_load(PARAMS.read_text())
+    params["ablations"]["sft"]["learning_rate"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=r"\[sft \+ ablations\.sft\]: learning_rate=2\.0 must be in \(0, 1\)"):
+        toolcall_config.load("sft", seed=0, overrides=["ablations.sft"], path=tmp_path / "params.yaml")
+    with pytest.raises(ConfigError, match=r"has no \[ablations\.nothing\] section"):
+        toolcall_config.load("sft", seed=0, overrides=["ablations.nothing"], path=PARAMS)
 
 
 @pytest.mark.parametrize("name", ["sft", "dpo", "rl"])

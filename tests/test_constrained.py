@@ -256,7 +256,9 @@ def test_constrained_summary_and_its_report_row():
     greedy = [{"id": "q0", "raw": "x", "valid": False}, {"id": "q1", "raw": "y", "valid": True},
               {"id": "q2", "raw": "z", "valid": False}]
     m = scaffold.constrained_summary(rows, records, greedy, [("x", 7), ("other", 8), ("z", 9)])
-    assert m["overall"]["correct"] == 2 and m["vs_greedy"] == {**m["vs_greedy"], "only_base": 1, "only_other": 2}
+    assert m["overall"]["correct"] == 2 and m["paired"] == {"before": "greedy", "after": "constrained",
+                                                            "both_correct": 0, "only_before": 1, "only_after": 2,
+                                                            "both_wrong": 0}
     assert m["constrained"] == {"finished_at_max_tokens": 1, "unparseable": 0, "unoffered_names": 0,
                                 "generated_tokens": 90, "unconstrained_tokens": 24, "unconstrained_same_as_greedy": 2}
     lines = scaffold_section({"constrained": {"sft": m}}, {"sft": m},

@@ -180,7 +180,7 @@ def tiny(tmp_path_factory):
 
 
 def test_missing_and_truncated_model_files(tiny, tmp_path):
-    params = {"model": {"source": "local", "dtype": "float32", "path": str(tmp_path / "nowhere")}}
+    params = {"model": {**PARAMS["model"], "source": "local", "dtype": "float32", "path": str(tmp_path / "nowhere")}}
     msg = one_line_error(stage("fetch_model", "--out", tmp_path / "base", cwd=tmp_path, params=params), "fetch_model")
     assert msg == f"fetch_model: {tmp_path / 'nowhere'}: model directory does not exist; fix model.path in params.yaml"
     model = shutil.copytree(tiny, tmp_path / "model")

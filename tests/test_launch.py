@@ -133,7 +133,7 @@ def test_ranks_that_do_not_match_the_params_or_each_other_are_an_error(tmp_path,
 def test_killing_the_launcher_kills_its_ranks(tmp_path):
     if sys.platform != "linux":
         pytest.skip("ranks follow their launcher through Linux's PR_SET_PDEATHSIG")
-    code = ("import sys; from toolcall import launch; "
+    code = ("import sys; from toolcall.train import launch; "
             f"sys.exit(launch.run_ranks(2, [sys.executable, {str(JOBS)!r}, 'pid_then_sleep', {str(tmp_path)!r}]))")
     launcher = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     pidfiles = [tmp_path / "pid0", tmp_path / "pid1"]

@@ -15,13 +15,14 @@ from tiny_model import make_tiny_model
 from toolcall.bfcl.rows import gold_calls
 from toolcall.calls.prompts import PromptFormat, TOOL_PARSER, TOOL_TEMPLATE, tool_specs
 from toolcall.model.fetch import fetch_model
+from test_modelio import model_config
 from test_data import fixture_rows
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     source = make_tiny_model(tmp_path_factory.mktemp("source"))
-    fetched = fetch_model({"source": "local", "dtype": "float32", "path": str(source)}, tmp_path_factory.mktemp("m") / "base")
+    fetched = fetch_model(model_config(source="local", path=str(source)), tmp_path_factory.mktemp("m") / "base")
     return source, fetched
 
 
@@ -49,7 +50,7 @@ def test_fetched_directory_carries_tool_template_and_parser(dirs):
 def test_a_template_that_renders_tools_is_kept(tmp_path):
     from test_prompts_validate import NATIVE
 
-    out = fetch_model({"source": "local", "dtype": "float32", "path": str(make_tiny_model(tmp_path / "src", chat_template=NATIVE))},
+    out = fetch_model(model_config(source="local", path=str(make_tiny_model(tmp_path / "src", chat_template=NATIVE))),
                       tmp_path / "base")
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["chat_template"] == NATIVE and "tool_parser_type" not in config

@@ -1,4 +1,4 @@
-"""Fast offline tests of toolcall.modelio on a tiny random llama (no network, no real model)."""
+"""Fast offline tests of toolcall.model.fetch and toolcall.model.gguf on a tiny random llama (no network, no real model)."""
 
 import json
 import re
@@ -15,13 +15,14 @@ from mlx_lm import load
 from mlx_lm.utils import quantize_model, save_config, save_model
 
 from toolcall.calls.prompts import PromptFormat, TOOL_TEMPLATE
-from toolcall.config import ConfigError
+from toolcall.config import ConfigError, ModelConfig, from_params
 from toolcall.errors import ModelError
 from toolcall.model.fetch import fetch_model
 from toolcall.model.gguf import convert_gguf, gguf_to_hf, llama_config, unpermute_qk
 from toolcall.wheels import sha256_file
 
 sys.path.insert(0, str(Path(__file__).parent))
+from configs import config  # noqa: E402
 from tiny_model import SPECIAL_TOKENS, make_tiny_model  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -111,7 +112,12 @@ def write_wheel(cache, gguf):
     wheel.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.write(gguf, "tiny_gguf/tiny.gguf")
-    return {"source": "gguf_wheel", "dtype": "float32", "wheel": "tiny-gguf==0.1", "sha256": sha256_file(wheel), "member": "tiny_gguf/tiny.gguf"}
+    return model_config(source="gguf_wheel", wheel="tiny-gguf==0.1", sha256=sha256_file(wheel), member="tiny_gguf/tiny.gguf")
+
+
+def model_config(dtype="float32", **keys):
+    """params.yaml's [model] with ``keys`` (and float32) in place of its own: checked as the stage checks it."""
+    return config(ModelConfig, "model", dtype=dtype, **keys)
 
 
 def logits(model_dir):
@@ -157,7 +163,7 @@ def test_gguf_wheel_converts_to_same_model(tiny, cache, tmp_path):
     assert tok_config["chat_template"] and tok_config["pad_token"] == "<|im_end|>"
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     record = json.loads((out / "toolcall_source.json").read_text())
-    assert record["sha256"] == cfg["sha256"] and record["dtype"] == "float32"
+    assert record["sha256"] == cfg.sha256 and record["dtype"] == "float32"
     assert record["parameters"] == sum(v.size for v in mx.load(str(tiny / "model.safetensors")).values())
     assert not (out / "source.gguf").exists()
 
@@ -213,7 +219,7 @@ def test_gguf_keep_stays_quantized_and_loads(tiny, tmp_path):
 
 
 def test_local_source_loads_and_records(tiny, tmp_path):
-    out = fetch_model({"source": "local", "dtype": "float32", "path": str(tiny)}, tmp_path / "out")
+    out = fetch_model(model_config(source="local", path=str(tiny)), tmp_path / "out")
     assert mx.allclose(logits(out), logits(tiny), atol=1e-6)
     for name in ("config.json", "model.safetensors", *TOKENIZER_FILES):
         assert (out / name).exists(), name
@@ -225,7 +231,7 @@ def test_local_source_loads_and_records(tiny, tmp_path):
 
 
 def test_local_bfloat16(tiny, tmp_path):
-    out = fetch_model({"source": "local", "path": str(tiny), "dtype": "bfloat16"}, tmp_path / "out")
+    out = fetch_model(model_config(source="local", path=str(tiny), dtype="bfloat16"), tmp_path / "out")
     assert {v.dtype for v in mx.load(str(out / "model.safetensors")).values()} == {mx.bfloat16}
 
 
@@ -238,7 +244,7 @@ def test_local_quantized_source_is_dequantized_to_float32(tiny, tmp_path):
     for name in TOKENIZER_FILES:
         shutil.copy(tiny / name, quantized)
 
-    out = fetch_model({"source": "local", "dtype": "float32", "path": str(quantized)}, tmp_path / "out")
+    out = fetch_model(model_config(source="local", path=str(quantized)), tmp_path / "out")
     assert "quantization" not in json.loads((out / "config.json").read_text())
     weights = mx.load(str(out / "model.safetensors"))
     assert {v.dtype for v in weights.values()} == {mx.float32}
@@ -251,29 +257,29 @@ def test_local_quantized_source_is_dequantized_to_float32(tiny, tmp_path):
 
 def test_unknown_key_rejected():
     with pytest.raises(ConfigError, match=r"unknown keys \['sourc'\]"):
-        fetch_model({"sourc": "local"}, "/nonexistent")
+        from_params(ModelConfig, {"sourc": "local"}, "model")
     with pytest.raises(ConfigError, match=r"needs \['path'\]"):
-        fetch_model({"source": "local", "dtype": "float32"}, "/nonexistent")
+        model_config(source="local")
 
 
 def test_corrupt_safetensors_named(tiny, tmp_path):
     (tiny / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ModelError, match=r"model\.safetensors.*not a readable safetensors"):
-        fetch_model({"source": "local", "dtype": "float32", "path": str(tiny)}, tmp_path / "out")
+        fetch_model(model_config(source="local", path=str(tiny)), tmp_path / "out")
 
 
 @pytest.mark.parametrize("missing", ["tokenizer.json", "config.json", "model.safetensors"])
 def test_missing_file_named(tiny, tmp_path, missing):
     (tiny / missing).unlink()
     with pytest.raises(ModelError, match=rf"{re.escape(str(tiny))}: missing {missing.split('.')[0]}"):
-        fetch_model({"source": "local", "dtype": "float32", "path": str(tiny)}, tmp_path / "out")
+        fetch_model(model_config(source="local", path=str(tiny)), tmp_path / "out")
 
 
 def test_config_weight_shape_mismatch(tiny, tmp_path):
     config = json.loads((tiny / "config.json").read_text())
     (tiny / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
     with pytest.raises(ModelError, match=r"(?s)tiny.*shape.*mlp"):
-        fetch_model({"source": "local", "dtype": "float32", "path": str(tiny)}, tmp_path / "out")
+        fetch_model(model_config(source="local", path=str(tiny)), tmp_path / "out")
 
 
 def test_gguf_metadata_mismatch_named(tiny, tmp_path):
@@ -303,7 +309,7 @@ def test_existing_out_dir_replaced(tiny, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    fetch_model({"source": "local", "dtype": "float32", "path": str(tiny)}, out)
+    fetch_model(model_config(source="local", path=str(tiny)), out)
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -320,7 +326,7 @@ def test_hub_source_uses_snapshot(tiny, tmp_path, monkeypatch):
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    out = fetch_model({"source": "hub", "dtype": "float32", "repo": "someone/tiny", "revision": "v1"}, tmp_path / "out")
+    out = fetch_model(model_config(source="hub", repo="someone/tiny", revision="v1"), tmp_path / "out")
     assert calls[0][:2] == ("someone/tiny", "v1") and "model*.safetensors" in calls[0][2]
     assert json.loads((out / "toolcall_source.json").read_text())["reference"] == "someone/tiny@0123abc"
     assert mx.allclose(logits(out), logits(tiny), atol=1e-6)

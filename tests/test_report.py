@@ -1,5 +1,5 @@
 """The main study's report over seeds: Table 1's means and spreads, each seed paired with its own start,
-the wrong_count share, and the rendered report (toolcall/report.py, stages/report.py)."""
+the wrong_count share, and the rendered report (toolcall/report/main.py, stages/report.py)."""
 
 import json
 import os

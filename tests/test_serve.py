@@ -17,6 +17,7 @@ from tiny_model import make_tiny_model
 
 from toolcall.calls.prompts import PromptFormat
 from toolcall.model.fetch import fetch_model
+from test_modelio import model_config
 from toolcall.serve.server import ServerError, ask, client, mlx_server, response_calls
 
 
@@ -24,7 +25,7 @@ from toolcall.serve.server import ServerError, ask, client, mlx_server, response
 def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     source, _ = train_tool_caller(make_tiny_model(tmp / "random"), tmp / "tuned")
-    model_dir = fetch_model({"source": "local", "dtype": "float32", "path": str(source)}, tmp / "base")
+    model_dir = fetch_model(model_config(source="local", path=str(source)), tmp / "base")
     with mlx_server(model_dir, log_path=tmp / "server.log") as url:
         response = ask(client(url, timeout=60), {"messages": MESSAGES, "functions": FUNCTIONS}, 120, logprobs=True)
     return source, model_dir, response

@@ -1,4 +1,5 @@
-"""The paired statistics against published and hand-computed cases (toolcall/stats.py, toolcall/report/paired.py).
+"""The paired statistics against published and hand-computed cases (toolcall/stats.py, toolcall/report/paired.py,
+toolcall/report/crossed.py).
 
 One run per variant: Newcombe's interval, McNemar, TOST, Connor's MDE, Holm. Several seeds: the crossed
 items x seeds analysis (t with Satterthwaite's df), checked against hand-worked designs.
@@ -15,8 +16,11 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from toolcall.report.paired import (Crossed, adjusted_verdict, compare, compare_seeds, compare_table, crossed_difference, crossed_tests, family_holm, holm, minimum_detectable_difference, newcombe_interval, newcombe_phi, one_sided_p, paired_table, t_cdf, t_quantile, tost_p, verdict)
-from toolcall.stats import mcnemar_exact, wilson
+from toolcall.report.crossed import Crossed, compare_seeds, crossed_difference, crossed_tests, t_cdf, t_quantile
+from toolcall.report.paired import (adjusted_verdict, compare, compare_table, family_holm, holm, mcnemar_exact,
+                                    minimum_detectable_difference, newcombe_interval, newcombe_phi, one_sided_p,
+                                    tost_p, verdict)
+from toolcall.stats import paired_table, record_table, table_record, wilson
 
 Z95 = 1.959963984540054  # NormalDist().inv_cdf(0.975)
 Z80 = 0.8416212335729143  # NormalDist().inv_cdf(0.8)
@@ -97,6 +101,15 @@ def test_paired_table_counts_shared_ids_only():
     assert paired_table(base, other) == (1, 1, 1, 1)
     c = compare(base, other, 0.05, 0.05, 0.8)
     assert (c.n, c.only_base, c.only_other, c.delta) == (4, 1, 1, 0.0)
+
+
+def test_a_stored_table_record_names_its_arms_and_reads_back():
+    before = {"a": True, "b": True, "c": False, "d": False, "e": False}
+    after = {"a": True, "b": False, "c": True, "d": True, "e": False}
+    record = table_record(before, after, "greedy", "best_of_n")
+    assert record == {"before": "greedy", "after": "best_of_n", "both_correct": 1, "only_before": 1,
+                      "only_after": 2, "both_wrong": 1}
+    assert record_table(record) == paired_table(before, after) == (1, 1, 2, 1)
 
 
 def test_the_exact_mcnemar_p_is_kept():

@@ -2,8 +2,8 @@
 
 Every error a user can cause and fix — a malformed data row, a corrupt model
 file, an output path that cannot be written, a bad param — is a ``UserError``
-(or a subclass: ``DataError``, ``ModelError``, ``FetchError``, ``WriteError``;
-config errors subclass it too). Its message names the file, row or key and says
+(or a subclass: ``DataError``, ``ConfigError``, ``ModelError``, ``FetchError``,
+``WriteError``). Its message names the file, row or key and says
 what to do. A stage's ``main`` runs under ``run_stage``, which prints such an
 error as one line, ``<stage>: <message>``, and exits 1; anything else is a bug
 and keeps its traceback.
@@ -19,6 +19,10 @@ class UserError(Exception):
 
 class DataError(UserError, ValueError):
     """Input data that cannot be used; the message says which file and row."""
+
+
+class ConfigError(UserError, ValueError):
+    """A params.yaml section that cannot be used; the message names the key (toolcall.config)."""
 
 
 class ModelError(UserError):

@@ -1,4 +1,4 @@
-"""Atomic file and directory writes, JSONL and params helpers: a crash never leaves half a file.
+"""Atomic file and directory writes and JSONL helpers: a crash never leaves half a file.
 
 A write that fails (disk full, no permission) or is interrupted leaves the
 file as it was before, and is reported as one ``WriteError`` naming the path.
@@ -175,19 +175,6 @@ def timings_path(metrics_path):
 
 def write_timings(metrics_path, timings):
     write_json(timings_path(metrics_path), timings)
-
-
-def read_params(section, path="params.yaml"):
-    """One section of params.yaml (stages read only their own); dotted for a nested one: ``ablations.format.content``."""
-    import yaml
-
-    with open(path) as f:
-        params = yaml.safe_load(f) or {}
-    for key in section.split("."):
-        if not isinstance(params, dict) or key not in params:
-            raise KeyError(f"{path} has no [{section}] section")
-        params = params[key]
-    return params
 
 
 def run_path(root, variant, seed, suffix=""):

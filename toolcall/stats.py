@@ -1,6 +1,15 @@
-"""Confidence intervals and paired tests for accuracies on a few hundred items."""
+"""Accuracy intervals and paired tables: what the eval and ablation stages compute and store.
+
+No test of a difference lives here: the reports judge every paired table
+(p-values, intervals, verdicts) in ``toolcall/report/paired.py``, a file
+only the report stages depend on, so changing how they judge does not make
+DVC retrain or re-evaluate.
+"""
 
 import math
+
+# A stored paired table's cells, in the order of the tuple ``(both, only_before, only_after, neither)``.
+TABLE_CELLS = ("both_correct", "only_before", "only_after", "both_wrong")
 
 
 def wilson(k, n, z=1.959964):
@@ -14,27 +23,25 @@ def wilson(k, n, z=1.959964):
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def mcnemar_exact(b, c):
-    """Two-sided exact McNemar p-value from the discordant counts.
+def paired_table(before, after):
+    """``(both, only_before, only_after, neither)`` over the ids two ``{id: correct}`` maps share."""
+    ids = set(before) & set(after)
+    both = sum(1 for i in ids if before[i] and after[i])
+    only_before = sum(1 for i in ids if before[i] and not after[i])
+    only_after = sum(1 for i in ids if after[i] and not before[i])
+    return both, only_before, only_after, len(ids) - both - only_before - only_after
 
-    ``b``: items right under A and wrong under B; ``c``: the reverse. Under the
-    null each discordant item is a fair coin, so p = P(Binomial(b+c, 1/2) as
-    extreme as observed), doubled and capped at 1.
+
+def table_record(before, after, before_name, after_name):
+    """The paired table of two ``{id: correct}`` maps as a metrics record that names the two arms.
+
+    ``{"before": before_name, "after": after_name, "both_correct": .., "only_before": .., "only_after": ..,
+    "both_wrong": ..}``: the counts over the ids both maps hold, from which the report computes every
+    p-value, interval and verdict (``record_table`` reads it back).
     """
-    n = b + c
-    if n == 0:
-        return 1.0
-    k = min(b, c)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return min(1.0, 2 * tail)
+    return {"before": before_name, "after": after_name, **dict(zip(TABLE_CELLS, paired_table(before, after)))}
 
 
-def paired_comparison(base, other):
-    """Compare two ``{id: correct}`` maps on their shared ids."""
-    ids = sorted(set(base) & set(other))
-    b = sum(1 for i in ids if base[i] and not other[i])
-    c = sum(1 for i in ids if other[i] and not base[i])
-    n = len(ids)
-    delta = (sum(other[i] for i in ids) - sum(base[i] for i in ids)) / n if n else 0.0
-    return {"n": n, "delta": round(delta, 4), "only_base": b, "only_other": c,
-            "p_value": round(mcnemar_exact(b, c), 4)}
+def record_table(record):
+    """The ``(both, only_before, only_after, neither)`` tuple of a ``table_record``."""
+    return tuple(record[cell] for cell in TABLE_CELLS)

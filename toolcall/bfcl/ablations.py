@@ -33,17 +33,15 @@ from collections import defaultdict
 from toolcall.bfcl import CATEGORIES
 from toolcall.bfcl.rows import is_extra
 from toolcall.bfcl.split import add_extra, split_rows, with_sources
-from toolcall.config import AblationSplitConfig, DiversityConfig, ExtraDataConfig
 from toolcall.errors import DataError
 
 PATTERN_TEST = ("parallel_multiple",)
 PATTERN_TRAIN = ("simple", "multiple", "parallel")
 DIVERSITY = {"diversity_low": ("simple",), "diversity_high": CATEGORIES}
-# params.yaml [ablations.<section>] each split reads.
-SECTIONS = {"unseen_tools": ("unseen_tools", AblationSplitConfig),
-            "unseen_patterns": ("unseen_patterns", AblationSplitConfig),
-            "diversity_low": ("diversity", DiversityConfig), "diversity_high": ("diversity", DiversityConfig),
-            "extra_with": ("extra", ExtraDataConfig)}
+# params.yaml [ablations.<section>] each split reads (toolcall.config.load: AblationSplitConfig,
+# DiversityConfig, ExtraDataConfig).
+SECTIONS = {"unseen_tools": "unseen_tools", "unseen_patterns": "unseen_patterns", "diversity_low": "diversity",
+            "diversity_high": "diversity", "extra_with": "extra"}
 
 
 def budget_subset(rows, budget, seed, categories):

@@ -55,23 +55,32 @@ def read_rows(*paths, allow_empty=False):
     """
     rows, first_seen = [], {}
     for path in paths:
-        file_rows = read_jsonl(path)
-        if not file_rows and not allow_empty:
-            raise DataError(f"{path}: no rows; rerun the stage that writes it (dvc repro) or fix its params")
-        for n, row in enumerate(file_rows, 1):
-            where = f"{path}: row {n}"
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: not a JSON object; fix or regenerate the file (dvc repro)")
-            missing = [k for k in ROW_FIELDS if k not in row]
-            if missing:
-                raise DataError(f"{where} (id {row.get('id', '?')}) lacks {', '.join(missing)}; "
-                                "fix or regenerate the file (dvc repro)")
-            if row["id"] in first_seen:
-                raise DataError(f"{where}: duplicate id {row['id']} (first in {first_seen[row['id']]}); "
-                                "ids must be unique: remove or rename one")
-            first_seen[row["id"]] = where
-        rows += file_rows
+        rows += check_rows(path, read_jsonl(path), first_seen, allow_empty)
     return rows
+
+
+def check_rows(path, file_rows, first_seen=None, allow_empty=False):
+    """``file_rows`` (read from ``path``) if every one is usable as a row (``read_rows``' checks), else a ``DataError``.
+
+    ``first_seen`` maps the ids of files read before to where they were: ids
+    must be unique across them too.
+    """
+    first_seen = {} if first_seen is None else first_seen
+    if not file_rows and not allow_empty:
+        raise DataError(f"{path}: no rows; rerun the stage that writes it (dvc repro) or fix its params")
+    for n, row in enumerate(file_rows, 1):
+        where = f"{path}: row {n}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: not a JSON object; fix or regenerate the file (dvc repro)")
+        missing = [k for k in ROW_FIELDS if k not in row]
+        if missing:
+            raise DataError(f"{where} (id {row.get('id', '?')}) lacks {', '.join(missing)}; "
+                            "fix or regenerate the file (dvc repro)")
+        if row["id"] in first_seen:
+            raise DataError(f"{where}: duplicate id {row['id']} (first in {first_seen[row['id']]}); "
+                            "ids must be unique: remove or rename one")
+        first_seen[row["id"]] = where
+    return file_rows
 
 
 def load_categories(data_dir, categories=CATEGORIES, extra=()):

@@ -9,9 +9,12 @@ most frequent one; the choice reads ``row["functions"]`` and nothing else, so
 it is usable at inference time. Scoring every sample gives the oracle pass@N
 (any of N correct), an upper bound no selector without the answer reaches.
 Schema-constrained decoding (``constrained``) is scored here like the others,
-against the greedy outputs on the same items.
+against the greedy outputs on the same items. Each summary stores its paired
+table against those greedy outputs (``paired``: ``stats.table_record``), not
+a test of it: the report judges the table (``toolcall/report/paired.py``).
 """
 
+import argparse
 import json
 from collections import Counter
 
@@ -20,7 +23,20 @@ import json_repair
 from toolcall.calls.parsing import parse_calls
 from toolcall.calls.schema import call_problem
 from toolcall.evaluate.score import accuracy, score_output, summarize
-from toolcall.stats import paired_comparison
+from toolcall.stats import table_record
+
+
+def arm_parser(doc, generates=True):
+    """The command line every scaffold arm's stage starts from: the arm's name, the test file and the
+    variant's greedy predictions on it; with ``generates``, the model (and adapter) the arm generates with."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("name")
+    if generates:
+        ap.add_argument("--model", required=True)
+        ap.add_argument("--adapter")
+    ap.add_argument("--test", required=True)
+    ap.add_argument("--greedy", required=True, help="the variant's greedy predictions on that test file")
+    return ap
 
 
 def output_problem(text, functions):
@@ -76,11 +92,11 @@ def best_of_n(rows, samples):
 
 
 def best_of_n_summary(records, greedy):
-    """Metrics of the kept samples, the oracle pass@N, and a paired test against greedy ``{id: valid}``."""
+    """Metrics of the kept samples, the oracle pass@N, and the paired table against greedy ``{id: valid}``."""
     metrics = summarize(records)
     metrics["oracle"] = accuracy([{"valid": r["oracle"]} for r in records])
     metrics["chosen_by"] = dict(Counter(r["chosen_by"] for r in records))
-    metrics["vs_greedy"] = paired_comparison(greedy, {r["id"]: r["valid"] for r in records})
+    metrics["paired"] = table_record(greedy, {r["id"]: r["valid"] for r in records}, "greedy", "best_of_n")
     return metrics
 
 
@@ -96,14 +112,15 @@ def repair(rows, records):
 
 
 def repair_summary(old, new):
-    """Metrics after repair: how many outputs were malformed JSON, changed, and a paired test against before."""
+    """Metrics after repair: how many outputs were malformed JSON, changed, and the paired table against before."""
     metrics = summarize(new)
     metrics["repair"] = {
         "malformed_json_before": sum(r["error_type"] == "parse:malformed_json" for r in old),
         "changed": sum(r["changed"] for r in new),
         "changed_and_correct": sum(r["changed"] and r["valid"] for r in new),
     }
-    metrics["vs_greedy"] = paired_comparison({r["id"]: r["valid"] for r in old}, {r["id"]: r["valid"] for r in new})
+    metrics["paired"] = table_record({r["id"]: r["valid"] for r in old}, {r["id"]: r["valid"] for r in new},
+                                     "greedy", "json_repair")
     return metrics
 
 
@@ -118,15 +135,15 @@ def constrained_records(rows, outputs):
 
 
 def constrained_summary(rows, records, greedy, unconstrained):
-    """Metrics of constrained decoding, a paired test against the greedy records, and its guarantees.
+    """Metrics of constrained decoding, the paired table against the greedy records, and its guarantees.
 
     ``unconstrained``: ``[(text, n)]``, the same items decoded again without
     the constraint in the same run (the speed baseline); how many of them equal
     the greedy predictions shows the baseline is the greedy eval itself.
     """
     metrics = summarize(records)
-    metrics["vs_greedy"] = paired_comparison({r["id"]: r["valid"] for r in greedy},
-                                             {r["id"]: r["valid"] for r in records})
+    metrics["paired"] = table_record({r["id"]: r["valid"] for r in greedy}, {r["id"]: r["valid"] for r in records},
+                                     "greedy", "constrained")
     metrics["constrained"] = {
         "finished_at_max_tokens": sum(r["finishing_tokens"] > 0 for r in records),
         "unparseable": sum((r["error_type"] or "").startswith("parse:") for r in records),

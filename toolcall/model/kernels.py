@@ -43,7 +43,7 @@ from toolcall.io import atomic_dir
 from toolcall.model import blas
 
 ENV = "TOOLCALL_NATIVE"
-SOURCES = Path(__file__).resolve().parent.parent / "native"
+SOURCES = Path(__file__).resolve().parents[2] / "native"
 MODULE = "_toolcall_native"
 
 _ext = None  # the loaded extension

@@ -6,6 +6,7 @@ from toolcall.bfcl import CATEGORIES
 from toolcall.io import TIMINGS_SUFFIX, read_json, read_jsonl
 from toolcall.report.paired import compare, compare_table
 from toolcall.report.verdicts import Claim, VARIANT_NAMES, cell, method_note, points, render_claims
+from toolcall.stats import record_table
 
 
 # The paper's ablations (accuracy, %): Table 2 base -> SFT, Table 3 low vs high diversity.
@@ -21,6 +22,8 @@ ARM_NAMES = {
     "format_masked": "Run 3: structured `tool_calls`, loss on the completion only",
     "extra_main": "The main SFT: the paper's rows + data.extra", "extra_with": "The paper's rows + ablations.extra.sources",
 }
+# Each scaffold's claimed change (points): the paper claims no benefit for its two; it did not try the third.
+SCAFFOLD_CLAIMS = {"JSON repair": 0.0, "best-of-N": 0.0, "constrained decoding": None}
 
 
 def load_ablations(metrics_dir, predictions_dir):
@@ -43,16 +46,13 @@ def _compare(predictions, a, b, claimed, label, cfg, source="paper"):
 
 
 def scaffold_table(m):
-    """The paired table of a scaffolding arm against its greedy outputs, from its metrics.
-
-    ``vs_greedy`` keeps the discordant counts; the items both get right are
-    the arm's correct ones less those only it gets right.
-    """
-    vs = m["vs_greedy"]
-    if vs["n"] != m["overall"]["n"]:
-        raise ValueError(f"vs_greedy covers {vs['n']} items, the arm's metrics {m['overall']['n']}")
-    both = m["overall"]["correct"] - vs["only_other"]
-    return both, vs["only_base"], vs["only_other"], vs["n"] - both - vs["only_base"] - vs["only_other"]
+    """``(both, only_greedy, only_arm, neither)``: a scaffolding arm's paired table against its greedy outputs,
+    as the stage stored it (``paired``, ``stats.table_record``), checked against the arm's own counts."""
+    overall, table = m["overall"], record_table(m["paired"])
+    if sum(table) != overall["n"] or table[0] + table[2] != overall["correct"] or min(table) < 0:
+        raise ValueError(f"paired table {table} against greedy does not fit the arm's {overall['correct']} "
+                         f"correct of {overall['n']}")
+    return table
 
 
 def _label(variant):
@@ -86,19 +86,17 @@ def scaffold_section(kinds, metrics, cfg):
         row = [_label(v), cell(greedy["overall"]) if greedy else "—"]
         row += [str(r["repair"]["malformed_json_before"]), cell(r["overall"]),
                 f"{r['repair']['changed']} / {r['repair']['changed_and_correct']}"] if r else ["—"] * 3
+        judged = {kind: compare_table(scaffold_table(m), cfg.equivalence_margin, cfg.alpha, cfg.power)
+                  for kind, m in zip(SCAFFOLD_CLAIMS, (r, b, k)) if m}
         if b:
             s = b["settings"]
             row += [f"{cell(b['overall'])} N={s['n']}, T={s['temperature']}",
-                    f"{points(b['vs_greedy']['delta'])} pts", cell(b["oracle"])]
+                    f"{points(judged['best-of-N'].delta)} pts", cell(b["oracle"])]
         else:
             row += ["—"] * 3
-        row += [cell(k["overall"]), f"{points(k['vs_greedy']['delta'])} pts"] if k else ["—"] * 2
+        row += [cell(k["overall"]), f"{points(judged['constrained decoding'].delta)} pts"] if k else ["—"] * 2
         lines.append("| " + " | ".join(row) + " |")
-        # The paper claims no benefit for its two scaffolds; it did not try constrained decoding.
-        for kind, m, claimed in (("JSON repair", r, 0.0), ("best-of-N", b, 0.0), ("constrained decoding", k, None)):
-            if m:
-                c = compare_table(scaffold_table(m), cfg.equivalence_margin, cfg.alpha, cfg.power)
-                verdicts.append(Claim(f"{_label(v)}, {kind}", c, claimed))
+        verdicts += [Claim(f"{_label(v)}, {kind}", c, SCAFFOLD_CLAIMS[kind]) for kind, c in judged.items()]
     return lines + [""] + verdicts + [""]
 
 

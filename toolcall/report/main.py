@@ -15,7 +15,8 @@ import pandas as pd
 from toolcall.bfcl import CATEGORIES
 from toolcall.errors import DataError
 from toolcall.io import read_json, read_jsonl, run_path
-from toolcall.report.paired import Comparison, adjusted_verdict, compare_seeds, family_holm
+from toolcall.report.crossed import compare_seeds
+from toolcall.report.paired import Comparison, adjusted_verdict, family_holm, table_delta
 from toolcall.report.verdicts import VARIANT_NAMES, claim_relation, detectable, interval, pct, points, verdict_text
 
 # "What Actually Improves LLM Tool Calling?" Table 1 (overall accuracy, %).
@@ -218,7 +219,7 @@ def step_table(steps, cfg):
              "|---|---|---|---|---|---|---|---|---|---|"]
     for step, adjusted in zip(steps, family_holm([s.comparison for s in steps])):
         c = step.comparison
-        per_seed = ", ".join(points((t[2] - t[1]) / sum(t)) for t in c.tables)
+        per_seed = ", ".join(points(table_delta(t)) for t in c.tables)
         lines.append(f"| {VARIANT_NAMES[step.after]} vs {VARIANT_NAMES[step.before]} | {c.n} × {c.seeds} | "
                      f"{points(c.delta)} pts {interval(c.ci)} | {per_seed} | {c.p_value:.3f} ({adjusted[0]:.3f}) | "
                      f"{c.p_equivalence:.3f} ({adjusted[1]:.3f}) | {detectable(c)} | {verdict_text(c, cfg)} | "

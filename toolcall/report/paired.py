@@ -2,21 +2,21 @@
 
 Two variants scored on the same items make a paired 2x2 table ``(both,
 only_base, only_other, neither)``: items both get right, only the first,
-only the second, neither. The difference in accuracy is
+only the second, neither (``toolcall.stats.paired_table``; the ablation
+stages store it as ``table_record``). The difference in accuracy is
 ``(only_other - only_base) / n``. Its interval is Newcombe's hybrid score
-interval for paired data (method 10), equivalence is TOST within a margin
-(read off the same interval at twice the alpha), power is Connor's
-approximation for McNemar's test, and a family of tests gets Holm's
-adjustment.
+interval for paired data (method 10), the test of no difference is the
+exact McNemar test, equivalence is TOST within a margin (read off the same
+interval at twice the alpha), power is Connor's approximation for McNemar's
+test, and a family of tests gets Holm's adjustment. Every p-value, interval
+and verdict a report shows comes from here.
 
-When each variant was trained once per seed (the main study), the same
-items are answered by every seed's model: items and seeds are crossed, and
-``compare_seeds`` judges the mean difference over both with a two-way
-random-effects analysis (see ``crossed_difference``). With one seed it is
-the single-table case above.
+When each variant was trained once per seed (the main study), items and
+seeds are crossed: ``toolcall.report.crossed`` judges the mean difference
+over both and returns the same ``Comparison``.
 
-Kept apart from ``stats`` (Wilson, exact McNemar), which the training and
-eval stages import, so that changing how the reports judge a
+Kept apart from ``stats`` (Wilson, paired tables), which the training, eval
+and ablation stages import, so that changing how the reports judge a
 difference does not make DVC retrain or re-evaluate: only the report stages
 depend on this file.
 """
@@ -25,9 +25,7 @@ import dataclasses
 import math
 from statistics import NormalDist
 
-import numpy as np
-
-from toolcall.stats import mcnemar_exact, wilson
+from toolcall.stats import paired_table, wilson
 
 _NORMAL = NormalDist()
 
@@ -37,13 +35,19 @@ def z_two_sided(confidence):
     return _NORMAL.inv_cdf(0.5 + confidence / 2)
 
 
-def paired_table(base, other):
-    """``(both, only_base, only_other, neither)`` over the ids two ``{id: correct}`` maps share."""
-    ids = set(base) & set(other)
-    both = sum(1 for i in ids if base[i] and other[i])
-    only_base = sum(1 for i in ids if base[i] and not other[i])
-    only_other = sum(1 for i in ids if other[i] and not base[i])
-    return both, only_base, only_other, len(ids) - both - only_base - only_other
+def mcnemar_exact(b, c):
+    """Two-sided exact McNemar p-value from the discordant counts.
+
+    ``b``: items right under A and wrong under B; ``c``: the reverse. Under the
+    null each discordant item is a fair coin, so p = P(Binomial(b+c, 1/2) as
+    extreme as observed), doubled and capped at 1.
+    """
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def _size(table):
@@ -53,6 +57,11 @@ def _size(table):
     if n == 0:
         raise ValueError("no paired items: a paired difference needs at least one item scored by both")
     return n
+
+
+def table_delta(table):
+    """accuracy(other) - accuracy(base) of a paired table: ``(only_other - only_base) / n``."""
+    return (table[2] - table[1]) / _size(table)
 
 
 def newcombe_phi(table):
@@ -120,8 +129,7 @@ def one_sided_p(table, bound, above):
     H0 the p-value is 1 minus that of the opposite one-sided test (0.5 at the
     bound).
     """
-    _, only_base, only_other, _ = table
-    delta = (only_other - only_base) / _size(table)
+    delta = table_delta(table)
     if delta == bound:
         return 0.5
     if (delta < bound) == above:
@@ -176,150 +184,6 @@ def minimum_detectable_difference(n, discordant, alpha=0.05, power=0.8):
     return diff if diff <= 1 else math.inf
 
 
-def _continued_fraction(a, b, x):
-    """The continued fraction of the incomplete beta function (Numerical Recipes 6.4, modified Lentz)."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 400):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def _beta_regularized(a, b, x):
-    """I_x(a, b), the regularized incomplete beta function, for x in [0, 1]."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1) / (a + b + 2):  # where the fraction converges fast; else by symmetry
-        return front * _continued_fraction(a, b, x) / a
-    return 1.0 - front * _continued_fraction(b, a, 1.0 - x) / b
-
-
-def t_cdf(t, df):
-    """P(T <= t) for Student's t with ``df`` (> 0, not necessarily whole) degrees of freedom; inf: normal."""
-    if math.isinf(df):
-        return _NORMAL.cdf(t)
-    tail = 0.5 * _beta_regularized(df / 2, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
-
-
-def t_quantile(p, df):
-    """The t with ``t_cdf(t, df) = p``, by bisection (no SciPy here: pandas and numpy are the pinned stack)."""
-    if math.isinf(df):
-        return _NORMAL.inv_cdf(p)
-    lo, hi = -1.0, 1.0
-    while t_cdf(lo, df) > p:
-        lo *= 2
-    while t_cdf(hi, df) < p:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
-@dataclasses.dataclass(frozen=True)
-class Crossed:
-    """The mean paired difference over items x seeds, its variance and Satterthwaite degrees of freedom."""
-
-    delta: float
-    variance: float
-    df: float
-    items: int
-    seeds: int
-
-
-def crossed_difference(before, after):
-    """Mean difference ``after - before`` over an items x seeds design, items and seeds both random.
-
-    Why this and not a bootstrap or pooled tables: every seed's model answers
-    the same items, so items and seeds are crossed, and the mean difference D
-    over n items and S seeds has variance sigma_item^2 / n + sigma_seed^2 / S +
-    sigma_res^2 / (n S) (two-way random effects, no replication). The two-way
-    ANOVA mean squares of the differences d[i, s] estimate it: with
-    E[MS_item] = sigma_res^2 + S sigma_item^2, E[MS_seed] = sigma_res^2 + n sigma_seed^2
-    and E[MS_res] = sigma_res^2,
-    Var(D) = (MS_res + [MS_item - MS_res]+ + [MS_seed - MS_res]+) / (n S),
-    a component estimated below 0 taken as 0. Its degrees of freedom are
-    Satterthwaite's, (sum c_k MS_k)^2 / sum (c_k MS_k)^2 / df_k, which fall
-    towards S - 1 when the seeds disagree: with 3 seeds the interval then
-    uses t with ~2 df, as wide as 3 seeds warrant. A bootstrap over 3 seeds
-    has only 10 distinct resamples and understates the seed variance by
-    (S - 1) / S; Newcombe on tables pooled over seeds would count an item
-    S times as if it were S independent items. Like any variance-based
-    interval it is a point when no item changes under any seed.
-
-    ``before`` / ``after``: items x seeds arrays of 0/1 correctness (rows the
-    same items, columns the same seeds; a variant with no seed, the base
-    model, repeats its one column). Needs n >= 2 and S >= 2.
-    """
-    d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
-    if d.ndim != 2 or d.shape[0] < 2 or d.shape[1] < 2:
-        raise ValueError(f"a crossed comparison needs >= 2 items and >= 2 seeds, got shape {d.shape}")
-    n, seeds = d.shape
-    grand, by_item, by_seed = d.mean(), d.mean(axis=1), d.mean(axis=0)
-    ms_item = seeds * float(((by_item - grand) ** 2).sum()) / (n - 1)
-    ms_seed = n * float(((by_seed - grand) ** 2).sum()) / (seeds - 1)
-    residual = d - by_item[:, None] - by_seed[None, :] + grand
-    ms_res = float((residual**2).sum()) / ((n - 1) * (seeds - 1))
-    kept = [(ms, df) for ms, df in ((ms_item, n - 1), (ms_seed, seeds - 1)) if ms > ms_res]
-    terms = kept + [(ms_res * (1 - len(kept)), (n - 1) * (seeds - 1))]  # c_res = 1 - (components kept)
-    total = sum(t for t, _ in terms)
-    spread = sum(t * t / df for t, df in terms if t)
-    df = total * total / spread if spread > 0 else math.inf
-    return Crossed(delta=float(grand), variance=max(0.0, total) / (n * seeds), df=df, items=n, seeds=seeds)
-
-
-def _t_p(z, df):
-    """P(T > z): a one-sided p-value; z may be +-inf (a zero-variance difference)."""
-    if math.isinf(z):
-        return 0.0 if z > 0 else 1.0
-    return 1.0 - t_cdf(z, df)
-
-
-def crossed_tests(c, margin, alpha, power):
-    """``(ci, ci_equivalence, p_value, p_equivalence, mde)`` of a ``Crossed`` difference, t with its df.
-
-    Equivalence: both one-sided t-tests at the margins (TOST), so p_equivalence
-    < alpha exactly when the 1 - 2 alpha interval lies inside (-margin,
-    +margin), as for one table. MDE: the difference a two-sided alpha test
-    detects with ``power`` at this standard error, (t_{1-alpha/2} + t_power) se,
-    but no smaller than k^2 / (n + k^2): the difference delta itself, moving
-    a delta share of the items in every seed, would come with
-    se = sqrt(delta (1 - delta) / n) even where the observed se is smaller (few
-    items changed); k^2 / (n + k^2) solves delta = k se there (the analogue of
-    Connor's psi >= delta floor above).
-    """
-    se = math.sqrt(c.variance)
-
-    def z(bound):
-        if se > 0:
-            return (c.delta - bound) / se
-        return 0.0 if c.delta == bound else math.copysign(math.inf, c.delta - bound)
-
-    def interval(confidence):
-        half = t_quantile(0.5 + confidence / 2, c.df) * se
-        return max(-1.0, c.delta - half), min(1.0, c.delta + half)
-
-    p_value = min(1.0, 2 * _t_p(abs(z(0.0)), c.df))
-    p_equivalence = max(_t_p(z(-margin), c.df), _t_p(-z(margin), c.df))
-    k = t_quantile(1 - alpha / 2, c.df) + t_quantile(power, c.df)
-    mde = max(k * se, k * k / (c.items + k * k))
-    return interval(1 - alpha), interval(1 - 2 * alpha), p_value, p_equivalence, (mde if mde <= 1 else math.inf)
-
-
 def holm(p_values):
     """Holm's step-down adjusted p-values, in the input order (Holm 1979, Scand J Statist 6:65-70).
 
@@ -363,7 +227,7 @@ class Comparison:
 
     ``tables`` holds one paired table per seed (one table: a single run, or a
     variant with no seed against one); the interval is Newcombe's for one
-    table and the crossed items x seeds analysis for several.
+    table and the crossed items x seeds analysis for several (``crossed.compare_seeds``).
     """
 
     tables: tuple  # ((both, only_base, only_other, neither), ...), one per seed
@@ -399,42 +263,25 @@ class Comparison:
         return self.table[2]
 
 
+def judged(tables, delta, ci, ci_equivalence, p_value, p_equivalence, mde, margin):
+    """The ``Comparison`` with these numbers and the verdict its two intervals give at ``margin``."""
+    word, within = verdict(ci, ci_equivalence, margin)
+    return Comparison(tables=tuple(tables), delta=delta, ci=ci, ci_equivalence=ci_equivalence, p_value=p_value,
+                      p_equivalence=p_equivalence, mde=mde, verdict=word, within_margin=within)
+
+
 def compare_table(table, margin, alpha, power):
     """The ``Comparison`` of a paired table; ``margin`` and the result in accuracy units (0.05 = 5 points)."""
     table = tuple(table)
     n = _size(table)
-    ci = newcombe_interval(table, 1 - alpha)
-    ci_equivalence = newcombe_interval(table, 1 - 2 * alpha)
-    word, within = verdict(ci, ci_equivalence, margin)
-    return Comparison(tables=(table,), delta=(table[2] - table[1]) / n, ci=ci, ci_equivalence=ci_equivalence,
-                      p_value=mcnemar_exact(table[1], table[2]), p_equivalence=tost_p(table, margin),
-                      mde=minimum_detectable_difference(n, table[1] + table[2], alpha, power),
-                      verdict=word, within_margin=within)
+    return judged((table,), table_delta(table), newcombe_interval(table, 1 - alpha),
+                  newcombe_interval(table, 1 - 2 * alpha), mcnemar_exact(table[1], table[2]), tost_p(table, margin),
+                  minimum_detectable_difference(n, table[1] + table[2], alpha, power), margin)
 
 
 def compare(base, other, margin, alpha, power):
     """The ``Comparison`` of two ``{id: correct}`` maps on the ids they share."""
     return compare_table(paired_table(base, other), margin, alpha, power)
-
-
-def compare_seeds(before, after, margin, alpha, power):
-    """The ``Comparison`` of two items x seeds correctness arrays (see ``crossed_difference``).
-
-    One seed (one column) is the single-table case, judged by Newcombe's
-    interval and the exact McNemar test; with several the crossed analysis.
-    """
-    before, after = np.asarray(before, dtype=bool), np.asarray(after, dtype=bool)
-    if before.shape != after.shape or before.ndim != 2:
-        raise ValueError(f"before {before.shape} and after {after.shape} must be the same items x seeds")
-    tables = tuple((int((b & a).sum()), int((b & ~a).sum()), int((~b & a).sum()), int((~b & ~a).sum()))
-                   for b, a in zip(before.T, after.T))
-    if len(tables) == 1:
-        return compare_table(tables[0], margin, alpha, power)
-    c = crossed_difference(before, after)
-    ci, ci_equivalence, p_value, p_equivalence, mde = crossed_tests(c, margin, alpha, power)
-    word, within = verdict(ci, ci_equivalence, margin)
-    return Comparison(tables=tables, delta=c.delta, ci=ci, ci_equivalence=ci_equivalence, p_value=p_value,
-                      p_equivalence=p_equivalence, mde=mde, verdict=word, within_margin=within)
 
 
 def family_holm(comparisons):

