@@ -41,10 +41,10 @@ serving: $(TEST_STAMP)
 	$(PY) -m toolcall.serve.acceptance --variant sft
 
 # The test requirements install while the native kernels build; the tests then spread over two
-# processes, each test file whole in one (tests/test_pipeline.py's DAG chain is one file).
+# processes, each test file whole in one, in the order tests/conftest.py sets (the DAG's repro first).
 test: $(STAMP)
 	@$(MAKE) --no-print-directory -j2 $(TEST_STAMP) native
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 bench: $(STAMP) native
 	$(PY) bench/bench.py

@@ -4,7 +4,7 @@
 
 On the real pipeline when ``--repro-dir`` holds a finished, clean one (and no
 ``dvc repro`` is running there); otherwise on a tiny-model copy of the DAG
-built the way tests/test_pipeline.py builds it.
+built the way tests/pipeline_repo.py builds it.
 """
 
 import os
@@ -54,16 +54,16 @@ def pipeline_busy(repo):
 
 
 def build_tiny_repo(where):
-    """The end-to-end test's recipe (tests/test_pipeline.py): the DAG on a tiny model and fixture data."""
+    """The end-to-end tests' recipe (tests/pipeline_repo.py): the DAG on a tiny model and fixture data."""
     repo = where / "repo"
     repo.mkdir(parents=True)
     tiny = run_worker("repro", "tiny_model", {"out": str(where / "tiny")})["path"]
     sys.path.insert(0, str(ROOT / "tests"))
     try:
-        import test_pipeline  # its recipe: code, tiny model and fixture data, every later stage tiny
+        import pipeline_repo  # its recipe: code, tiny model and fixture data, every later stage tiny
     finally:
         sys.path.remove(str(ROOT / "tests"))
-    test_pipeline.write_tiny_repo(repo, tiny)
+    pipeline_repo.write_tiny_repo(repo, tiny)
     env = dvc_env(repo)
     run_cmd("git init -q && git config user.email b@b && git config user.name bench && dvc init -q"
             " && git add -A && git commit -qm init", repo, env)
@@ -92,7 +92,7 @@ def noop_repro(args):
         tmp = Path(tempfile.mkdtemp(prefix="bench-repro-"))
         log(f"no-op repro: {note}; building the tiny-model copy of the DAG in {tmp}")
         where, full = build_tiny_repo(tmp)
-        note = f"tiny-model copy of the DAG (tests/test_pipeline.py recipe) after one full repro; {note}"
+        note = f"tiny-model copy of the DAG (tests/pipeline_repo.py recipe) after one full repro; {note}"
     try:
         env, times = dvc_env(where), []
         for _ in range(args.repeats):
