@@ -3,7 +3,8 @@
 ``tests/test_pipeline.py`` and ``tests/test_pipeline_reruns.py`` each work on a
 copy of one repo, built by whichever of them (or of the xdist workers running
 them) asks first while the other waits on a lock: the ~4 min ``dvc repro`` runs
-once, and the two files' reruns run side by side. ``bench/repro.py`` times a
+once, and the two files' reruns run side by side
+(the order: tests/conftest.py). ``bench/repro.py`` times a
 no-op ``dvc repro`` on the same recipe (``write_tiny_repo``).
 """
 

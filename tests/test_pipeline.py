@@ -3,8 +3,10 @@
 `make exp`'s `dvc exp run -S sft.lora_rank=4 report report_post_sft` must rerun
 the main study from train_sft on, for every seed of study.seeds, and an
 untargeted `dvc exp run` after it the rest of what depends on [sft] (the
-ablation arms, the exports) and nothing upstream or beside it. The repo is
-built once for this file and tests/test_pipeline_reruns.py (tests/pipeline_repo.py).
+ablation arms, the exports) and nothing upstream or beside it. Then what the
+repro wrote that [sft] does not change: validation's sides and dataset, the
+ablation arms' metrics and report. The repo is built once for this file and
+tests/test_pipeline_reruns.py (tests/pipeline_repo.py).
 """
 
 import json
@@ -15,6 +17,7 @@ import yaml
 from dag_deps import expanded_stages
 from pipeline_repo import MAIN_STUDY, RUNS, SEEDS, SFT_DOWNSTREAM, built_repo, ran_stages, rerun, run
 from toolcall.io import run_path
+from toolcall.stats import record_table
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +51,6 @@ def test_repro_runs_every_stage_and_writes_outputs(built):
     post_sft = (repo / "reports" / "post_sft.md").read_text()
     assert f"| SFT + DPO | {len(SEEDS)} seeds |" in post_sft and f"| 12 × {len(SEEDS)} |" in post_sft
     assert (repo / "reports" / "report.png").stat().st_size > 1000
-    validate = json.loads((repo / "metrics" / "validate.json").read_text())
-    assert validate["test"]["n_kept"] == 12 and validate["valid"]["n_kept"] == 8
-    assert len((repo / "data" / "validated" / "valid.jsonl").read_text().splitlines()) == 8
-    data_params = yaml.safe_load((repo / "params.yaml").read_text())["data"]
-    assert set(validate["train"]["by_source"]) == {"paper", *data_params["extra"]}
-    assert set(validate["valid"]["by_source"]) == {"paper"} and set(validate["extra"]["by_source"]) == set(
-        data_params["extra_files"])  # every source's rows are validated for the ablation arms
     assert "up to date" in run("dvc status", repo)
 
 
@@ -75,3 +71,54 @@ def test_changing_sft_reruns_the_main_study_then_only_what_else_depends_on_it(bu
     assert changed <= SFT_DOWNSTREAM
     assert ran == (SFT_DOWNSTREAM - MAIN_STUDY - readers) | (changed - MAIN_STUDY)
     assert "up to date" in run("dvc status", repo)
+
+
+# The tests below run after the `dvc exp run`s above on purpose: while this file's
+# longest test runs, its xdist process holds more than two pending tests and so takes
+# no other file's tests into its queue (xdist's loadfile scheduler refills at <= 2).
+
+
+def test_validate_writes_every_side_and_the_dataset(built):
+    repo, _ = built  # [sft] changed above; validate is upstream of it
+    validate = json.loads((repo / "metrics" / "validate.json").read_text())
+    assert validate["test"]["n_kept"] == 12 and validate["valid"]["n_kept"] == 8
+    assert len((repo / "data" / "validated" / "valid.jsonl").read_text().splitlines()) == 8
+    assert {f.name for f in (repo / "data" / "validated" / "dataset").iterdir()} == {
+        "README.md", "train.parquet", "valid.parquet", "test.parquet"}
+    data_params = yaml.safe_load((repo / "params.yaml").read_text())["data"]
+    assert set(validate["train"]["by_source"]) == {"paper", *data_params["extra"]}
+    assert set(validate["valid"]["by_source"]) == {"paper"} and set(validate["extra"]["by_source"]) == set(
+        data_params["extra_files"])  # every source's rows are validated for the ablation arms
+
+
+def metrics_of(repo, kind, name):
+    return json.loads((repo / "metrics" / "ablations" / kind / f"{name}.json").read_text())
+
+
+def test_ablation_arms_write_metrics_and_report_sections(built):
+    repo, _ = built
+    evals = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["ablation_eval"]["foreach"]
+    for arm in evals:
+        m = metrics_of(repo, "eval", arm)
+        assert m["overall"]["n"] == {"unseen_tools": 4, "unseen_patterns": 2}.get(arm.rsplit("_", 1)[0], 12)
+        assert (repo / "data" / "ablations" / "predictions" / f"{arm}.jsonl").exists()
+    assert set(metrics_of(repo, "eval", "unseen_patterns_sft")["by_category"]) == {"parallel_multiple"}
+    low, high = (metrics_of(repo, "train", f"diversity_{a}") for a in ("low", "high"))
+    assert low["examples"] == high["examples"] == 8
+    content, masked = metrics_of(repo, "train", "format_content"), metrics_of(repo, "train", "format_masked")
+    assert (content["style"], content["mask_prompt"], masked["style"], masked["mask_prompt"]) == (
+        "content", False, "structured", True)
+    assert content["max_seq_len"] == masked["max_seq_len"] >= content["tokens_max"]
+    assert "targets_unlike_structured" in content
+    assert set(metrics_of(repo, "repair", "sft")["repair"]) == {"malformed_json_before", "changed",
+                                                                "changed_and_correct"}
+    best = metrics_of(repo, "best_of_n", "base")
+    assert best["overall"]["n"] == 4 and best["oracle"]["correct"] >= best["overall"]["correct"]
+    for arm, n in (("base", 12), ("sft", 12), ("unseen_tools_sft", 4), ("unseen_patterns_sft", 2)):
+        c = metrics_of(repo, "constrained", arm)  # every item; at 8 tokens too, none unparseable
+        assert c["overall"]["n"] == sum(record_table(c["paired"])) == n
+        assert c["constrained"]["unconstrained_same_as_greedy"] == n
+        assert c["constrained"]["unparseable"] == c["constrained"]["unoffered_names"] == 0
+    report = (repo / "reports" / "ablations.md").read_text()
+    for title in ("## Scaffolding", "## Table 2", "## Table 3", "## Extra training sources", "second seed's format"):
+        assert title in report
