@@ -6,74 +6,20 @@ mean difference over both with a two-way random-effects analysis
 (``crossed_difference``), t with Satterthwaite's degrees of freedom
 (``crossed_tests``), and returns the same ``Comparison`` and verdict as one
 paired table (``toolcall.report.paired``), which is what one seed reduces to.
-Student's t is computed here (no SciPy: pandas and numpy are the pinned
-stack).
+Student's t is ``scipy.stats.t`` (fractional df; df = inf is the normal).
+No library estimates this design in closed form with Satterthwaite's df, so
+the ANOVA estimator is ours; tests/test_crossed.py checks it against
+statsmodels' REML ``MixedLM`` and by simulation.
 """
 
 import dataclasses
 import math
-from statistics import NormalDist
 
 import numpy as np
+from scipy.stats import t as student_t
 
 from toolcall.report.paired import compare_table, judged
 from toolcall.stats import paired_table
-
-_NORMAL = NormalDist()
-
-
-def _continued_fraction(a, b, x):
-    """The continued fraction of the incomplete beta function (Numerical Recipes 6.4, modified Lentz)."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 400):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
-
-
-def _beta_regularized(a, b, x):
-    """I_x(a, b), the regularized incomplete beta function, for x in [0, 1]."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1) / (a + b + 2):  # where the fraction converges fast; else by symmetry
-        return front * _continued_fraction(a, b, x) / a
-    return 1.0 - front * _continued_fraction(b, a, 1.0 - x) / b
-
-
-def t_cdf(t, df):
-    """P(T <= t) for Student's t with ``df`` (> 0, not necessarily whole) degrees of freedom; inf: normal."""
-    if math.isinf(df):
-        return _NORMAL.cdf(t)
-    tail = 0.5 * _beta_regularized(df / 2, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
-
-
-def t_quantile(p, df):
-    """The t with ``t_cdf(t, df) = p``, by bisection (no SciPy here: pandas and numpy are the pinned stack)."""
-    if math.isinf(df):
-        return _NORMAL.inv_cdf(p)
-    lo, hi = -1.0, 1.0
-    while t_cdf(lo, df) > p:
-        lo *= 2
-    while t_cdf(hi, df) < p:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +31,41 @@ class Crossed:
     df: float
     items: int
     seeds: int
+
+
+def _differences(before, after):
+    d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    if d.ndim != 2 or d.shape[0] < 2 or d.shape[1] < 2:
+        raise ValueError(f"a crossed comparison needs >= 2 items and >= 2 seeds, got shape {d.shape}")
+    return d
+
+
+def _mean_squares(d):
+    """``(MS_item, MS_seed, MS_res)``: the two-way ANOVA mean squares (no replication) of an items x seeds array."""
+    n, seeds = d.shape
+    grand, by_item, by_seed = d.mean(), d.mean(axis=1), d.mean(axis=0)
+    ms_item = seeds * float(((by_item - grand) ** 2).sum()) / (n - 1)
+    ms_seed = n * float(((by_seed - grand) ** 2).sum()) / (seeds - 1)
+    residual = d - by_item[:, None] - by_seed[None, :] + grand
+    return ms_item, ms_seed, float((residual**2).sum()) / ((n - 1) * (seeds - 1))
+
+
+def variance_components(before, after):
+    """``(sigma_item^2, sigma_seed^2, sigma_res^2)`` of the differences ``after - before``: ANOVA estimators.
+
+    The method-of-moments (Henderson method 1) estimates of the two-way
+    crossed random-effects model without replication, read off the
+    expected mean squares (see ``crossed_difference``):
+    sigma_item^2 = (MS_item - MS_res) / S, sigma_seed^2 = (MS_seed - MS_res) / n,
+    sigma_res^2 = MS_res. Not truncated at 0 here. In a balanced design they
+    equal the REML estimates whenever those are inside the parameter space
+    (Searle, Casella & McCulloch 1992, Variance Components, ch. 6), which
+    is how tests/test_crossed.py checks them against statsmodels' MixedLM.
+    """
+    d = _differences(before, after)
+    n, seeds = d.shape
+    ms_item, ms_seed, ms_res = _mean_squares(d)
+    return (ms_item - ms_res) / seeds, (ms_seed - ms_res) / n, ms_res
 
 
 def crossed_difference(before, after):
@@ -111,28 +92,27 @@ def crossed_difference(before, after):
     same items, columns the same seeds; a variant with no seed, the base
     model, repeats its one column). Needs n >= 2 and S >= 2.
     """
-    d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
-    if d.ndim != 2 or d.shape[0] < 2 or d.shape[1] < 2:
-        raise ValueError(f"a crossed comparison needs >= 2 items and >= 2 seeds, got shape {d.shape}")
+    d = _differences(before, after)
     n, seeds = d.shape
-    grand, by_item, by_seed = d.mean(), d.mean(axis=1), d.mean(axis=0)
-    ms_item = seeds * float(((by_item - grand) ** 2).sum()) / (n - 1)
-    ms_seed = n * float(((by_seed - grand) ** 2).sum()) / (seeds - 1)
-    residual = d - by_item[:, None] - by_seed[None, :] + grand
-    ms_res = float((residual**2).sum()) / ((n - 1) * (seeds - 1))
+    ms_item, ms_seed, ms_res = _mean_squares(d)
     kept = [(ms, df) for ms, df in ((ms_item, n - 1), (ms_seed, seeds - 1)) if ms > ms_res]
     terms = kept + [(ms_res * (1 - len(kept)), (n - 1) * (seeds - 1))]  # c_res = 1 - (components kept)
     total = sum(t for t, _ in terms)
     spread = sum(t * t / df for t, df in terms if t)
     df = total * total / spread if spread > 0 else math.inf
-    return Crossed(delta=float(grand), variance=max(0.0, total) / (n * seeds), df=df, items=n, seeds=seeds)
+    return Crossed(delta=float(d.mean()), variance=max(0.0, total) / (n * seeds), df=df, items=n, seeds=seeds)
 
 
 def _t_p(z, df):
-    """P(T > z): a one-sided p-value; z may be +-inf (a zero-variance difference)."""
+    """P(T > z) for Student's t with ``df``: ``scipy.stats.t.sf``; z may be +-inf (a zero-variance difference)."""
     if math.isinf(z):
         return 0.0 if z > 0 else 1.0
-    return 1.0 - t_cdf(z, df)
+    return float(student_t.sf(z, df))
+
+
+def _t_quantile(p, df):
+    """The p quantile of Student's t with ``df`` (fractional or inf): ``scipy.stats.t.ppf``."""
+    return float(student_t.ppf(p, df))
 
 
 def crossed_tests(c, margin, alpha, power):
@@ -156,12 +136,12 @@ def crossed_tests(c, margin, alpha, power):
         return 0.0 if c.delta == bound else math.copysign(math.inf, c.delta - bound)
 
     def interval(confidence):
-        half = t_quantile(0.5 + confidence / 2, c.df) * se
+        half = _t_quantile(0.5 + confidence / 2, c.df) * se
         return max(-1.0, c.delta - half), min(1.0, c.delta + half)
 
     p_value = min(1.0, 2 * _t_p(abs(z(0.0)), c.df))
     p_equivalence = max(_t_p(z(-margin), c.df), _t_p(-z(margin), c.df))
-    k = t_quantile(1 - alpha / 2, c.df) + t_quantile(power, c.df)
+    k = _t_quantile(1 - alpha / 2, c.df) + _t_quantile(power, c.df)
     mde = max(k * se, k * k / (c.items + k * k))
     return interval(1 - alpha), interval(1 - 2 * alpha), p_value, p_equivalence, (mde if mde <= 1 else math.inf)
 

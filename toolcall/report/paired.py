@@ -11,6 +11,16 @@ interval at twice the alpha), power is Connor's approximation for McNemar's
 test, and a family of tests gets Holm's adjustment. Every p-value, interval
 and verdict a report shows comes from here.
 
+The standard pieces are library code: the normal distribution is
+``scipy.stats.norm``, the Wilson intervals inside Newcombe's are
+``statsmodels.stats.proportion.proportion_confint(method="wilson")``, the
+exact McNemar test is ``statsmodels.stats.contingency_tables.mcnemar``,
+Holm is ``statsmodels.stats.multitest.multipletests(method="holm")`` and
+the interval is inverted with ``scipy.optimize.brentq``. What no library
+has is written here: Newcombe's paired method 10 (statsmodels has Newcombe's
+interval only for independent proportions, ``confint_proportions_2indep``),
+the TOST built on it, and Connor's minimum detectable difference.
+
 When each variant was trained once per seed (the main study), items and
 seeds are crossed: ``toolcall.report.crossed`` judges the mean difference
 over both and returns the same ``Comparison``.
@@ -23,31 +33,36 @@ depend on this file.
 
 import dataclasses
 import math
-from statistics import NormalDist
 
-from toolcall.stats import paired_table, wilson
+from scipy.optimize import brentq
+from scipy.stats import norm
+from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.proportion import proportion_confint
 
-_NORMAL = NormalDist()
+from toolcall.stats import paired_table
+
+# The largest z the one-sided p-values search: norm.sf(37) = 5.7e-300 is still a normal double, so the
+# z -> alpha -> z round trip through proportion_confint stays exact there.
+_Z_MAX = 37.0
 
 
 def z_two_sided(confidence):
-    """The standard normal quantile of a two-sided interval at ``confidence`` (0.95 -> 1.96, 0.90 -> 1.645)."""
-    return _NORMAL.inv_cdf(0.5 + confidence / 2)
+    """The standard normal quantile of a two-sided interval at ``confidence`` (0.95 -> 1.96, 0.90 -> 1.645).
+
+    ``scipy.stats.norm.ppf``.
+    """
+    return float(norm.ppf(0.5 + confidence / 2))
 
 
 def mcnemar_exact(b, c):
-    """Two-sided exact McNemar p-value from the discordant counts.
+    """Two-sided exact McNemar p-value from the discordant counts (McNemar 1947, Psychometrika 12:153-157).
 
     ``b``: items right under A and wrong under B; ``c``: the reverse. Under the
-    null each discordant item is a fair coin, so p = P(Binomial(b+c, 1/2) as
-    extreme as observed), doubled and capped at 1.
+    null each discordant item is a fair coin, so p = 2 P(Binomial(b+c, 1/2) <= min(b, c)),
+    capped at 1: ``statsmodels.stats.contingency_tables.mcnemar(exact=True)``.
     """
-    n = b + c
-    if n == 0:
-        return 1.0
-    k = min(b, c)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return min(1.0, 2 * tail)
+    return float(mcnemar([[0, b], [c, 0]], exact=True).pvalue)
 
 
 def _size(table):
@@ -85,12 +100,19 @@ def newcombe_phi(table):
     return cross / math.sqrt(margins)
 
 
-def _newcombe(table, z):
+def _wilson(k, n, alpha):
+    """Wilson's (1927) score interval for k of n at two-sided ``alpha``, clipped to [0, 1] (statsmodels)."""
+    lo, hi = proportion_confint(k, n, alpha=alpha, method="wilson")
+    return float(lo), float(hi)
+
+
+def _newcombe(table, alpha):
+    """Newcombe's method 10 interval at two-sided level ``alpha`` (see ``newcombe_interval``)."""
     both, only_base, only_other, _ = table
     n = _size(table)
     p_other, p_base = (both + only_other) / n, (both + only_base) / n
-    lo_other, hi_other = wilson(both + only_other, n, z)
-    lo_base, hi_base = wilson(both + only_base, n, z)
+    lo_other, hi_other = _wilson(both + only_other, n, alpha)
+    lo_base, hi_base = _wilson(both + only_base, n, alpha)
     phi = newcombe_phi(table)
     d_lo_other, d_hi_other = p_other - lo_other, hi_other - p_other
     d_lo_base, d_hi_base = p_base - lo_base, hi_base - p_base
@@ -113,9 +135,12 @@ def newcombe_interval(table, confidence=0.95):
     lower = d - sqrt((p_o - l_o)^2 - 2 phi (p_o - l_o)(u_b - p_b) + (u_b - p_b)^2),
     upper = d + sqrt((u_o - p_o)^2 - 2 phi (u_o - p_o)(p_b - l_b) + (p_b - l_b)^2).
     Unlike the Wald interval it does not collapse to a point when no item
-    changed, and it stays inside [-1, 1]. Raises ValueError on an empty table.
+    changed, and it stays inside [-1, 1]. The Wilson intervals are
+    statsmodels' ``proportion_confint(method="wilson")``; statsmodels has no
+    paired Newcombe interval, so the combination is ours. Raises ValueError
+    on an empty table.
     """
-    return _newcombe(table, z_two_sided(confidence))
+    return _newcombe(table, 1 - confidence)
 
 
 def one_sided_p(table, bound, above):
@@ -123,7 +148,8 @@ def one_sided_p(table, bound, above):
 
     Obtained by inverting the Newcombe interval: the smallest alpha at which
     the one-sided 1 - alpha limit (the limit of the two-sided 1 - 2 alpha
-    interval) excludes ``bound``, found by bisection on z. So "p < alpha" is
+    interval) excludes ``bound``: the root in z of limit(z) - bound, found by
+    Brent's method (``scipy.optimize.brentq``), and p = ``norm.sf(z)``. So "p < alpha" is
     the same decision as "the 1 - 2 alpha interval excludes the bound", which
     makes TOST and the interval rule agree. When the estimate itself lies in
     H0 the p-value is 1 minus that of the opposite one-sided test (0.5 at the
@@ -135,17 +161,14 @@ def one_sided_p(table, bound, above):
     if (delta < bound) == above:
         return 1.0 - one_sided_p(table, bound, not above)
 
-    def excludes(z):
-        lo, hi = _newcombe(table, z)
-        return lo > bound if above else hi < bound
+    def clearance(z):  # > 0 while the one-sided limit at z excludes the bound; decreasing in z
+        lo, hi = _newcombe(table, 2 * norm.sf(z))
+        return lo - bound if above else bound - hi
 
-    inside, outside = 0.0, 40.0  # z=0 is the point estimate itself, which excludes the bound
-    if excludes(outside):
-        return _NORMAL.cdf(-outside)
-    for _ in range(80):
-        mid = (inside + outside) / 2
-        inside, outside = (mid, outside) if excludes(mid) else (inside, mid)
-    return _NORMAL.cdf(-inside)
+    # z = 0 is the point estimate itself, which excludes the bound
+    if clearance(_Z_MAX) > 0:
+        return float(norm.sf(_Z_MAX))
+    return float(norm.sf(brentq(clearance, 0.0, _Z_MAX, xtol=1e-14, rtol=1e-15, maxiter=200)))
 
 
 def tost_p(table, margin):
@@ -164,7 +187,7 @@ def minimum_detectable_difference(n, discordant, alpha=0.05, power=0.8):
     for the paired-sample design", Biometrics 43:207-211: McNemar's test on n
     pairs with discordance rate psi detects diff when
     sqrt(n) diff = z_a sqrt(psi) + z_b sqrt(psi - diff^2),
-    z_a = z(1 - alpha/2), z_b = z(power). Solved for diff:
+    z_a = z(1 - alpha/2), z_b = z(power) (``scipy.stats.norm.ppf``). Solved for diff:
     diff = sqrt(psi) k, k = (sqrt(n) z_a + z_b sqrt(n - z_a^2 + z_b^2)) / (n + z_b^2).
     psi is the observed ``discordant / n``, but a difference needs at least
     as many discordant items as it moves (psi >= diff), so psi is raised to
@@ -175,7 +198,7 @@ def minimum_detectable_difference(n, discordant, alpha=0.05, power=0.8):
     """
     if n < 1 or not 0 <= discordant <= n:
         raise ValueError(f"need 0 <= discordant <= n and n >= 1, got discordant={discordant}, n={n}")
-    z_a, z_b = _NORMAL.inv_cdf(1 - alpha / 2), _NORMAL.inv_cdf(power)
+    z_a, z_b = float(norm.ppf(1 - alpha / 2)), float(norm.ppf(power))
     slack = n - z_a**2 + z_b**2
     if slack < 0:
         return math.inf
@@ -190,15 +213,11 @@ def holm(p_values):
     The i-th smallest of m p-values is multiplied by m - i + 1 (i from 1),
     made non-decreasing along that order, and capped at 1; rejecting where
     the adjusted p < alpha keeps the chance of any false rejection in the
-    family at most alpha.
+    family at most alpha. ``statsmodels.stats.multitest.multipletests(method="holm")``.
     """
-    m = len(p_values)
-    adjusted = [0.0] * m
-    running = 0.0
-    for rank, i in enumerate(sorted(range(m), key=lambda j: p_values[j])):
-        running = max(running, min(1.0, (m - rank) * p_values[i]))
-        adjusted[i] = running
-    return adjusted
+    if not len(p_values):
+        return []
+    return [float(p) for p in multipletests(p_values, method="holm")[1]]
 
 
 def verdict(ci, ci_equivalence, margin):
