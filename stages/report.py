@@ -1,7 +1,8 @@
 """Write the study's reports from the eval outputs.
 
     python -m stages.report metrics data/predictions reports --variants base sft
-    python -m stages.report metrics data/predictions reports --variants base sft sft_dpo sft_rl --name post_sft
+    python -m stages.report metrics data/predictions reports --variants base sft sft_dpo sft_rl --name post_sft \
+        --metrics metrics/study.json
     python -m stages.report metrics data/predictions reports --variants base sft --ablations data/ablations/predictions
 
 Reads params [report] (equivalence margin, alpha, power for the verdicts)
@@ -10,7 +11,10 @@ metrics/eval/base.json, every other variant from
 data/predictions/<variant>/s<seed>.jsonl and metrics/eval/<variant>/s<seed>.json
 for each seed). Writes ``<name>.md`` + ``<name>.png``: Table 1 with each method's
 mean and spread over seeds, each step's paired comparison over items and
-seeds with four-way verdicts, Holm and power, the wrong_count share, errors.
+seeds with four-way verdicts, Holm and power, the power table (variance
+components and projected MDEs, toolcall/report/power.py), the wrong_count
+share, errors. ``--metrics``: also each step's numbers as JSON
+(metrics/study.json, keyed by test set), written with the report or not at all.
 With ``--ablations`` it writes reports/ablations.md instead: a section per
 ablation, against the main study's first seed (the one the ablation stages
 use). Three stages, so the SFT result does not wait for DPO/RL and neither
@@ -22,11 +26,12 @@ from pathlib import Path
 
 from toolcall import config
 from toolcall.errors import run_stage
-from toolcall.io import read_json, read_jsonl, run_path, write_text
+from toolcall.io import json_text, read_json, read_jsonl, run_path, write_text, write_texts
 from toolcall.report.ablations import ablation_sections
-from toolcall.report.main import (SEEDLESS, VARIANT_NAMES, bar_chart, error_table, leaderboard_table, load_runs,
-                                  load_scores, main_table, paper_claims, step_comparisons, step_table,
+from toolcall.report.main import (SEEDLESS, STEP_KEYS, VARIANT_NAMES, bar_chart, error_table, leaderboard_table,
+                                  load_runs, load_scores, main_table, paper_claims, step_comparisons, step_table,
                                   wrong_count_table)
+from toolcall.report.power import power_section, study_metrics
 from toolcall.report.verdicts import method_note
 
 
@@ -38,6 +43,7 @@ def main():
     ap.add_argument("--variants", nargs="+", required=True, choices=list(VARIANT_NAMES))
     ap.add_argument("--name", default="report", help="output basename: <name>.md and <name>.png")
     ap.add_argument("--ablations", metavar="PREDICTIONS_DIR", help="the ablation arms' predictions")
+    ap.add_argument("--metrics", metavar="JSON", help="also write each step's numbers here (metrics/study.json)")
     args = ap.parse_args()
     cfg = config.load("report")
     seeds = config.load("study").seeds
@@ -89,6 +95,10 @@ def main():
         "",
         f"![accuracy by category]({args.name}.png)",
         "",
+        "## What the test set can decide: variance components and power",
+        "",
+        power_section(steps, cfg, VARIANT_NAMES),
+        "",
         "## Beside BFCL's leaderboard",
         "",
         "Small models on BFCL's own leaderboard (non-live AST, accuracy in % per category), beside ours. Not the "
@@ -111,8 +121,11 @@ def main():
         error_table(runs),
         "",
     ]
-    write_text(Path(args.out_dir, f"{args.name}.md"), "\n".join(parts))
-    print(f"wrote {args.out_dir}/{args.name}.md")
+    files = {Path(args.out_dir, f"{args.name}.md"): "\n".join(parts)}
+    if args.metrics:  # one test set today; a later "live" set and a "pooled" analysis are more keys
+        files[Path(args.metrics)] = json_text(study_metrics({"test": steps}, STEP_KEYS, cfg))
+    write_texts(files)
+    print("wrote " + ", ".join(map(str, files)))
 
 
 if __name__ == "__main__":

@@ -94,13 +94,22 @@ def crossed_difference(before, after):
     """
     d = _differences(before, after)
     n, seeds = d.shape
-    ms_item, ms_seed, ms_res = _mean_squares(d)
+    variance, df = variance_df(*_mean_squares(d), n, seeds)
+    return Crossed(delta=float(d.mean()), variance=variance, df=df, items=n, seeds=seeds)
+
+
+def variance_df(ms_item, ms_seed, ms_res, n, seeds):
+    """``(Var(D), Satterthwaite df)`` of the mean difference from the mean squares of an n x S design.
+
+    Shared by ``crossed_difference`` (observed mean squares) and
+    ``toolcall.report.power`` (mean squares projected to another design).
+    """
     kept = [(ms, df) for ms, df in ((ms_item, n - 1), (ms_seed, seeds - 1)) if ms > ms_res]
     terms = kept + [(ms_res * (1 - len(kept)), (n - 1) * (seeds - 1))]  # c_res = 1 - (components kept)
     total = sum(t for t, _ in terms)
     spread = sum(t * t / df for t, df in terms if t)
     df = total * total / spread if spread > 0 else math.inf
-    return Crossed(delta=float(d.mean()), variance=max(0.0, total) / (n * seeds), df=df, items=n, seeds=seeds)
+    return max(0.0, total) / (n * seeds), df
 
 
 def _t_p(z, df):
@@ -141,9 +150,15 @@ def crossed_tests(c, margin, alpha, power):
 
     p_value = min(1.0, 2 * _t_p(abs(z(0.0)), c.df))
     p_equivalence = max(_t_p(z(-margin), c.df), _t_p(-z(margin), c.df))
-    k = _t_quantile(1 - alpha / 2, c.df) + _t_quantile(power, c.df)
-    mde = max(k * se, k * k / (c.items + k * k))
-    return interval(1 - alpha), interval(1 - 2 * alpha), p_value, p_equivalence, (mde if mde <= 1 else math.inf)
+    mde = minimum_detectable(c.variance, c.df, c.items, alpha, power)
+    return interval(1 - alpha), interval(1 - 2 * alpha), p_value, p_equivalence, mde
+
+
+def minimum_detectable(variance, df, items, alpha, power):
+    """The MDE of ``crossed_tests``: max((t_{1-alpha/2,df} + t_{power,df}) se, k^2 / (n + k^2)); > 1: inf."""
+    k = _t_quantile(1 - alpha / 2, df) + _t_quantile(power, df)
+    mde = max(k * math.sqrt(variance), k * k / (items + k * k))
+    return mde if mde <= 1 else math.inf
 
 
 def compare_seeds(before, after, margin, alpha, power):

@@ -9,13 +9,14 @@ matrices of the paired comparisons are group-bys and pivots of it.
 import dataclasses
 import math
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 
 from toolcall.bfcl import CATEGORIES
 from toolcall.errors import DataError
 from toolcall.io import read_json, read_jsonl, run_path
-from toolcall.report.crossed import compare_seeds
+from toolcall.report.crossed import compare_seeds, variance_components
 from toolcall.report.paired import Comparison, adjusted_verdict, family_holm, table_delta
 from toolcall.report.verdicts import VARIANT_NAMES, claim_relation, detectable, interval, pct, points, verdict_text
 
@@ -174,27 +175,35 @@ def paired_runs(runs, before, after):
     return b.loc[ids, a.columns], a.loc[ids]
 
 
-# Each post-training step against the model it starts from (DPO and RL continue SFT).
+# Each post-training step against the model it starts from (DPO and RL continue SFT), and its key in
+# metrics/study.json.
 STEPS = (("base", "sft"), ("sft", "sft_dpo"), ("sft", "sft_rl"))
+STEP_KEYS = {("base", "sft"): "sft_vs_base", ("sft", "sft_dpo"): "dpo_vs_sft", ("sft", "sft_rl"): "rl_vs_sft"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """One step's comparison and the seed-to-seed spread of the model it starts from."""
+    """One step's comparison, the seed-to-seed spread of the model it starts from, its variance components."""
 
     before: str
     after: str
     comparison: Comparison
     start_runs: tuple  # the start's overall accuracy per run
+    components: Optional[tuple] = None  # (sigma_item^2, sigma_seed^2, sigma_res^2) of the differences; one seed: None
 
 
 def step_comparisons(runs, cfg):
     """A ``Step`` for each step in STEPS with runs on both sides."""
     present = set(runs["variant"])
     acc = run_accuracy(runs)["overall"]
-    return [Step(before, after, compare_seeds(*paired_runs(runs, before, after), cfg.equivalence_margin, cfg.alpha,
-                                              cfg.power), tuple(acc.loc[before]))
-            for before, after in STEPS if before in present and after in present]
+    steps = []
+    for before, after in STEPS:
+        if before in present and after in present:
+            b, a = paired_runs(runs, before, after)
+            components = variance_components(b, a) if b.shape[1] > 1 else None
+            steps.append(Step(before, after, compare_seeds(b, a, cfg.equivalence_margin, cfg.alpha, cfg.power),
+                              tuple(acc.loc[before]), components))
+    return steps
 
 
 def seed_spread_text(step):
