@@ -148,7 +148,18 @@ class SftConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DpoConfig:
+class OnPolicySampling:
+    """What DPO and RL share: how they sample the SFT model's own answers to training prompts."""
+
+    prompts: int = at_least(1)
+    samples_per_prompt: int = at_least(1)
+    sample_batch: int = at_least(1)
+    temperature: float = above(0, GREEDY)
+    max_tokens: int = at_least(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DpoConfig(OnPolicySampling):
     """params.yaml [dpo]; the LoRA shape is the SFT adapter's, not repeated here."""
 
     seed: int = at_least(0)
@@ -157,11 +168,6 @@ class DpoConfig:
     learning_rate: float = between(0, 1)
     epochs: float = above(0)  # passes over the preference pairs (their number is known only after sampling)
     batch_size: int = at_least(1)
-    prompts: int = at_least(1)
-    samples_per_prompt: int = at_least(1)
-    sample_batch: int = at_least(1)
-    temperature: float = above(0, GREEDY)
-    max_tokens: int = at_least(1)
     checkpoint_every: int = at_least(0, "0: never")
     valid_prompts: int = at_least(1)  # validation prompts whose pairs are held out, scored every steps_per_eval steps
     steps_per_eval: int = at_least(0, "0: at the end only")
@@ -186,17 +192,12 @@ class DpoConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class RlConfig:
+class RlConfig(OnPolicySampling):
     """params.yaml [rl]; the LoRA shape is the SFT adapter's, not repeated here."""
 
     algo: str = one_of(*ALGOS)
     seed: int = at_least(0)
     rounds: int = at_least(1)
-    prompts: int = at_least(1)
-    samples_per_prompt: int = at_least(1)
-    sample_batch: int = at_least(1)
-    temperature: float = above(0, GREEDY)
-    max_tokens: int = at_least(1)
     learning_rate: float = between(0, 1)
     iters: int = at_least(1)
     batch_size: int = at_least(1)
