@@ -2,18 +2,14 @@
 
 import json
 import math
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-import yaml
 from scipy.stats import norm
 
-from test_report import CATS, CFG, ROOT, study  # noqa: F401 (the fixture)
+from test_report import CFG, report_stage, study  # noqa: F401 (the fixture)
 from toolcall.config import ReportConfig
-from toolcall.io import write_json
 from toolcall.report.crossed import crossed_difference, crossed_tests, variance_components
 from toolcall.report.main import STEP_KEYS, load_runs, step_comparisons
 from toolcall.report.power import projected, projected_mde, seeds_needed, study_metrics
@@ -113,16 +109,7 @@ def test_study_json_is_keyed_by_test_set_and_step_and_rounded(study):  # noqa: F
 
 
 def test_the_stages_json_matches_the_reports_numbers(study):  # noqa: F811
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["study"]["seeds"] = [0, 1]
-    (study / "params.yaml").write_text(yaml.safe_dump(params))
-    write_json(study / "metrics/validate.json", {"test": {"n_kept": 8, "by_category": {c: 2 for c in CATS}},
-                                                 "train": {"n_kept": 20}, "template": "project"})
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "stages.report", "metrics", "data/predictions", "reports", "--variants", "base",
-           "sft", "sft_dpo", "sft_rl", "--name", "post_sft", "--metrics", "metrics/study.json"]
-    proc = subprocess.run(cmd, cwd=study, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    cmd, env, params = report_stage(study, "--metrics", "metrics/study.json")
     first = (study / "metrics/study.json").read_bytes()
     assert subprocess.run(cmd, cwd=study, env=env).returncode == 0
     assert (study / "metrics/study.json").read_bytes() == first  # byte-stable

@@ -128,17 +128,24 @@ def test_leaderboard_table_puts_our_seed_means_beside_the_anchors(study):
     assert "| Granite-4.0-350m (FC) | full BFCL sets | 83 | 84.5 | 70 | 55.5 | 73.3 |" in table  # 73.25, half up
 
 
-def test_the_report_stage_writes_every_section(study):
+def report_stage(study, *extra):
+    """``study`` set up for report_post_sft (seeds 0 and 1, a validate.json), and the stage's command and env;
+    the stage is run once here, and must succeed."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["study"]["seeds"] = [0, 1]
     (study / "params.yaml").write_text(yaml.safe_dump(params))
     write_json(study / "metrics/validate.json", {"test": {"n_kept": 8, "by_category": {c: 2 for c in CATS}},
                                                  "train": {"n_kept": 20}, "template": "project"})
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "stages.report", "metrics", "data/predictions", "reports",
-                           "--variants", "base", "sft", "sft_dpo", "sft_rl", "--name", "post_sft"],
-                          cwd=study, env=env, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "stages.report", "metrics", "data/predictions", "reports", "--variants", "base",
+           "sft", "sft_dpo", "sft_rl", "--name", "post_sft", *extra]
+    proc = subprocess.run(cmd, cwd=study, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    return cmd, env, params
+
+
+def test_the_report_stage_writes_every_section(study):
+    report_stage(study)
     text = (study / "reports/post_sft.md").read_text()
     for heading in ("## Table 1", "## Each step against the model it starts from", "## Beside BFCL's leaderboard",
                     "## The dominant failure", "## Errors"):

@@ -18,7 +18,9 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from toolcall.io import write_text
+from toolcall.repo import ROOT
+
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 REPORT = "reports/post_sft.md"
 
@@ -116,7 +118,7 @@ def main(argv=None):
                                                    "README.md (now)", f"README.md (from {REPORT})"))
         print(f"\n{args.readme}: results block differs from {REPORT}; rewrite it: python -m toolcall.report.readme")
         return 1
-    args.readme.write_text(f"{before}{START}\n{wanted}\n{END}{after}", encoding="utf-8")
+    write_text(args.readme, f"{before}{START}\n{wanted}\n{END}{after}")  # whole, or not at all
     print(f"rewrote the results block of {args.readme} from {REPORT}")
     return 0
 
