@@ -23,7 +23,7 @@ exp: $(STAMP) native
 # temporary copy (dvc exp run --temp), so the workspace and its metrics stay as they are; see it
 # with `dvc exp show`. Append more -S with ARGS.
 SMOKE := -S "study.seeds=[0]" -S split.test_per_category=5 -S sft.iters=20 -S sft.warmup=2 -S sft.steps_per_eval=0 -S sft.patience=0 \
-	-S dpo.prompts=8 -S dpo.valid_prompts=4 -S dpo.steps_per_eval=0 \
+	-S dpo.prompts=8 -S dpo.valid_prompts=4 -S dpo.steps_per_eval=0 -S dpo.batch_size=4 -S dpo.warmup=0 \
 	-S rl.rounds=2 -S rl.prompts=8 -S rl.iters=2
 smoke: $(STAMP) native
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc exp run --temp $(SMOKE) $(ARGS) report report_post_sft

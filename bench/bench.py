@@ -1,14 +1,16 @@
 """`make bench`: this pipeline vs plain mlx-lm on this machine, every section in one run.
 
-    python bench/bench.py [--only matmul,ops,train,eval,repro] [--repeats 3] [--out metrics/bench.json]
+    python bench/bench.py [--only matmul,memory,ops,train,eval,repro] [--repeats 3] [--out metrics/bench.json]
 
 One module per section, each also runnable alone (``python -m bench.<section>``,
 which merges its keys into the results file instead of writing it afresh):
 
 * ``bench/matmul.py``: float32 matmul GFLOP/s, OpenBLAS vs MLX's bundled BLAS (the ceiling).
+* ``bench/memory.py``: memory copy GB/s, every core and one (the other ceiling).
 * ``bench/ops.py``: where one transformer block's time goes at eval shapes.
 * ``bench/train.py``: SFT tokens/s vs ``python -m mlx_lm lora``; data-parallel ranks vs one process.
-* ``bench/eval.py``: eval examples/s vs one prompt at a time; fast vs reference greedy outputs.
+* ``bench/eval.py``: eval examples/s vs one prompt at a time and vs its floor (``bench/floor.py``);
+  fast vs reference greedy outputs.
 * ``bench/repro.py``: a no-op ``dvc repro``.
 
 ``bench/common.py`` holds what they share (fresh-process workers, medians,
@@ -16,9 +18,10 @@ the machine, the results file). Medians of ``--repeats`` runs, arms
 interleaved so drifting background load hits both. Writes
 ``metrics/bench.json``: each section's raw medians and runs, and the headline
 keys ``train_speedup_vs_mlx_lm``, ``train_ceiling_fraction``, ``dp_ranks``,
-``dp_loss_max_abs_diff``, ``eval_speedup_vs_sequential``,
-``greedy_agreement_fast_vs_reference``, ``noop_repro_s`` with issue 13's
-targets beside them.
+``dp_loss_max_abs_diff``, ``eval_speedup_vs_sequential``, ``eval_seconds``,
+``eval_floor_seconds``, ``eval_fraction_of_floor``,
+``greedy_agreement_fast_vs_reference``, ``noop_repro_s`` with issues 13's
+and 29's targets beside them.
 """
 
 import argparse
@@ -29,10 +32,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # python bench/bench.py
-from bench import common, matmul, ops, repro, train  # noqa: E402
+from bench import common, matmul, memory, ops, repro, train  # noqa: E402
 from bench import eval as eval_section  # noqa: E402  (not the builtin)
 
-SECTIONS = {"matmul": matmul, "ops": ops, "train": train, "eval": eval_section, "repro": repro}
+SECTIONS = {"matmul": matmul, "memory": memory, "ops": ops, "train": train, "eval": eval_section, "repro": repro}
 
 
 def main():

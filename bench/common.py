@@ -232,12 +232,18 @@ def derive(r):
         r["train_fraction_of_matmul_ceiling"] = {arm: r["train"][arm]["achieved_gflops"] / ceiling
                                                  for arm in ("ours", "mlx_lm")}
         r["train_ceiling_fraction"] = r["train_fraction_of_matmul_ceiling"]["ours"]
+    if "work" in r.get("eval", {}) and "matmul_gflops" in r and "memory_gbps" in r:
+        from bench.floor import eval_floor
+
+        r["eval_floor"] = eval_floor(r["eval"]["work"], r["matmul_gflops"]["openblas"], r["memory_gbps"]["all_cores"])
+        r["eval_floor_seconds"] = r["eval_floor"]["seconds"]
+        r["eval_fraction_of_floor"] = r["eval_floor_seconds"] / r["eval_seconds"]
     r["targets"] = targets(r)
     return r
 
 
 def targets(r):
-    """Issue 13's targets, each where its measurement is in ``r``."""
+    """Issues 13's and 29's targets, each where its measurement is in ``r``."""
     t = {}
     if "train_speedup_vs_mlx_lm" in r:
         t["train_speedup_ge_3"] = r["train_speedup_vs_mlx_lm"] >= 3.0
@@ -246,8 +252,10 @@ def targets(r):
     if r.get("dp_loss_max_abs_diff") is not None:
         t["dp_loss_max_abs_diff_le_1e-3"] = r["dp_loss_max_abs_diff"] <= 1e-3
     if "eval_speedup_vs_sequential" in r:
-        t["eval_speedup_ge_8"] = r["eval_speedup_vs_sequential"] >= 8
+        t["eval_speedup_ge_5.5"] = r["eval_speedup_vs_sequential"] >= 5.5
         t["eval_outputs_identical"] = not r["eval"]["parsed_calls_differ"] and r["eval"]["sharded_equals_one_process"]
+    if "eval_fraction_of_floor" in r:
+        t["eval_fraction_of_floor_ge_0.6"] = r["eval_fraction_of_floor"] >= 0.6
     if "greedy_agreement_fast_vs_reference" in r:
         a = r["eval"]["fast_vs_reference"]
         t["greedy_agreement_ge_0.98"] = r["greedy_agreement_fast_vs_reference"] >= 0.98

@@ -158,10 +158,11 @@ void load_rows(const Dim& dim, const Rows4& a, int64_t b, const Block& blk, __m2
 
 // Scores of a block's rows, s[r * Lk + j] = scale * q_r . k_j + mask, for
 // the n[r] keys row r sees (all Lk of them, every score at MLX's masked
-// value, when a causal row sees none). Returns the largest n.
+// value, when a causal row sees none), from key `lo` on (`first_key`; the
+// scores before it are left unwritten). Returns the largest n.
 template <int C>
 int block_scores(const Dim& dim, const Shape4& sh, const Mask& mask, float scale, int64_t b, const Block& blk,
-                 const __m256 (*q)[C], const float* k0, int64_t kst, float* s, int* n) {
+                 const __m256 (*q)[C], const float* k0, int64_t kst, float* s, int* n, int lo = 0) {
   bool none[kRows] = {};
   int n_max = 0;
   for (int r = 0; r < blk.R; ++r) {
@@ -171,7 +172,7 @@ int block_scores(const Dim& dim, const Shape4& sh, const Mask& mask, float scale
     if (none[r]) n[r] = sh.Lk;
     n_max = std::max(n_max, n[r]);
   }
-  block_dots<C>(dim, q, k0, kst, n_max, s, sh.Lk);
+  block_dots<C>(dim, q, k0 + lo * kst, kst, n_max - lo, s + lo, sh.Lk);
   const __m256 sv = _mm256_set1_ps(scale);
   for (int r = 0; r < blk.R; ++r) {
     float* sr = s + r * sh.Lk;
@@ -179,10 +180,10 @@ int block_scores(const Dim& dim, const Shape4& sh, const Mask& mask, float scale
       std::fill(sr, sr + sh.Lk, kLowest);
       continue;
     }
-    for (int j = 0; j < n[r]; j += 8) store(sr + j, _mm256_mul_ps(load(sr + j, n[r] - j), sv), n[r] - j);
+    for (int j = lo; j < n[r]; j += 8) store(sr + j, _mm256_mul_ps(load(sr + j, n[r] - j), sv), n[r] - j);
     if (mask.kind == Mask::kBool || mask.kind == Mask::kAdd) {
       const int64_t off = b * mask.s[0] + blk.h[r] * mask.s[1] + blk.i[r] * mask.s[2];
-      for (int j = 0; j < n[r]; ++j) {
+      for (int j = lo; j < n[r]; ++j) {
         if (mask.kind == Mask::kBool) {
           if (!mask.b[off + j * mask.s[3]]) sr[j] = kLowest;
         } else {
@@ -217,6 +218,27 @@ std::pair<float, float> exp_shifted(float* s, int n) {
   return {m, hsum(acc)};
 }
 
+// Where a block's rows start reading keys: the first key any of them sees
+// under a bool mask, rounded down to a multiple of 8; 0 for other masks or
+// when a row sees no key (it then averages over all of them, as MLX does).
+// The keys before it are the left padding of a batched KV cache (mlx-lm's
+// BatchKVCache): in decode a row's padding can be most of what it would
+// read. Skipping them leaves every bit as it was: each would add an exact 0
+// to the softmax's sum and to the weighted sum, and exp_shifted sums in 8
+// lanes by key index, which a multiple of 8 keeps.
+int first_key(const Mask& mask, const Shape4& sh, int64_t b, const Block& blk) {
+  if (mask.kind != Mask::kBool) return 0;
+  int64_t lo = sh.Lk;
+  for (int r = 0; r < blk.R; ++r) {
+    const bool* row = mask.b + b * mask.s[0] + blk.h[r] * mask.s[1] + blk.i[r] * mask.s[2];
+    int64_t j = 0;
+    while (j < sh.Lk && !row[j * mask.s[3]]) ++j;
+    if (j == sh.Lk) return 0;
+    lo = std::min(lo, j);
+  }
+  return static_cast<int>(lo / 8 * 8);
+}
+
 int64_t key_stride(const Rows4& k, int64_t Lk) { return Lk > 1 ? k.row(0, 0, 1) - k.row(0, 0, 0) : 0; }
 
 int64_t blocks_per_kv_head(const Shape4& sh) { return (sh.H / sh.Hk * sh.Lq + kRows - 1) / kRows; }
@@ -234,18 +256,19 @@ void forward(const Shape4& sh, const Mask& mask, float scale, const Rows4& Q, co
       const int64_t b = u / (sh.Hk * nb), hk = (u / nb) % sh.Hk;
       const Block blk = block_at(sh, hk, u % nb);
       load_rows<C>(dim, Q, b, blk, q);
-      const int n_max = block_scores<C>(dim, sh, mask, scale, b, blk, q, K.row(b, hk, 0), kst, s.data(), n);
+      const int lo = first_key(mask, sh, b, blk);
+      const int n_max = block_scores<C>(dim, sh, mask, scale, b, blk, q, K.row(b, hk, 0), kst, s.data(), n, lo);
       float m[kRows], l[kRows];
       for (int r = 0; r < kRows; ++r) {
         float* sr = s.data() + r * sh.Lk;
         if (r < blk.R) {
-          std::tie(m[r], l[r]) = exp_shifted(sr, n[r]);
+          std::tie(m[r], l[r]) = exp_shifted(sr + lo, n[r] - lo);
           std::fill(sr + n[r], sr + n_max, 0.0f);
         } else {
-          std::fill(sr, sr + n_max, 0.0f);
+          std::fill(sr + lo, sr + n_max, 0.0f);
         }
       }
-      block_wsum<C>(dim, s.data(), sh.Lk, V.row(b, hk, 0), vst, n_max, acc);
+      block_wsum<C>(dim, s.data() + lo, sh.Lk, V.row(b, hk, lo), vst, n_max - lo, acc);
       for (int r = 0; r < blk.R; ++r) {
         const int64_t row = (b * sh.H + blk.h[r]) * sh.Lq + blk.i[r];
         const __m256 inv = _mm256_set1_ps(1.0f / l[r]);

@@ -4,7 +4,8 @@
 
 Names: unseen_tools, unseen_patterns, diversity_low, diversity_high,
 extra_with (see ``toolcall.bfcl.ablations``). Reads params
-[ablations.<section>]; the validated train, valid and test splits through
+[ablations.<section>] (extra_with also split.live_test, whose sources
+ablations.extra.sources may not name); the validated train, valid and test splits through
 their dataset (<validated_dir>/dataset/), the extra pool from extra.jsonl.
 Writes train.jsonl, and test.jsonl for the unseen_*
 splits (the other arms are scored on the main test split).
@@ -14,7 +15,7 @@ import argparse
 from collections import Counter
 
 from toolcall.bfcl import ablations
-from toolcall.bfcl.dataset import SPLITS, load_split
+from toolcall.bfcl.dataset import load_split
 from toolcall.bfcl.rows import read_rows
 from toolcall import config
 from toolcall.errors import run_stage
@@ -28,7 +29,9 @@ def main():
     ap.add_argument("out_dir")
     args = ap.parse_args()
     p = config.load(f"ablations.{ablations.SECTIONS[args.name]}")
-    train, valid, test = (load_split(f"{args.validated_dir}/dataset", side) for side in SPLITS)
+    if args.name == "extra_with":
+        config.check_live_test(config.load("split").live_test, {"ablations.extra.sources": p.sources})
+    train, valid, test = (load_split(f"{args.validated_dir}/dataset", side) for side in ("train", "valid", "test"))
     pool = read_rows(f"{args.validated_dir}/extra.jsonl", allow_empty=True)  # empty with data.extra_files: {}
     train, test = ablations.make_split(args.name, train, test, p, valid=valid, pool=pool)
     write_jsonl(f"{args.out_dir}/train.jsonl", train)

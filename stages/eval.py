@@ -2,6 +2,9 @@
 
     python -m stages.eval sft/s0 --model models/base --adapter models/sft/s0
     python -m stages.eval base --model models/base
+    python -m stages.eval sft/s0 --model models/base --adapter models/sft/s0 \
+        --test data/validated/dataset/test_live.parquet --metrics metrics/eval_live/sft/s0.json \
+        --predictions data/predictions_live/sft/s0.jsonl
 
 Reads params [eval]. Generation runs in one process per usable core, capped
 by memory, one on a GPU (``eval.workers: auto``; a count, or ``--workers``,
@@ -10,6 +13,8 @@ seed's run is ``<variant>/s<seed>``): metrics/eval/<variant>.json (overall
 and per-category accuracy with Wilson 95% intervals and the share of wrong
 answers with the wrong number of calls, error counts) and
 data/predictions/<variant>.jsonl (raw output, parsed calls, verdict per item).
+Another test file (--test: the live test, stage eval_live; an ablation's)
+names its outputs with --metrics and --predictions.
 """
 
 import argparse

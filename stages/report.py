@@ -1,8 +1,9 @@
 """Write the study's reports from the eval outputs.
 
     python -m stages.report metrics data/predictions reports --variants base sft
-    python -m stages.report metrics data/predictions reports --variants base sft sft_dpo sft_rl --name post_sft \
-        --metrics metrics/study.json
+    python -m stages.report metrics data/predictions reports --variants base sft sft_dpo sft_rl sft_grpo \
+        --name post_sft --metrics metrics/study.json --live data/predictions_live \
+        --constrained data/predictions_constrained
     python -m stages.report metrics data/predictions reports --variants base sft --ablations data/ablations/predictions
 
 Reads params [report] (equivalence margin, alpha, power for the verdicts)
@@ -15,6 +16,13 @@ seeds with four-way verdicts, Holm and power, the power table (variance
 components and projected MDEs, toolcall/report/power.py), the wrong_count
 share, errors. ``--metrics``: also each step's numbers as JSON
 (metrics/study.json, keyed by test set), written with the report or not at all.
+``--live``: the second test set's predictions (data/predictions_live/, the
+same layout): its table and steps, both sets pooled (items of both crossed
+with the seeds), their power tables, and study.json's "live" and "pooled".
+``--constrained``: the constrained runs' predictions (data/predictions_constrained/,
+the same layout; stages eval_constrained*): each variant's constrained vs greedy
+runs over items x seeds (toolcall/report/constrained.py), and study.json's
+"constrained".
 With ``--ablations`` it writes reports/ablations.md instead: a section per
 ablation, against the main study's first seed (the one the ablation stages
 use). Three stages, so the SFT result does not wait for DPO/RL and neither
@@ -28,8 +36,9 @@ from toolcall import config
 from toolcall.errors import run_stage
 from toolcall.io import json_text, read_json, read_jsonl, run_path, write_text, write_texts
 from toolcall.report.ablations import ablation_sections
+from toolcall.report.constrained import constrained_section
 from toolcall.report.main import (SEEDLESS, STEP_KEYS, VARIANT_NAMES, bar_chart, error_table, leaderboard_table,
-                                  load_runs, load_scores, main_table, paper_claims, step_comparisons, step_table,
+                                  load_runs, load_scores, main_table, paper_claims, pooled_runs, step_comparisons, step_table,
                                   wrong_count_table)
 from toolcall.report.power import power_section, study_metrics
 from toolcall.report.verdicts import method_note
@@ -44,6 +53,10 @@ def main():
     ap.add_argument("--name", default="report", help="output basename: <name>.md and <name>.png")
     ap.add_argument("--ablations", metavar="PREDICTIONS_DIR", help="the ablation arms' predictions")
     ap.add_argument("--metrics", metavar="JSON", help="also write each step's numbers here (metrics/study.json)")
+    ap.add_argument("--live", metavar="PREDICTIONS_DIR",
+                    help="the second test set's predictions (data/predictions_live): its steps, and both sets pooled")
+    ap.add_argument("--constrained", metavar="PREDICTIONS_DIR",
+                    help="the constrained runs' predictions (data/predictions_constrained): each against greedy")
     args = ap.parse_args()
     cfg = config.load("report")
     seeds = config.load("study").seeds
@@ -65,6 +78,8 @@ def main():
     stage = "report" if args.name == "report" else f"report_{args.name}"  # as named in dvc.yaml
     bar_chart(runs, Path(args.out_dir, f"{args.name}.png"))
     steps = step_comparisons(runs, cfg)
+    live = live_sections(args.live, args.variants, seeds, runs, cfg, validate) if args.live else None
+    constrained = constrained_section(args.constrained, args.variants, seeds, runs, cfg) if args.constrained else None
     parts = [
         "# Results",
         "",
@@ -95,10 +110,13 @@ def main():
         "",
         f"![accuracy by category]({args.name}.png)",
         "",
+        *(live["parts"] if live else []),
+        *(constrained["parts"] if constrained else []),
         "## What the test set can decide: variance components and power",
         "",
         power_section(steps, cfg, VARIANT_NAMES),
         "",
+        *(live["power"] if live else []),
         "## Beside BFCL's leaderboard",
         "",
         "Small models on BFCL's own leaderboard (non-live AST, accuracy in % per category), beside ours. Not the "
@@ -122,10 +140,47 @@ def main():
         "",
     ]
     files = {Path(args.out_dir, f"{args.name}.md"): "\n".join(parts)}
-    if args.metrics:  # one test set today; a later "live" set and a "pooled" analysis are more keys
-        files[Path(args.metrics)] = json_text(study_metrics({"test": steps}, STEP_KEYS, cfg))
+    if args.metrics:
+        study = study_metrics({"test": steps, **(live["steps"] if live else {})}, STEP_KEYS, cfg)
+        files[Path(args.metrics)] = json_text({**study, **({"constrained": constrained["metrics"]} if constrained
+                                                           else {})})
     write_texts(files)
     print("wrote " + ", ".join(map(str, files)))
+
+
+def live_sections(predictions_dir, variants, seeds, runs, cfg, validate):
+    """The second test set (BFCL live) and both sets pooled: report parts, power parts, and their steps."""
+    live = load_runs(predictions_dir, variants, seeds)
+    steps = {"live": step_comparisons(live, cfg), "pooled": step_comparisons(pooled_runs({"test": runs, "live": live}),
+                                                                             cfg)}
+    kept = validate["test_live"]
+    parts = [
+        "## The second test set: BFCL live",
+        "",
+        f"BFCL's live rows (user-contributed), function-disjoint from every training and validation row: "
+        f"{kept['n_kept']} items ({kept['by_category']}), scored with the same AST checker; the same models "
+        "and seeds as above.",
+        "",
+        main_table(live),
+        "",
+        step_table(steps["live"], cfg),
+        "",
+        "## Both test sets pooled",
+        "",
+        "Every item of both test sets, crossed with the seeds (each item's id prefixed by its set): one comparison "
+        "per step, Holm over these steps.",
+        "",
+        step_table(steps["pooled"], cfg),
+        "",
+        "Against the paper, on both test sets pooled:",
+        "",
+        paper_claims(steps["pooled"], cfg),
+        "",
+    ]
+    power = []
+    for name, title in (("live", "The live test set"), ("pooled", "Both test sets pooled")):
+        power += [f"### {title}", "", power_section(steps[name], cfg, VARIANT_NAMES), ""]
+    return {"parts": parts, "power": power, "steps": steps}
 
 
 if __name__ == "__main__":

@@ -5,16 +5,21 @@
         --valid data/validated/dataset/valid.parquet
 
 Reads params [sft] and its seed from ``--seed`` (dvc.yaml: once per seed of
-study.seeds). Loss on the completion (the calls) only when
-``sft.mask_prompt``. The budget is ``sft.epochs`` passes over the training
-rows (or ``sft.iters`` steps). With ``--valid``, the validation rows' loss is
-measured at step 0, every ``sft.steps_per_eval`` steps and after the last;
-the adapter written is the one of the lowest, and ``sft.patience``
-evaluations without a new lowest stop training early. Writes mlx-lm adapters
-(``mlx_lm.load(base, adapter_path=models/sft/s0)`` works), the metrics (the
-chosen step and epoch, the lowest validation loss), and the training and
-validation loss curves under ``--live`` for ``dvc plots show``. No example
-may exceed max_seq_len: the stage fails rather than train on a cut target.
+study.seeds), and with ``--valid`` [eval]'s max_tokens and batch_size. Loss
+on the completion (the calls) only when ``sft.mask_prompt``. The budget is
+``sft.epochs`` passes over the training rows (or ``sft.iters`` steps). With
+``--valid``, the validation rows are decoded greedily as stage eval decodes
+(toolcall/train/selection.py) at step 0, every ``sft.steps_per_eval`` steps
+and after the last: the adapter written is the one of the highest accuracy
+(a tie: the earlier step), ``sft.patience`` evaluations without a new highest
+stop training early, and the validation loss is logged at the same steps.
+Writes mlx-lm adapters (``mlx_lm.load(base, adapter_path=models/sft/s0)``
+works), the metrics (the chosen step and epoch; ``selection``: each
+evaluation's accuracy and answer format, the chosen one's, step 0's; the
+validation loss at step 0, at the chosen step and its lowest), and the
+training and validation curves under ``--live`` for ``dvc plots show``. No
+example may exceed max_seq_len: the stage fails rather than train on a cut
+target.
 On a CPU it runs as ``sft.ranks`` data-parallel processes (toolcall/train/launch.py).
 
 An ablation arm (stage ablation_train) passes ``--overrides SECTION``
@@ -40,7 +45,7 @@ from toolcall.sections import epoch_steps
 from toolcall.errors import run_stage
 from toolcall.io import write_json, write_timings
 from toolcall.model import lora
-from toolcall.train import checkpoint, launch
+from toolcall.train import checkpoint, launch, selection
 from toolcall.train.trainer import train_lora
 
 
@@ -52,8 +57,8 @@ def main():
     add_seed(ap)
     ap.add_argument("--metrics", required=True, help="e.g. metrics/train_sft/s0.json")
     ap.add_argument("--live", required=True, help="dvclive directory, e.g. dvclive/train_sft/s0")
-    ap.add_argument("--valid",
-                    help="validation rows that choose the step whose adapter is kept (a split's .parquet, or JSONL)")
+    ap.add_argument("--valid", help="validation rows whose greedy accuracy chooses the step whose adapter is kept "
+                                    "(a split's .parquet, or JSONL)")
     ap.add_argument("--overrides", action="append", default=[], metavar="SECTION")
     args = ap.parse_args()
     cfg = config.load("sft", seed=args.seed, overrides=args.overrides)
@@ -64,7 +69,8 @@ def main():
     rows = read_split(args.train)
     calls = [gold_calls(row["ground_truth"]) for row in rows]
     examples = [fmt.example(row, c) for row, c in zip(rows, calls)]
-    valid = [fmt.example(row, gold_calls(row["ground_truth"])) for row in read_split(args.valid)] if args.valid else []
+    valid_rows = read_split(args.valid) if args.valid else []
+    valid = [fmt.example(row, gold_calls(row["ground_truth"])) for row in valid_rows]
     longest = max(len(t) for t, _ in examples + valid)
     if longest > cfg.max_seq_len:
         sys.exit(f"train_sft: an example has {longest} tokens > max_seq_len={cfg.max_seq_len}; "
@@ -81,16 +87,18 @@ def main():
     train_cfg = cfg.train(len(examples))
     lora.add_lora(model, lora.adapter_config(cfg), cfg.seed)
     print(f"{len(examples)} examples, {lora.count_trainable(model):,} trainable parameters")
+    chooser = selection.on_validation(model, fmt, valid_rows, "sft valid", cfg.patience) if valid_rows else None
     from dvclive import Live
 
     key = checkpoint.fingerprint("train_sft", dataclasses.asdict(cfg), style, checkpoint.examples_digest(examples),
-                                 checkpoint.examples_digest(valid), checkpoint.files_digest(args.model_dir))
+                                 checkpoint.examples_digest(valid), checkpoint.files_digest(args.model_dir),
+                                 chooser and chooser.valid.settings())
     ckpt = checkpoint.Checkpoint(args.out_dir, key, cfg.checkpoint_every)
     # Rank 0 alone writes (logs, checkpoints, outputs); the others hold the same weights.
     writes = launch.is_main()
     with Live(args.live, dvcyaml=None, save_dvc_exp=False) if writes else contextlib.nullcontext() as live:
-        result = train_lora(model, examples, train_cfg, live, prefix="sft", checkpoint=ckpt, valid=valid,
-                            steps_per_eval=cfg.steps_per_eval, patience=cfg.patience)
+        result = train_lora(model, examples, train_cfg, live, prefix="sft", checkpoint=ckpt, selection=chooser,
+                            valid=valid, steps_per_eval=cfg.steps_per_eval)
     if not writes:
         return
     lora.save_adapters(model, lora.adapter_config(cfg), args.out_dir)
@@ -98,6 +106,7 @@ def main():
     per_epoch = epoch_steps(1, len(examples), cfg.batch_size, cfg.ranks)  # batches.length_buckets keeps every row
     chosen = result.get("chosen_step", result["last_step"])
     losses = [h["loss"] for h in result["history"] if "loss" in h]
+    val_loss = {h["step"]: h["val_loss"] for h in result["history"] if "val_loss" in h}
     write_json(args.metrics, {
         "examples": len(examples),
         "steps_budget": train_cfg.iters,
@@ -106,16 +115,21 @@ def main():
         "chosen_step": chosen,
         "epochs": round(chosen / per_epoch, 2),  # of the adapter written
         "final_loss": round(losses[-1], 4),
-        **({"valid_examples": len(valid), "val_loss_start": round(result["history"][0]["val_loss"], 4),
-            "best_val_loss": round(result["best_val_loss"], 4), "stopped_early": result["stopped_early"]}
+        **({"valid_examples": len(valid), "stopped_early": result["stopped_early"],
+            # The validation loss at the same steps: whether it would have chosen as the accuracy did.
+            "val_loss_start": round(val_loss[0], 4), "val_loss_chosen": round(val_loss[chosen], 4),
+            "val_loss_lowest": round(min(val_loss.values()), 4),
+            "selection": {**chooser.summary(), "val_loss": [round(v, 4) for v in val_loss.values()]}}
            if valid else {}),
         "trainable_parameters": lora.count_trainable(model),
         **format_info,
     })
-    # A resumed run times only its own steps.
+    # A resumed run times only its own steps; the training speed leaves out the greedy evaluations' time.
     seconds, steps = result["train_seconds"], result["steps"]
+    decoding = chooser.valid.seconds if chooser else []
     write_timings(args.metrics, {"train_seconds": seconds, "steps": steps, "tokens_per_second":
-                                 round(n_tokens / len(examples) * cfg.batch_size * steps / seconds, 1) if steps else None})
+                                 round(n_tokens / len(examples) * cfg.batch_size * steps / (seconds - sum(decoding)), 1)
+                                 if steps else None, **({"valid_eval_seconds": decoding} if chooser else {})})
     ckpt.clear()
 
 

@@ -51,7 +51,7 @@ def write_tiny_repo(repo, tiny):
     params["data"].update(source="local", local_dir=str(FIXTURE))
     params["model"].update(source="local", dtype="float32", path=str(tiny))
     params["split"].update(test_per_category=3, valid_per_category=2)
-    params["validate"].update(max_seq_len=4096)  # the tiny byte-level tokenizer makes long sequences
+    params["validate"].update(max_seq_len=4096, live_max_seq_len=4096)  # the tiny byte-level tokenizer: long sequences
     params["sft"].update(iters=3, epochs=None, batch_size=2, warmup=0, steps_per_report=1, max_seq_len=4096,
                          lora_layers=2)
     params["eval"].update(max_tokens=8, batch_size=4)
@@ -68,8 +68,11 @@ def write_tiny_repo(repo, tiny):
 
 # Extra per-stage overrides that keep later stages tiny; extended as stages are added.
 TINY_OVERRIDES = {
-    # Two seeds, the first not 0: every seed replicates the main study, the rest uses the first.
-    "study": {"seeds": [1, 0]},
+    # One seed, not 0: the ablations and exports use the first seed's runs, whatever it is. One seed keeps the
+    # tiny DAG (and make test) short: every seed's stages having their own paths and --seed is checked on the
+    # real params by tests/test_dag.py, two seeds giving two adapters by tests/test_determinism.py, and the
+    # report's items x seeds analysis by tests/test_report.py and tests/test_power.py.
+    "study": {"seeds": [1]},
     "ablations": {
         "sft": {"iters": 2, "epochs": None, "max_seq_len": 4096},
         "scaffold": {"n": 2, "temperature": 0.7, "seed": 0, "per_category": 1},
@@ -78,16 +81,18 @@ TINY_OVERRIDES = {
         "diversity": {"seed": 0, "budget": 8},
     },
     "dpo": {"prompts": 4, "samples_per_prompt": 2, "epochs": 1.0, "batch_size": 2, "max_tokens": 8, "valid_prompts": 2,
-            "steps_per_eval": 1},
+            "steps_per_eval": 1, "warmup": 0},
     # min_reward 0 keeps every sample: the tiny model never passes the AST check, and
     # the round should still train.
     "rl": {"rounds": 2, "prompts": 4, "samples_per_prompt": 2, "iters": 2, "batch_size": 2, "max_tokens": 8,
            "min_reward": 0.0},
+    "grpo": {"rounds": 1, "prompts": 2, "samples_per_prompt": 2, "iters": 1, "batch_size": 2},
 }
 
 
 SEEDS = TINY_OVERRIDES["study"]["seeds"]
-RUNS = [("base", None)] + [(v, s) for v in ("sft", "sft_dpo", "sft_rl") for s in SEEDS]
+VARIANTS = ("sft", "sft_dpo", "sft_rl", "sft_grpo")  # trained once per seed
+RUNS = [("base", None)] + [(v, s) for v in VARIANTS for s in SEEDS]
 
 
 def built_repo(tmp_path_factory):
@@ -150,14 +155,20 @@ def rerun(repo, cmd, readers):
     return ran_stages(out), {s for s in readers if digest(repo, stages[s]["deps"]) != before[s]}
 
 
-# The main study's trained stages, every seed's: SFT, DPO and RL (both start from their seed's SFT) and their evals.
-PER_SEED = {f"{stage}@{s}" for stage in ("train_sft", "train_dpo", "train_rl") for s in SEEDS} | {
-    f"eval@{v}-{s}" for v in ("sft", "sft_dpo", "sft_rl") for s in SEEDS}
-# Everything downstream of [sft]: the main study's trained stages and reports; and the
+# The main study's trained stages, every seed's: SFT, DPO, RL and GRPO (all three start from their seed's SFT)
+# and their evals.
+PER_SEED = {f"{stage}@{s}" for stage in ("train_sft", "train_dpo", "train_rl", "train_grpo") for s in SEEDS} | {
+    f"eval@{v}-{s}" for v in VARIANTS for s in SEEDS}
+# The same runs scored on the second test set, test_live (params split.live_test): the reports read them, so
+# `make exp` reruns them.
+LIVE_EVALS = {f"eval_live@{v}-{s}" for v in VARIANTS for s in SEEDS}
+# The same runs decoded again under the schema constraint: report_post_sft reads them, so `make exp` reruns them.
+CONSTRAINED_EVALS = {f"eval_constrained@{v}-{s}" for v in VARIANTS for s in SEEDS}
+# Everything downstream of [sft]: the main study's trained stages, live evals and reports; and the
 # ablation arms, whose training reads [sft] under [ablations.sft]'s overrides, with every
 # stage that uses their models or outputs.
 SFT_DOWNSTREAM = {
-    *PER_SEED, "report", "report_post_sft", "report_ablations",
+    *PER_SEED, *LIVE_EVALS, *CONSTRAINED_EVALS, "report", "report_post_sft", "report_ablations",
     *(f"ablation_train@{arm}" for arm in ("unseen_tools", "unseen_patterns", "diversity_low", "diversity_high",
                                           "format_content", "format_structured", "format_masked")),
     "ablation_train_extra",
@@ -170,4 +181,4 @@ SFT_DOWNSTREAM = {
     *(f"export@{variant}" for variant in ("sft", "sft_dpo", "sft_rl")),
 }
 # What `make exp` (`dvc exp run ... report report_post_sft`) may rerun: the main study only.
-MAIN_STUDY = PER_SEED | {"report", "report_post_sft"}
+MAIN_STUDY = PER_SEED | LIVE_EVALS | CONSTRAINED_EVALS | {"report", "report_post_sft"}

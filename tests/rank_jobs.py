@@ -80,6 +80,22 @@ def shared_rollouts(out):
             "ref": [chosen.tolist(), rejected.tolist()]}
 
 
+def selection_answers(out):
+    """The validation rows' greedy answers and the selection's evaluation of them (the ranks share the decoding)."""
+    from test_dpo import fixture_split
+    from toolcall.calls.prompts import PromptFormat
+    from toolcall.train import selection
+
+    model = policy(out)
+    # A LoRA far from zero: answers that differ from prompt to prompt (the tiny model alone repeats one token).
+    lora.restore(model, [(k, v * 100) for k, v in lora.snapshot(model)])
+    tokenizer = lora.load_model(out / f"base{launch.rank()}")[1]
+    valid = selection.ValidationSet(fixture_split()[1], PromptFormat(tokenizer), 24, 4)
+    chooser = selection.Selection(model, valid, 0)
+    chooser(0)
+    return {"answers": valid.answers(model), "curve": chooser.curve}
+
+
 def pid_then_sleep(out):
     launch.ensure_ranks(2, "test")
     (out / f"pid{launch.rank()}").write_text(str(os.getpid()))

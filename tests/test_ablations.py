@@ -100,6 +100,18 @@ def test_extra_with_adds_the_pool_rows_of_its_sources_to_the_paper_rows():
         ablations.make_split("extra_with", train, [], ExtraDataConfig(sources=["exec_simpel"]), pool=pool)
 
 
+def test_extra_with_refuses_a_live_test_source_naming_the_key(tmp_path):
+    from test_errors import PARAMS, one_line_error, stage
+
+    params = {"ablations": {**PARAMS["ablations"], "extra": {"sources": ["exec_simple", "live_simple"]}}}
+    proc = stage("ablation_split", "extra_with", tmp_path / "validated", tmp_path / "out", cwd=tmp_path, params=params)
+    assert one_line_error(proc, "ablation_split") == (
+        "ablation_split: params.yaml ablations.extra.sources=['exec_simple', 'live_simple'] trains on ['live_simple'], "
+        "which split.live_test tests on: a live test row is never a training row; remove them from "
+        "ablations.extra.sources (or from split.live_test)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_diversity_arms_draw_from_the_training_rows_and_the_extra_pool():
     train, _, _, pool = with_extra()
     paper = [r for r in train if not is_extra(r)]

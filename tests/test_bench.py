@@ -53,9 +53,13 @@ def test_bench_writes_every_headline_key_and_a_section_alone_merges(work):
     assert r["dp_ranks"] == 2 and r["dp_loss_max_abs_diff"] < 1e-3  # two ranks, the losses of one process
     assert len(r["train"]["dp"]["step_losses_ranks"]) == 2
     assert r["eval_speedup_vs_sequential"] > 0
-    # No native kernel in this branch: the fast and the reference path are one path.
+    assert r["eval_seconds"] == r["eval"]["sharded"]["seconds"]["median"] > 0
+    # Each of the 4 items took at least one decode step, and a step reads all the weights.
+    w = r["eval"]["work"]
+    assert w["decode_steps"] >= 2 and w["decode_bytes"] > w["decode_steps"] * w["weight_bytes"]
+    # The fast path (fused adapter, greedy's step, native kernels) gives the reference's outputs on the tiny model.
     assert r["greedy_agreement_fast_vs_reference"] == 1.0 and r["eval"]["fast_vs_reference"]["items"] == 4
-    assert "train_ceiling_fraction" not in r  # needs the matmul section
+    assert "train_ceiling_fraction" not in r and "eval_floor_seconds" not in r  # need the matmul (and memory) section
     assert "data parallel: 2 ranks vs one process" in table
 
     bench(work, "-m", "bench.matmul")  # alone: merged into the same file
@@ -63,5 +67,38 @@ def test_bench_writes_every_headline_key_and_a_section_alone_merges(work):
     assert merged["train"] == r["train"] and merged["eval"] == r["eval"]  # the other sections are kept
     assert 0 < merged["train_ceiling_fraction"] == merged["train_fraction_of_matmul_ceiling"]["ours"]
     assert merged["sections"]["matmul"]["command"].startswith("python -m bench.matmul")
+    assert "eval_floor_seconds" not in merged  # needs the memory section too
+
+    bench(work, "-m", "bench.memory")
+    merged = json.loads((work / "bench.json").read_text())
+    assert merged["memory_gbps"]["all_cores"] > 0 and merged["eval"] == r["eval"]
+    floor = merged["eval_floor"]
+    assert merged["eval_floor_seconds"] == floor["seconds"] == (
+        floor["prefill_s"] + max(floor["decode_compute_s"], floor["decode_memory_s"])) > 0
+    assert merged["eval_fraction_of_floor"] == merged["eval_floor_seconds"] / merged["eval_seconds"]
     assert set(merged["targets"]) >= {"train_speedup_ge_3", "train_ceiling_fraction_ge_0.5",
-                                      "dp_loss_max_abs_diff_le_1e-3", "eval_speedup_ge_8", "greedy_agreement_ge_0.98"}
+                                      "dp_loss_max_abs_diff_le_1e-3", "eval_speedup_ge_5.5",
+                                      "eval_fraction_of_floor_ge_0.6", "greedy_agreement_ge_0.98"}
+
+
+def test_eval_work_counts_each_pass_and_key_as_the_module_doc_says(tmp_path):
+    """``floor.eval_work`` against a count pass by pass: an item cut at max_tokens samples no end-of-turn token."""
+    from bench.common import model_shape
+    from bench.floor import eval_work, weights
+
+    model = make_tiny_model(tmp_path / "tiny")
+    s = model_shape(model)
+    weight_bytes, itemsize = weights(model)
+    assert weight_bytes == (model / "model.safetensors").stat().st_size and itemsize == 4
+    prompts, generated, max_tokens = [5, 9], [3, 4], 4  # the second is cut at max_tokens
+    body, head = s["layers"] * s["block_params"], s["vocab"] * s["hidden"]
+    pair = s["layers"] * 4 * s["heads"] * s["head_dim"]
+    prefill = decode = keys = 0
+    for p, n in zip(prompts, generated):
+        prefill += 2 * body * (p - 1) + pair * sum(range(1, p))  # token t (1-based) attends t keys
+        for k in range(n + (n < max_tokens)):  # pass k attends the prompt and the k tokens before it
+            decode += 2 * (body + head) + pair * (p + k)
+            keys += p + k
+    w = eval_work(model, prompts, generated, max_tokens, decode_steps=7)
+    assert (w["prefill_flops"], w["decode_flops"]) == (prefill, decode)
+    assert w["decode_bytes"] == 7 * weight_bytes + keys * s["layers"] * 2 * s["kv_heads"] * s["head_dim"] * 4

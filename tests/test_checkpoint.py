@@ -18,12 +18,12 @@ import mlx.core as mx
 from configs import config, section
 from mlx.utils import tree_flatten
 from test_dpo import fixture_split, tiny  # noqa: F401  (module fixture: tiny model + SFT-shaped adapter)
-from test_training import LIKE_TRAIN, TRAIN, UNLIKE_TRAIN, fresh  # noqa: F401  (fixture: a fresh tiny LoRA)
 from tiny_model import make_tiny_model
-from toolcall.config import DpoConfig, SftConfig
+from toolcall.calls.prompts import PromptFormat
+from toolcall.config import DpoConfig
 from toolcall.io import write_jsonl
 from toolcall.model import lora
-from toolcall.train import checkpoint, dpo, trainer
+from toolcall.train import checkpoint, dpo, selection
 from toolcall.train.trainer import DivergedError, StepLog, optimize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,10 +35,11 @@ def sft_setup(tmp_path_factory):
     """A directory laid out for stages/train_sft.py: params.yaml, the tiny model, training and validation rows."""
     work = tmp_path_factory.mktemp("sft")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    # Validation every 2 steps: the weights of the lowest loss so far must survive the kill too.
+    # Validation every 2 steps: the selection's evaluations and best weights so far must survive the kill too.
     # ranks=2: the kill -9 hits the launcher, whose ranks must die with it (toolcall/train/launch.py).
     params["sft"].update(iters=ITERS, epochs=None, batch_size=2, warmup=0, steps_per_report=1, checkpoint_every=2,
                          steps_per_eval=2, patience=0, max_seq_len=4096, lora_layers=2, ranks=2)
+    params["eval"].update(max_tokens=16, batch_size=4)  # the selection's greedy decoding: short, it is a tiny model
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     train, valid = fixture_split()
     write_jsonl(work / "train.jsonl", train)
@@ -79,8 +80,10 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_adapter(sft_setup):
     for name in ("adapters.safetensors", "adapter_config.json"):
         assert digest(work / "resumed" / name) == digest(work / "straight" / name), f"kill at {kill_at}"
     metrics = [json.loads((work / f"{run}.json").read_text()) for run in ("straight", "resumed")]
-    assert metrics[0] == metrics[1]  # the chosen step and the validation losses too
+    assert metrics[0] == metrics[1]  # the chosen step and the selection's evaluations too
     assert metrics[0]["steps_trained"] == ITERS and 0 <= metrics[0]["chosen_step"] <= ITERS
+    assert metrics[0]["selection"]["steps"] == list(range(0, ITERS + 1, 2))
+    assert metrics[0]["selection"]["chosen_step"] == metrics[0]["chosen_step"]
     assert not (work / "resumed.checkpoint").exists()  # a finished stage leaves no checkpoint behind
 
 
@@ -134,6 +137,39 @@ def test_dpo_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, tiny)
     lora.restore(model, start)  # the module fixture is shared
 
 
+def test_dpo_resumed_keeps_the_selections_evaluations_and_best_from_the_checkpoint(tmp_path, tiny):  # noqa: F811
+    """The evaluations at steps 0, 2 and 4 come back from the checkpoint of step 4 (killed at 5); the best, step
+    0's (the tiny model's accuracy ties at 0), comes back with them and is the adapter the resumed run ends with."""
+    model, tokenizer, _ = tiny
+    start = lora.snapshot(model)
+    cfg = config(DpoConfig, "dpo", epochs=3.0, batch_size=2, learning_rate=1e-2, checkpoint_every=2, steps_per_eval=2)
+    ref = dpo.reference_logps(model, pairs(), "sigmoid")
+    valid = selection.ValidationSet(fixture_split()[1], PromptFormat(tokenizer), 8, 8)
+    straight = selection.Selection(model, valid, 0)
+    dpo.train(model, pairs(), ref, cfg, StepLog(None, "dpo", 6), selection=straight)
+    assert [r["step"] for r in straight.curve] == [0, 2, 4, 6] and straight.chosen_step == 0
+
+    lora.restore(model, start)
+    ckpt = checkpoint.Checkpoint(tmp_path / "dpo", "k", cfg.checkpoint_every)
+
+    class Dies(StepLog):
+        def __call__(self, step, metrics):
+            if step == 5:
+                raise Interrupt
+            super().__call__(step, metrics)
+
+    with pytest.raises(Interrupt):
+        dpo.train(model, pairs(), ref, cfg, Dies(None, "dpo", 6), ckpt, selection=selection.Selection(model, valid, 0))
+    lora.restore(model, start)  # a new process starts from the SFT adapter again
+    resumed = selection.Selection(model, valid, 0)
+    log = StepLog(None, "dpo", 6)
+    dpo.train(model, pairs(), ref, cfg, log, ckpt, selection=resumed)
+    assert [h["step"] for h in log.history] == list(range(0, 7))  # steps 0-4 from the checkpoint
+    assert resumed.curve == straight.curve and resumed.chosen_step == 0
+    got, expected = weights(model), dict(start)
+    assert all(np.array_equal(np.array(expected[k]), got[k]) for k in got)  # not the weights trained to step 6
+
+
 def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny):  # noqa: F811
     model, _, _ = tiny
     start = lora.snapshot(model)
@@ -149,38 +185,6 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path
         optimize(model, train_cfg, loss, batches, StepLog(None, "dpo", 5), ckpt)
     assert json.loads((ckpt.dir / "meta.json").read_text())["step"] == 2
     lora.restore(model, start)  # the module fixture is shared
-
-
-def test_sft_stopped_early_resumes_to_the_same_chosen_adapter(tmp_path, fresh):  # noqa: F811
-    """Killed between the lowest validation loss (step 2) and the stop (step 6): the rerun keeps step 2's
-    weights from the checkpoint, stops where the straight run did, and a rerun after the stop trains no more."""
-    cfg = config(SftConfig, "sft", iters=12, epochs=None, batch_size=2, warmup=0, steps_per_report=1,
-                 learning_rate=3e-3).train(len(TRAIN))
-    valid = LIKE_TRAIN + UNLIKE_TRAIN  # its loss falls for 2 steps, then rises
-    run = dict(valid=valid, steps_per_eval=2, patience=2)
-
-    model = fresh()
-    straight = trainer.train_lora(model, TRAIN, cfg, **run)
-    assert straight["chosen_step"] == 2 and straight["stopped_early"] and straight["last_step"] == 6
-    expected = weights(model)
-
-    class Dies(StepLog):
-        def __call__(self, step, metrics, shown=None):
-            if step == 5:
-                raise Interrupt
-            super().__call__(step, metrics, shown)
-
-    ckpt = checkpoint.Checkpoint(tmp_path / "sft", "k", every=2)
-    with pytest.raises(Interrupt):
-        trainer.train_lora(fresh(), TRAIN, cfg, checkpoint=ckpt, log=Dies(None, "sft", 12), **run)
-    for _ in range(2):  # resumed after step 4; then again from the checkpoint the stop left at step 6
-        model = fresh()
-        resumed = trainer.train_lora(model, TRAIN, cfg, checkpoint=ckpt, **run)
-        assert {k: resumed[k] for k in ("chosen_step", "best_val_loss", "stopped_early", "last_step")} == \
-            {k: straight[k] for k in ("chosen_step", "best_val_loss", "stopped_early", "last_step")}
-        assert resumed["history"] == straight["history"]
-        got = weights(model)
-        assert all(np.array_equal(expected[k], got[k]) for k in expected)
 
 
 def test_the_fingerprint_changes_with_any_input():

@@ -77,6 +77,15 @@ def test_dpo_epochs_are_passes_over_the_pairs():
     assert config(DpoConfig, "dpo", epochs=2.0, batch_size=4).train(10).iters == 6
 
 
+def test_dpo_and_grpo_pass_warmup_and_clipping_to_their_training_loop():
+    dpo = config(DpoConfig, "dpo", epochs=1.0, batch_size=4, warmup=3, max_grad_norm=0.5).train(40)
+    assert (dpo.warmup, dpo.max_grad_norm, dpo.iters) == (3, 0.5, 10)
+    assert config(DpoConfig, "dpo", max_grad_norm=None).train(40).max_grad_norm is None
+    assert config(RlConfig, "rl", max_grad_norm=2.0).train(0).max_grad_norm == 2.0
+    with pytest.raises(ConfigError, match=r"\[dpo\]: warmup=10 must be below the 10 steps of epochs=1.0 over 40 pairs"):
+        config(DpoConfig, "dpo", epochs=1.0, batch_size=4, warmup=10).train(40)
+
+
 def test_a_missing_key_is_an_error_not_a_hidden_default():
     params = section("sft")
     del params["warmup"]
@@ -104,6 +113,12 @@ def test_a_missing_key_is_an_error_not_a_hidden_default():
     (DpoConfig, "dpo", "epochs", 0, r"\[dpo\]: epochs=0.0 must be > 0"),
     (DpoConfig, "dpo", "valid_prompts", 0, r"\[dpo\]: valid_prompts=0 must be >= 1"),
     (DpoConfig, "dpo", "steps_per_eval", -2, r"\[dpo\]: steps_per_eval=-2 must be >= 0 \(0: at the end only\)"),
+    (DpoConfig, "dpo", "chosen", "silver", r"\[dpo\]: chosen='silver' must be one of \('own', 'gold'\)"),
+    (DpoConfig, "dpo", "eos_balance", "yes", r"\[dpo\]\.eos_balance='yes': expected bool"),
+    (DpoConfig, "dpo", "rpo_alpha", -0.5, r"\[dpo\]: rpo_alpha=-0.5 must be >= 0 \(0: plain DPO\)"),
+    (DpoConfig, "dpo", "warmup", -1, r"\[dpo\]: warmup=-1 must be >= 0"),
+    (DpoConfig, "dpo", "max_grad_norm", 0, r"\[dpo\]: max_grad_norm=0.0 must be > 0"),
+    (RlConfig, "rl", "max_grad_norm", -1.0, r"\[rl\]: max_grad_norm=-1.0 must be > 0"),
     (RlConfig, "rl", "algo", "ppo", r"\[rl\].*algo"),
     (RlConfig, "rl", "min_reward", 2.0, r"\[rl\].*min_reward"),
     (DataConfig, "data", "source", "ftp", r"\[data\]: source='ftp' must be one of"),
@@ -121,6 +136,9 @@ def test_a_missing_key_is_an_error_not_a_hidden_default():
     (ExtraDataConfig, "ablations.extra", "sources", [1], r"\[ablations.extra\]: sources=\[1\] must be a list of distinct"),
     (ExtraDataConfig, "ablations.extra", "sources", ["exec_simple", "exec_simple"], r"sources=.*must be a list of distinct"),
     (SplitConfig, "split", "train_per_category", "all", r"train_per_category='all': expected int or null"),
+    (SplitConfig, "split", "live_test", ["live_simple", "live_simple"], r"\[split\]: live_test=.*must be a list of "
+     r"distinct extra source names"),
+    (SplitConfig, "split", "live_test", "live_simple", r"\[split\]\.live_test='live_simple': expected list"),
     (ValidateConfig, "validate", "max_drop_fraction", 1.5, r"max_drop_fraction=1.5 must be in \[0, 1\]"),
     (EvalConfig, "eval", "batch_size", 0, r"\[eval\]: batch_size=0 must be >= 1"),
     (EvalConfig, "eval", "max_tokens", 1.5, r"\[eval\]\.max_tokens=1.5: expected int"),
@@ -129,7 +147,7 @@ def test_a_missing_key_is_an_error_not_a_hidden_default():
     (EvalConfig, "eval", "workers", 2.0, r"\[eval\]\.workers=2.0: expected int or str"),
     (SftConfig, "sft", "ranks", 3, r"\[sft\]: batch_size=4 must be divisible by ranks=3"),
     (SftConfig, "sft", "ranks", 0, r"\[sft\]: ranks=0 must be >= 1"),
-    (DpoConfig, "dpo", "ranks", 3, r"\[dpo\]: batch_size=4 must be divisible by ranks=3"),
+    (DpoConfig, "dpo", "ranks", 3, r"\[dpo\]: batch_size=16 must be divisible by ranks=3"),
     (RlConfig, "rl", "ranks", 8, r"\[rl\]: batch_size=4 must be divisible by ranks=8"),
     (ScaffoldConfig, "ablations.scaffold", "temperature", 0.0, r"temperature=0.0 must be > 0"),
     (DiversityConfig, "ablations.diversity", "budget", -3, r"budget=-3 must be >= 1"),
@@ -187,7 +205,7 @@ def test_a_model_section_needs_every_key_even_those_of_other_sources():
 
 def test_load_reads_every_section_of_params_yaml():
     """One loader: every section's name gives its checked dataclass; the training ones take the run's seed."""
-    top = set(yaml.safe_load(PARAMS.read_text())) - {"ablations"}
+    top = set(yaml.safe_load(PARAMS.read_text())) - {"ablations", "grpo"}  # [grpo]: keys of [rl] (its own test)
     loaded = {name.split(".")[0] for name in toolcall_config.SECTIONS}
     assert top <= loaded, f"params.yaml sections no class reads: {sorted(top - loaded)}"
     for name, cls in toolcall_config.SECTIONS.items():
@@ -227,3 +245,33 @@ def test_rl_rounds_of_different_seeds_draw_different_streams():
     seeds = {(s, r): config(RlConfig, "rl", seed=s).round_seed(r) for s in range(4) for r in range(4)}
     assert len(set(seeds.values())) == len(seeds)
     assert config(RlConfig, "rl", seed=1).train(2).seed == seeds[(1, 2)]
+
+
+def test_a_live_test_source_is_never_a_training_source():
+    """split.live_test against the keys that pick training sources: the one rule across sections."""
+    live, extra_files = section("split")["live_test"], section("data")["extra_files"]
+    trained = {"data.extra": section("data")["extra"], "ablations.extra.sources": section("ablations.extra")["sources"]}
+    assert live and toolcall_config.check_live_test(live, trained, sources=extra_files) is None  # params.yaml as is
+    for key in trained:
+        with pytest.raises(ConfigError, match=rf"^params.yaml {key}=\['exec_simple', 'live_multiple'\] trains on "
+                                              rf"\['live_multiple'\], which split.live_test tests on: a live test row "
+                                              rf"is never a training row; remove them from {key}"):
+            toolcall_config.check_live_test(live, {key: ["exec_simple", "live_multiple"]})
+    with pytest.raises(ConfigError, match=r"^params.yaml \[split\].live_test=.*: \['live_complex'\] are not sources "
+                                          r"of data.extra_files"):
+        toolcall_config.check_live_test(["live_simple", "live_complex"], {}, sources=extra_files)
+    toolcall_config.check_live_test([], {"data.extra": ["live_simple"]}, sources=extra_files)  # no live test
+
+
+def test_grpo_is_rl_with_the_grpo_sections_keys_in_place(tmp_path):
+    rl = toolcall_config.load("rl", seed=0, path=PARAMS)
+    grpo = toolcall_config.load("rl", seed=0, overrides=["grpo"], path=PARAMS)
+    overridden = yaml.safe_load(PARAMS.read_text())["grpo"]
+    assert grpo.algo == "grpo" and rl.algo == "rft"
+    for key, value in vars(grpo).items():
+        assert value == overridden.get(key, getattr(rl, key)), key
+    params = yaml.safe_load(PARAMS.read_text())
+    params["grpo"]["samples_per_prompt"] = 1  # a group of one has no advantage
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=r"\[rl \+ grpo\]: samples_per_prompt=1 must be >= 2 for grpo"):
+        toolcall_config.load("rl", seed=0, overrides=["grpo"], path=tmp_path / "params.yaml")

@@ -26,9 +26,11 @@ from toolcall.config import ReportConfig
 from toolcall.evaluate import generation, scaffold
 from toolcall.evaluate.score import score_output
 from toolcall.evaluate.sharding import generate_sharded
+from toolcall.io import read_json, read_jsonl, write_jsonl
 from toolcall.model import lora
 from toolcall.report.ablations import scaffold_section
 from toolcall.report.verdicts import Claim
+from toolcall.stats import record_table
 
 # What the grammar rules out, as schema.call_problem names it.
 RULED_OUT = ("schema:unknown_function", "schema:unknown_parameter", "schema:missing_required")
@@ -261,7 +263,51 @@ def test_constrained_summary_and_its_report_row():
                                                             "both_wrong": 0}
     assert m["constrained"] == {"finished_at_max_tokens": 1, "unparseable": 0, "unoffered_names": 0,
                                 "generated_tokens": 90, "unconstrained_tokens": 24, "unconstrained_same_as_greedy": 2}
+    # The main study's column runs no baseline: its keys are left out, the rest is the same.
+    assert scaffold.constrained_summary(rows, records, greedy) == {
+        **m, "constrained": {"finished_at_max_tokens": 1, "unparseable": 0, "unoffered_names": 0, "generated_tokens": 90}}
     lines = scaffold_section({"constrained": {"sft": m}}, {"sft": m},
                                     ReportConfig(equivalence_margin=0.05, alpha=0.05, power=0.8))
     assert any(line.startswith("| SFT |") and line.endswith("| +33.3 pts |") for line in lines)
     assert any(isinstance(c, Claim) and c.label == "SFT, constrained decoding" for c in lines)
+
+
+def test_the_stage_pairs_with_the_greedy_eval_and_decodes_the_baseline_only_when_asked(tmp_path):
+    """stages.eval_constrained as DVC runs it, after stages.eval on the same items: the main study's column
+    (no --baseline) and the ablation's arm (--baseline) write the same constrained predictions."""
+    from test_errors import PARAMS, stage
+
+    base = make_tiny_model(tmp_path / "tiny")
+    rows = ROWS[::6]
+    write_jsonl(tmp_path / "test.jsonl", rows)
+    params = {"eval": {**PARAMS["eval"], "max_tokens": 8, "batch_size": 4, "workers": 1}}
+    proc = stage("eval", "base", "--model", base, "--test", "test.jsonl", "--metrics", "greedy.json",
+                 "--predictions", "greedy.jsonl", cwd=tmp_path, params=params)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    greedy = read_jsonl(tmp_path / "greedy.jsonl")
+    out = {}
+    for arm, flags in (("column", []), ("ablation", ["--baseline"])):
+        proc = stage("eval_constrained", "base", "--model", base, "--test", "test.jsonl", "--greedy", "greedy.jsonl",
+                     "--metrics", f"m/{arm}.json", "--predictions", f"p/{arm}.jsonl", *flags, cwd=tmp_path,
+                     params=params)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[arm] = (read_json(tmp_path / f"m/{arm}.json"), read_jsonl(tmp_path / f"p/{arm}.jsonl"),
+                    read_json(tmp_path / f"m/{arm}.timings.json"))
+    (column, column_records, column_timings), (ablation, ablation_records, ablation_timings) = out.values()
+    assert column_records == ablation_records and [r["id"] for r in column_records] == [r["id"] for r in rows]
+    assert all(g["error_type"].startswith("parse:") for g in greedy)  # left alone, the random model writes no call
+    for r in column_records:  # held to the grammar it always does
+        assert not (r["error_type"] or "").startswith("parse:") and r["generated_tokens"] <= 8
+    n = len(rows)
+    assert column["overall"]["n"] == sum(record_table(column["paired"])) == n
+    assert column["paired"]["only_before"] + column["paired"]["both_correct"] == sum(g["valid"] for g in greedy)
+    assert set(column["constrained"]) == {"finished_at_max_tokens", "unparseable", "unoffered_names",
+                                          "generated_tokens"}
+    assert column["constrained"]["unparseable"] == column["constrained"]["unoffered_names"] == 0
+    # The ablation's metrics are the column's plus the baseline's: it redecodes the greedy eval exactly.
+    baseline = {k: v for k, v in ablation["constrained"].items() if k not in column["constrained"]}
+    assert ablation == {**column, "constrained": {**column["constrained"], **baseline}}
+    assert baseline["unconstrained_same_as_greedy"] == n and 0 < baseline["unconstrained_tokens"] <= 8 * n
+    assert set(baseline) == {"unconstrained_same_as_greedy", "unconstrained_tokens"}
+    assert set(column_timings) == {"workers", "constrained"}
+    assert set(ablation_timings) == {"workers", "unconstrained", "constrained"}

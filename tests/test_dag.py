@@ -79,17 +79,20 @@ def test_every_seed_runs_the_main_study_on_its_own_sft_and_the_rest_uses_the_fir
         sft = str(run_path("models", "sft", s))
         assert committed(stages[f"train_sft@{s}"]["outs"]) == [sft]
         assert f"--seed {s} " in stages[f"train_sft@{s}"]["cmd"]
-        for v in ("sft_dpo", "sft_rl"):
+        for v in ("sft_dpo", "sft_rl", "sft_grpo"):
             train = stages[f"train_{v.removeprefix('sft_')}@{s}"]
             assert sft in train["deps"] and committed(train["outs"]) == [str(run_path("models", v, s))]
             assert f"--seed {s} " in train["cmd"]
-        for v in ("sft", "sft_dpo", "sft_rl"):
+        for v in ("sft", "sft_dpo", "sft_rl", "sft_grpo"):
             ev = stages[f"eval@{v}-{s}"]
             assert str(run_path("models", v, s)) in ev["deps"]
             assert committed(ev["outs"]) == [str(run_path("data/predictions", v, s, ".jsonl"))]
             assert list(ev["metrics"][0]) == [str(run_path("metrics/eval", v, s, ".json"))]
-    main = {n for n in stages if n.split("@")[0] in ("train_sft", "train_dpo", "train_rl", "eval")}
-    assert len(main) == 6 * len(seeds)
+    main = {n for n in stages if n.split("@")[0] in ("train_sft", "train_dpo", "train_rl", "train_grpo", "eval")}
+    assert len(main) == 8 * len(seeds)
+    # GRPO is [rl] with [grpo]'s keys in place: the one stage that reads [grpo].
+    readers = {n.split("@")[0] for n, stage in stages.items() if "grpo" in stage.get("params", [])}
+    assert readers == {"train_grpo"} and all("--overrides grpo" in stages[f"train_grpo@{s}"]["cmd"] for s in seeds)
     first = seeds[0]
     assert str(run_path("models", "sft", first)) in stages["ablation_best_of_n@sft"]["deps"]
     assert str(run_path("data/predictions", "sft", first, ".jsonl")) in stages["ablation_repair@sft"]["deps"]
@@ -103,6 +106,64 @@ def test_every_seed_runs_the_main_study_on_its_own_sft_and_the_rest_uses_the_fir
         if name.startswith("ablation_") and not name.startswith("ablation_split"):
             outs = [out if isinstance(out, str) else next(iter(out)) for out in stage["outs"]]
             assert committed(stage["outs"]) == outs, name
+
+
+def test_the_live_test_is_scored_by_every_run_the_test_split_is():
+    """eval_live_base and eval_live@<variant>-<seed> are eval_base and eval@<variant>-<seed> on test_live,
+    their outputs under metrics/eval_live/ and data/predictions_live/ in the same scheme, committed alike."""
+    def live(path):
+        return (path.replace("data/validated/dataset/test.parquet", "data/validated/dataset/test_live.parquet")
+                .replace("metrics/eval/", "metrics/eval_live/").replace("data/predictions/", "data/predictions_live/"))
+
+    stages = expanded_stages(ROOT)
+    evals = [name for name in stages if name == "eval_base" or name.startswith("eval@")]
+    assert len(evals) == 1 + 4 * len(yaml.safe_load((ROOT / "params.yaml").read_text())["study"]["seeds"])
+    assert {name.replace("eval", "eval_live", 1) for name in evals} == {
+        name for name in stages if name.startswith("eval_live")}
+    for name in evals:
+        test, on_live = stages[name], stages[name.replace("eval", "eval_live", 1)]
+        assert on_live["deps"] == [live(d) for d in test["deps"]] and on_live["params"] == test["params"]
+        assert on_live["outs"] == [{live(p): flags for p, flags in out.items()} for out in test["outs"]]
+        assert on_live["metrics"] == [{live(p): flags for p, flags in m.items()} for m in test["metrics"]]
+        (predictions,), (metrics,) = on_live["outs"][0], on_live["metrics"][0]
+        assert on_live["cmd"] == (f"{test['cmd']} --test data/validated/dataset/test_live.parquet "
+                                  f"--metrics {metrics} --predictions {predictions}")
+
+
+def test_constrained_decoding_runs_on_every_run_of_the_test_split():
+    """eval_constrained_base and eval_constrained@<variant>-<seed> decode eval_base's and eval@<variant>-<seed>'s
+    items with the same model, paired with that run's predictions, without the baseline; their outputs under
+    metrics/eval_constrained/ and data/predictions_constrained/ in the same scheme, committed alike, and read by
+    report_post_sft. The ablation's arms (the same script) keep the baseline and their outputs."""
+    def data(deps):
+        return [d for d in deps if not d.startswith(("stages/", "toolcall/")) and d != "native"]
+
+    stages = expanded_stages(ROOT)
+    evals = [name for name in stages if name == "eval_base" or name.startswith("eval@")]
+    columns = {name.replace("eval", "eval_constrained", 1) for name in evals}
+    assert columns == {name for name in stages if name.startswith("eval_constrained")}
+    report = stages["report_post_sft"]
+    for name in evals:
+        test, column = stages[name], stages[name.replace("eval", "eval_constrained", 1)]
+        (greedy,), (greedy_metrics,) = test["outs"][0], test["metrics"][0]
+        predictions = greedy.replace("data/predictions/", "data/predictions_constrained/")
+        metrics = greedy_metrics.replace("metrics/eval/", "metrics/eval_constrained/")
+        assert column["cmd"] == (f"{test['cmd'].replace('stages.eval ', 'stages.eval_constrained ')} --test "
+                                 f"data/validated/dataset/test.parquet --greedy {greedy} --metrics {metrics} "
+                                 f"--predictions {predictions}")
+        assert data(column["deps"]) == data(test["deps"]) + [greedy] and column["params"] == test["params"]
+        assert column["outs"] == [{predictions: {"cache": False}}]
+        assert column["metrics"] == [{metrics: {"cache": False}}]
+        assert any(predictions == d or predictions.startswith(d + "/") for d in report["deps"])
+    assert "--constrained data/predictions_constrained" in report["cmd"]
+    arms = {name: stage for name, stage in stages.items() if name.startswith("ablation_constrained@")}
+    assert len(arms) == 4
+    for name, stage in arms.items():
+        arm = name.split("@")[1]
+        assert stage["cmd"].startswith(f"python -m stages.eval_constrained {arm} ") and stage["cmd"].endswith(
+            f" --metrics metrics/ablations/constrained/{arm}.json "
+            f"--predictions data/ablations/constrained/{arm}.jsonl --baseline")
+        assert stage["outs"] == [{f"data/ablations/constrained/{arm}.jsonl": {"cache": False}}]
 
 
 def test_stage_cmds_run_the_workspace_toolcall(tmp_path):
@@ -127,3 +188,17 @@ def test_stage_cmds_run_the_workspace_toolcall(tmp_path):
     for stage, cmd in scripts.values():
         proc = subprocess.run(cmd, shell=True, cwd=tmp_path / "exp", env=env, capture_output=True, text=True)
         assert proc.stderr.strip() == f"toolcall from {copy / 'toolcall' / '__init__.py'}", (stage, proc.stderr)
+
+
+def test_composed_rows_come_from_training_and_join_it_only_in_validate():
+    """compose reads the split's training side only and every [compose] key but use; validate reads its rows and
+    compose.use, so switching use reruns validate (and what trains on it), never compose."""
+    stages = expanded_stages(ROOT)
+    compose, validate = stages["compose"], stages["validate"]
+    keys = yaml.safe_load((ROOT / "params.yaml").read_text())["compose"]
+    data = [d for d in compose["deps"] if d.startswith("data/")]
+    assert data == ["data/split/train.jsonl"]
+    assert set(compose["params"]) == {f"compose.{k}" for k in keys if k != "use"} | {"validate.max_seq_len"}
+    assert compose["outs"] == ["data/compose/composed.jsonl"]
+    assert "compose.use" in validate["params"] and "data/compose/composed.jsonl" in validate["deps"]
+    assert validate["cmd"].endswith(" --composed data/compose/composed.jsonl")

@@ -10,9 +10,10 @@ from configs import section
 from toolcall.bfcl import CATEGORIES
 from toolcall.bfcl.rows import gold_calls, is_extra
 from toolcall.bfcl.sources import normalize, parse_call, read_extra, read_source
-from toolcall.bfcl.split import components, function_keys, split_rows, split_sides, split_study, with_sources
+from toolcall.bfcl.split import (components, function_keys, split_rows, split_sides, split_study, study_sides,
+                                  with_sources)
 from toolcall.errors import DataError
-from toolcall.io import write_jsonl
+from toolcall.io import read_json, read_jsonl, write_jsonl
 from toolcall.wheels import pip_wheel, sha256_file
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bfcl"
@@ -165,6 +166,7 @@ def test_exec_call_strings_that_cannot_be_read_are_refused_naming_the_row(text, 
 
 
 DATA = section("data")
+LIVE = section("split")["live_test"]
 
 
 def fixture_extra():
@@ -173,7 +175,10 @@ def fixture_extra():
 
 def test_extra_sources_are_normalized_like_the_paper_rows_and_carry_their_source():
     extra = fixture_extra()
-    assert list(extra) == list(DATA["extra_files"]) and all(len(rows) == 3 for rows in extra.values())
+    # 3 rows a source; live_multiple has a 4th, made to offer two of the paper's functions (the live test drops it).
+    assert list(extra) == list(DATA["extra_files"])
+    assert {name: len(rows) for name, rows in extra.items()} == {name: 4 if name == "live_multiple" else 3
+                                                                  for name in extra}
     for name, rows in extra.items():
         for r in rows:
             assert list(r) == ["id", "category", "source", "messages", "functions", "ground_truth"]
@@ -212,7 +217,8 @@ def test_validation_and_extra_rows_keep_every_side_function_disjoint(seed):
 
 
 def test_an_extra_row_offering_a_test_function_is_dropped():
-    paper, extra = fixture_rows(), [r for rows in fixture_extra().values() for r in rows]
+    paper = fixture_rows()
+    extra = [r for name, rows in fixture_extra().items() if name not in LIVE for r in rows]  # the pool's sources
     # Seed 2 draws the fixture rows whose functions these two exec rows offer into test or validation.
     _, _, _, pool, dropped = split_study(paper, extra, 3, 2, seed=2)
     assert [r["id"] for r in dropped] == ["exec_simple_46", "exec_parallel_23"]
@@ -253,3 +259,80 @@ def test_default_test_split_is_byte_identical_with_extra_sources_and_validation(
     assert Counter(r["category"] for r in valid) == {c: p["valid_per_category"] for c in CATEGORIES}
     assert not keys(train + pool) & keys(valid + test) and not keys(valid) & keys(test)
     assert len(train) + len(valid) + len(test) == 1000 and len(pool) + len(dropped) == sum(WHEEL_COUNTS.values())
+
+
+# ---------------------------------------------------------------- the live test (issue 32)
+
+
+def run_split(tmp_path, data=(), split=()):
+    """Stage split on the fixture data, 3 test and 2 validation rows a category, [data] and [split] updated."""
+    from test_errors import SPLIT, bfcl_rows, stage, write_bfcl
+
+    params = {"data": {**DATA, **dict(data)}, "split": {**SPLIT["split"], **dict(split)}}
+    return stage("split", write_bfcl(tmp_path / "bfcl", bfcl_rows()), tmp_path / "split", tmp_path / "split.json",
+                 cwd=tmp_path, params=params)
+
+
+def test_the_split_stage_writes_a_live_test_no_training_or_validation_row_shares_a_function_with(tmp_path):
+    proc = run_split(tmp_path, {"extra": ["exec_simple", "exec_multiple"]})  # data.extra's rows are training rows too
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sides = {name: read_jsonl(tmp_path / "split" / f"{name}.jsonl")
+             for name in ("train", "valid", "test", "extra", "test_live")}
+    live = [r for name in LIVE for r in fixture_extra()[name]]
+    assert {r["source"] for r in sides["train"] if is_extra(r)} == {"exec_simple", "exec_multiple"}
+    assert not any(r.get("source") in LIVE for name in ("train", "valid", "test", "extra") for r in sides[name])
+    assert {r["source"] for r in sides["test_live"]} == set(LIVE)
+    assert not keys(sides["test_live"]) & keys(sides["train"] + sides["valid"])
+    # Every live row is in test_live unless it offers a training or validation function: the fixture's made-up
+    # live_multiple row offers two of the paper's simple functions, one of them on the training side.
+    dropped = [r for r in live if r not in sides["test_live"]]
+    assert [r["id"] for r in dropped] == ["live_multiple_shares_paper_functions"]
+    assert keys(dropped) & keys(sides["train"] + sides["valid"])
+    assert sorted(sides["test_live"], key=lambda r: r["id"]) == sorted([r for r in live if r not in dropped],
+                                                                     key=lambda r: r["id"])
+    m = read_json(tmp_path / "split.json")
+    assert m["test_live"] == {
+        "n": len(live) - 1, "by_category": dict(Counter(r["category"] for r in sides["test_live"])), "n_in": len(live),
+        "n_dropped": 1, "by_source": {name: {"n_in": len(fixture_extra()[name]),
+                                             "n_kept": len(fixture_extra()[name]) - (name == "live_multiple")}
+                                      for name in LIVE},
+        "dropped": ["live_multiple_shares_paper_functions"]}
+    assert {name: m[name]["n"] for name in sides} == {name: len(rows) for name, rows in sides.items()}
+    assert set(m["extra"]["by_source"]) == set(DATA["extra_files"]) - set(LIVE)
+
+
+def test_no_live_test_with_an_empty_live_test_list(tmp_path):
+    proc = run_split(tmp_path, split={"live_test": []})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_jsonl(tmp_path / "split" / "test_live.jsonl") == []
+    assert {r["source"] for r in read_jsonl(tmp_path / "split" / "extra.jsonl")} == set(DATA["extra_files"])
+    assert read_json(tmp_path / "split.json")["test_live"]["n_in"] == 0
+
+
+def test_a_live_source_in_both_the_live_test_and_data_extra_is_refused_naming_the_key(tmp_path):
+    from test_errors import one_line_error
+
+    msg = one_line_error(run_split(tmp_path, {"extra": ["exec_simple", "live_simple"]}), "split")
+    assert msg == ("split: params.yaml data.extra=['exec_simple', 'live_simple'] trains on ['live_simple'], which "
+                   "split.live_test tests on: a live test row is never a training row; remove them from data.extra "
+                   "(or from split.live_test)")
+    assert not (tmp_path / "split").exists() and not (tmp_path / "split.json").exists()
+
+
+def test_no_live_test_row_shares_a_function_with_a_training_or_validation_row_of_the_real_split(wheel_rows):
+    """The committed params' split of the pinned wheel, as stage split computes it (~0.5 s, the wheel cached)."""
+    paper, extra = wheel_rows
+    p = section("split")
+    sides, drawn = study_sides(paper + [r for rows in extra.values() for r in rows], DATA["categories"],
+                               DATA["extra"], p["live_test"], p["test_per_category"], p["valid_per_category"],
+                               p["seed"], p["train_per_category"])
+    assert sides["test_live"] and not keys(sides["test_live"]) & keys(sides["train"] + sides["valid"])
+    assert {r["source"] for r in drawn["test_live"]} == set(LIVE) and not any(
+        r.get("source") in LIVE for name in ("train", "valid", "test", "extra") for r in sides[name])
+    # What params.yaml's split.live_test comment and metrics/split.json say: 86 of 1,351 dropped.
+    kept = Counter(r["source"] for r in sides["test_live"])
+    assert {name: (WHEEL_COUNTS[name], kept[name]) for name in LIVE} == {
+        "live_simple": (258, 238), "live_multiple": (1053, 1002), "live_parallel": (16, 6),
+        "live_parallel_multiple": (24, 19)}
+    assert [r["id"] for r in sides["test"]] == [r["id"] for r in split_study(paper, [], p["test_per_category"],
+                                                                              p["valid_per_category"], p["seed"])[2]]

@@ -1,6 +1,7 @@
 """The validated splits as a Hugging Face dataset (toolcall/bfcl/dataset.py): round trip, bytes, card, errors."""
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -25,18 +26,21 @@ DATA = section("data")
 
 
 def fixture_splits():
-    """Paper rows and extra rows (with ``source``), and two rows as heterogeneous as BFCL's get."""
+    """Paper rows and extra rows (with ``source``: the live test's in test_live), and two rows as heterogeneous
+    as BFCL's get."""
     raw = read_source("local", DATA["files"], local_dir=FIXTURE)
     paper = [r for cat, (q, a) in raw.items() for r in normalize(cat, q, a)]
     extra = [r for rows in read_extra("local", DATA["extra_files"], list(DATA["extra_files"]),
                                       local_dir=FIXTURE).values() for r in rows]
+    live = [r for r in extra if r["source"] in section("split")["live_test"]]
     odd = copy.deepcopy(paper[0])
     odd.update(id="odd_0", messages=[{"role": "system", "content": "Ünïcode ✓"}, {"role": "user", "content": ""}],
                functions=[{"name": "f", "parameters": {"type": "dict", "properties": {
                    "x": {"type": "float", "enum": [1.5, "a", None], "default": 1e-300}}}}],
                ground_truth=[{"f": {"x": [0.1, 2, "", [1, [2]], {"k": [True]}], "y": [{}]}}])
-    assert len(paper) >= 6 and extra
-    return {"train": paper[4:] + extra, "valid": paper[2:4], "test": paper[:2] + [odd]}
+    assert len(paper) >= 6 and live and len(live) < len(extra)
+    return {"train": paper[4:] + [r for r in extra if r not in live], "valid": paper[2:4], "test": paper[:2] + [odd],
+            "test_live": live}
 
 
 def card_header(dataset_dir):
@@ -55,7 +59,8 @@ def written(tmp_path_factory):
 
 def test_rows_come_back_exactly_through_load_dataset(written, tmp_path):
     splits, out = written
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "test.parquet", "train.parquet", "valid.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "test.parquet", "test_live.parquet", "train.parquet",
+                                                     "valid.parquet"]
     for split, rows in splits.items():
         ds = datasets.load_dataset("parquet", data_files={split: str(out / f"{split}.parquet")}, split=split,
                                    cache_dir=str(tmp_path / "cache"), keep_in_memory=True)
@@ -172,11 +177,24 @@ def test_validate_stage_writes_the_dataset_beside_the_jsonl(tmp_path):
 
     tiny = make_tiny_model(tmp_path / "tiny")
     split_files(tmp_path / "split")
-    params = {"validate": {**section("validate"), "max_seq_len": 4096}}
-    proc = stage("validate", tmp_path / "split", tiny, tmp_path / "validated", tmp_path / "validate.json",
-                 cwd=tmp_path, params=params)
+    params = {"validate": {**section("validate"), "max_seq_len": 4096, "live_max_seq_len": 4096}}
+    proc = stage("validate", tmp_path / "split", tmp_path / "split.json", tiny, tmp_path / "validated",
+                 tmp_path / "validate.json", cwd=tmp_path, params=params)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for split in SPLITS:
         rows = read_jsonl(tmp_path / "validated" / f"{split}.jsonl")
         assert rows and load_split(tmp_path / "validated" / "dataset", split) == rows
     assert card_header(tmp_path / "validated" / "dataset")["dataset_info"]["splits"][0]["name"] == "train"
+    # The live test is validated like the training side, and its metrics carry the split's drops too.
+    live = read_jsonl(tmp_path / "split" / "test_live.jsonl")
+    metrics = json.loads((tmp_path / "validate.json").read_text())["test_live"]
+    assert metrics["n_in"] == len(live) and set(metrics["by_source"]) == set(section("split")["live_test"])
+    assert metrics["split_dropped"] == {"n_dropped": 0, "by_source": {s: 0 for s in section("split")["live_test"]}}
+    # split.live_test: []: an empty live test, and no parquet file for it.
+    write_jsonl(tmp_path / "split" / "test_live.jsonl", [])
+    (tmp_path / "split.json").write_text('{"test_live": {"n_dropped": 0, "by_source": {}}}')
+    proc = stage("validate", tmp_path / "split", tmp_path / "split.json", tiny, tmp_path / "validated",
+                 tmp_path / "validate.json", cwd=tmp_path, params=params)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_jsonl(tmp_path / "validated" / "test_live.jsonl") == []
+    assert not (tmp_path / "validated" / "dataset" / "test_live.parquet").exists()

@@ -56,6 +56,7 @@ def work(tmp_path_factory):
                          steps_per_eval=2, ranks=2)
     params["rl"].update(rounds=2, prompts=4, samples_per_prompt=2, iters=2, batch_size=2, max_tokens=8,
                         min_reward=0.0, ranks=2)
+    params["eval"].update(max_tokens=16, batch_size=4)  # the greedy validation decoding that chooses each adapter
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     train, valid = fixture_split()
     write_jsonl(work / "train.jsonl", train)
@@ -72,6 +73,10 @@ def test_train_sft_twice_writes_identical_adapters(work):
               "--live", "live_b", "--valid", "valid.jsonl")
     assert digests(work / "sft_a") == digests(work / "sft_b")
     assert (work / "a.json").read_bytes() == (work / "b.json").read_bytes()
+    # Another seed is another replicate: LoRA's init, the batch order and the samples follow the seed.
+    stage(work, "train_sft.py", "base", "train.jsonl", "sft_c", "--seed", 1, "--metrics", "c.json", "--live", "live_c",
+          "--valid", "valid.jsonl")
+    assert digests(work / "sft_c") != digests(work / "sft_a")
 
 
 @pytest.mark.parametrize("script", ["train_dpo.py", "train_rl.py"])
@@ -81,10 +86,11 @@ def test_dpo_and_rl_twice_write_identical_adapters_pairs_and_samples(work, scrip
               "--live", "live_sft")
     for name in ("x", "y"):
         args = ["base", "sft", "train.jsonl", f"{script}_{name}", "--seed", 1, "--metrics", f"{script}_{name}.json",
-                "--live", f"live_{script}_{name}", *(["--valid", "valid.jsonl"] if script == "train_dpo.py" else [])]
+                "--live", f"live_{script}_{name}", "--valid", "valid.jsonl"]
         with busy_cores(2 if name == "y" else 0):
             stage(work, script, *args)
     assert digests(work / f"{script}_x") == digests(work / f"{script}_y")
     # The metrics (DPO: pairs by source, sample pass rate, last steps' loss and margins, held-out scores;
-    # RL: per round rewards, pass rate, samples kept) hold no timings, so they too are equal byte for byte.
+    # RL: per round rewards, pass rate, samples kept; both: the selection's evaluations) hold no timings, so they
+    # too are equal byte for byte.
     assert (work / f"{script}_x.json").read_bytes() == (work / f"{script}_y.json").read_bytes()

@@ -82,7 +82,7 @@ def test_malformed_jsonl_row(tmp_path):
     path = bfcl / "parallel.jsonl"
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:4]) + lines[4][: len(lines[4]) // 2] + "\n" + "".join(lines[5:]))
-    msg = one_line_error(stage("split", bfcl, tmp_path / "out", cwd=tmp_path, params=SPLIT), "split")
+    msg = one_line_error(stage("split", bfcl, tmp_path / "out", tmp_path / "split.json", cwd=tmp_path, params=SPLIT), "split")
     assert msg.startswith(f"split: {path}:5: not valid JSON (") and "fix or regenerate" in msg
     assert not (tmp_path / "out").exists()
 
@@ -91,7 +91,7 @@ def test_row_missing_a_field(tmp_path):
     rows = bfcl_rows()
     del rows["multiple"][2]["functions"]
     bfcl = write_bfcl(tmp_path / "bfcl", rows)
-    msg = one_line_error(stage("split", bfcl, tmp_path / "out", cwd=tmp_path, params=SPLIT), "split")
+    msg = one_line_error(stage("split", bfcl, tmp_path / "out", tmp_path / "split.json", cwd=tmp_path, params=SPLIT), "split")
     assert msg == (f"split: {bfcl / 'multiple.jsonl'}: row 3 (id {rows['multiple'][2]['id']}) lacks functions; "
                    "fix or regenerate the file (dvc repro)")
 
@@ -100,7 +100,7 @@ def test_duplicate_ids_across_files(tmp_path):
     rows = bfcl_rows()
     rows["parallel"][1]["id"] = rows["simple"][0]["id"]
     bfcl = write_bfcl(tmp_path / "bfcl", rows)
-    msg = one_line_error(stage("split", bfcl, tmp_path / "out", cwd=tmp_path, params=SPLIT), "split")
+    msg = one_line_error(stage("split", bfcl, tmp_path / "out", tmp_path / "split.json", cwd=tmp_path, params=SPLIT), "split")
     assert msg == (f"split: {bfcl / 'parallel.jsonl'}: row 2: duplicate id {rows['simple'][0]['id']} "
                    f"(first in {bfcl / 'simple.jsonl'}: row 1); ids must be unique: remove or rename one")
 
@@ -116,7 +116,7 @@ def test_empty_split_file(tmp_path):
     # every fixture row goes to test or validation, and no extra source fills training
     params = {"split": {**PARAMS["split"], "test_per_category": 11, "valid_per_category": 1},
               "data": {**PARAMS["data"], "extra": []}}
-    msg = one_line_error(stage("split", bfcl, tmp_path / "out", cwd=tmp_path, params=params), "split")
+    msg = one_line_error(stage("split", bfcl, tmp_path / "out", tmp_path / "split.json", cwd=tmp_path, params=params), "split")
     assert msg == (f"split: the train split is empty (48 rows in {bfcl}); check split.test_per_category / "
                    "split.train_per_category and data.categories")
     assert not (tmp_path / "out").exists()
@@ -257,7 +257,7 @@ def test_unwritable_output_path(tmp_path, monkeypatch):
 def test_stage_output_path_that_is_not_a_directory(tmp_path):
     bfcl = write_bfcl(tmp_path / "bfcl", bfcl_rows())
     (tmp_path / "out").write_text("a file where the output directory should be")
-    msg = one_line_error(stage("split", bfcl, tmp_path / "out", cwd=tmp_path, params=SPLIT), "split")
+    msg = one_line_error(stage("split", bfcl, tmp_path / "out", tmp_path / "split.json", cwd=tmp_path, params=SPLIT), "split")
     assert msg == (f"split: cannot write {tmp_path / 'out' / 'train.jsonl'}: a file is in the way of its directory "
                    f"{tmp_path / 'out'}; move that file away and rerun")
 
@@ -266,15 +266,23 @@ def test_stage_output_path_that_is_not_a_directory(tmp_path):
 
 
 def split_files(dir_, bad_test_row=False):
+    """``dir_`` as stage split writes it (the fixture's live rows as test_live), and its metrics beside it,
+    ``<dir_>.json``; returns the test rows."""
+    from toolcall.bfcl.sources import read_extra
+
     rows = bfcl_rows()
     train = [r for cat in rows.values() for r in cat[3:]]
     test = [r for cat in rows.values() for r in cat[:3]]
     if bad_test_row:
         test[4]["ground_truth"] = [{"no_such_function": {}}]
+    live = read_extra("local", PARAMS["data"]["extra_files"], PARAMS["split"]["live_test"], local_dir=FIXTURE)
     io.write_jsonl(dir_ / "train.jsonl", train[2:])
     io.write_jsonl(dir_ / "valid.jsonl", train[:2])
     io.write_jsonl(dir_ / "test.jsonl", test)
     io.write_jsonl(dir_ / "extra.jsonl", [])  # an empty extra pool (data.extra_files: {}) is legitimate
+    io.write_jsonl(dir_ / "test_live.jsonl", [r for rows in live.values() for r in rows])
+    io.write_json(f"{dir_}.json", {"test_live": {"n_dropped": 0, "by_source": {
+        name: {"n_in": len(rows), "n_kept": len(rows)} for name, rows in live.items()}}})
     return test
 
 
@@ -283,8 +291,9 @@ def test_validation_never_drops_a_test_row_silently(tiny, tmp_path):
     out = tmp_path / "validated"
     out.mkdir()
     (out / "test.jsonl").write_text("the earlier validated test split\n")
-    params = {"validate": {**PARAMS["validate"], "max_seq_len": 4096}}
-    proc = stage("validate", tmp_path / "split", tiny, out, tmp_path / "validate.json", cwd=tmp_path, params=params)
+    params = {"validate": {**PARAMS["validate"], "max_seq_len": 4096, "live_max_seq_len": 4096}}
+    proc = stage("validate", tmp_path / "split", tmp_path / "split.json", tiny, out, tmp_path / "validate.json",
+                 cwd=tmp_path, params=params)
     msg = one_line_error(proc, "validate")
     assert msg == (f"validate: {tmp_path / 'split'}/test.jsonl: 1 test row(s) fail validation: "
                    f"{test[4]['id']} (gold:unknown_function); the test split must stay complete: fix those rows "

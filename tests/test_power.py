@@ -98,7 +98,7 @@ def test_study_json_is_keyed_by_test_set_and_step_and_rounded(study):  # noqa: F
     runs = load_runs(study / "data/predictions", ["base", "sft", "sft_dpo", "sft_rl"], [0, 1])
     steps = step_comparisons(runs, CFG)
     out = study_metrics({"test": steps}, STEP_KEYS, CFG)
-    assert list(out) == ["test"] and list(out["test"]) == ["sft_vs_base", "dpo_vs_sft", "rl_vs_sft"]
+    assert list(out) == ["test"] and list(out["test"]) == ["sft_vs_base", "dpo_vs_sft", "rft_vs_sft"]
     entry = out["test"]["dpo_vs_sft"]
     assert set(entry) >= {"items", "seeds", "delta", "ci95", "mde", "verdict", "p_holm", "p_tost_holm", "variance"}
     assert entry["items"] == 8 and entry["seeds"] == 2 and entry["delta"] == 0.0625
@@ -115,7 +115,7 @@ def test_the_stages_json_matches_the_reports_numbers(study):  # noqa: F811
     assert (study / "metrics/study.json").read_bytes() == first  # byte-stable
     metrics = json.loads(first)["test"]
     text = (study / "reports/post_sft.md").read_text()
-    names = {"sft_vs_base": "SFT vs Base model", "dpo_vs_sft": "SFT + DPO vs SFT", "rl_vs_sft": "SFT + RL vs SFT"}
+    names = {"sft_vs_base": "SFT vs Base model", "dpo_vs_sft": "SFT + DPO vs SFT", "rft_vs_sft": "SFT + RL vs SFT"}
     cells = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")]
     rows = {c[0].strip("| "): c for c in cells if len(c) == 10}  # the step table
     power_rows = {c[0].strip("| "): c for c in cells if len(c) == 8}  # the power table's components

@@ -33,6 +33,8 @@ RUNS = {
     ("sft_dpo", 1): "1111 00ww",  # seed 1: no change over its own SFT (but +2 over seed 0's SFT)
     ("sft_rl", 0): "1100 w000",  # the w is parallel_0
     ("sft_rl", 1): "1111 1000",
+    ("sft_grpo", 0): "1100 0000",  # no change over its SFT in either seed
+    ("sft_grpo", 1): "1111 0000",
 }
 
 
@@ -102,7 +104,7 @@ def test_step_table_judges_each_step_against_its_starts_seed_spread(study):
     assert "Base model: one run, no seed spread" in table
     claims = paper_claims(steps, CFG)
     assert "SFT + DPO vs SFT: paper +0.7 pts, a claim of no effect beyond ±5 pts: undecided" in claims
-    assert claims.count("after Holm:") == 3
+    assert claims.count("after Holm:") == 4
 
 
 def test_wrong_count_share_per_method_and_category(study):
@@ -135,6 +137,7 @@ def report_stage(study, *extra):
     params["study"]["seeds"] = [0, 1]
     (study / "params.yaml").write_text(yaml.safe_dump(params))
     write_json(study / "metrics/validate.json", {"test": {"n_kept": 8, "by_category": {c: 2 for c in CATS}},
+                                                 "test_live": {"n_kept": 8, "by_category": {c: 2 for c in CATS}},
                                                  "train": {"n_kept": 20}, "template": "project"})
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "stages.report", "metrics", "data/predictions", "reports", "--variants", "base",
@@ -154,6 +157,26 @@ def test_the_report_stage_writes_every_section(study):
     assert (study / "reports/post_sft.png").stat().st_size > 1000
 
 
+def test_the_live_test_set_gets_its_steps_and_both_sets_pooled(study):
+    # The live set: the same items' patterns under other ids, every SFT + DPO answer there right.
+    for (variant, seed), pattern in RUNS.items():
+        recs = [{**r, "id": "live_" + r["id"]} for r in records(pattern)]
+        if variant == "sft_dpo":
+            recs = [{**r, "valid": True, "error_type": None} for r in recs]
+        write_jsonl(run_path(study / "data/predictions_live", variant, seed, ".jsonl"), recs)
+    report_stage(study, "--live", "data/predictions_live", "--metrics", "metrics/study.json")
+    text = (study / "reports/post_sft.md").read_text()
+    assert "## The second test set: BFCL live" in text and "## Both test sets pooled" in text
+    assert text.index("## Both test sets pooled") < text.index("### Both test sets pooled")  # power, after
+    out = json.loads((study / "metrics/study.json").read_text())
+    assert list(out) == ["test", "live", "pooled"]
+    assert out["test"]["dpo_vs_sft"]["items"] == out["live"]["dpo_vs_sft"]["items"] == 8
+    assert out["pooled"]["dpo_vs_sft"]["items"] == 16 and out["pooled"]["dpo_vs_sft"]["seeds"] == 2
+    # live: seed 0's DPO 8/8 vs SFT 2/8, seed 1's 8/8 vs 4/8; the test set: +1/8 and 0; pooled: the mean over 16 x 2.
+    assert out["live"]["dpo_vs_sft"]["delta"] == pytest.approx((6 + 4) / 16)
+    assert out["pooled"]["dpo_vs_sft"]["delta"] == pytest.approx((6 + 4 + 1 + 0) / 32)
+
+
 def test_one_seed_falls_back_to_newcombe_and_says_so(study):
     runs = load_runs(study / "data/predictions", ["base", "sft"], [1])
     (step,) = step_comparisons(runs, CFG)
@@ -169,3 +192,43 @@ def test_a_run_on_other_items_is_refused(study):
     runs = load_runs(study / "data/predictions", ["sft"], [0, 1])
     with pytest.raises(DataError, match=r"sft's runs \['s1'\] lack items the other runs scored \(1 missing\)"):
         correctness(runs, "sft")
+
+
+# Constrained decoding's runs (data/predictions_constrained): SFT gains two items under each seed, base one;
+# SFT + DPO and SFT + RL answer as they did greedily.
+CONSTRAINED = {("base", None): "1000 0000", ("sft", 0): "1111 0000", ("sft", 1): "1111 1100"}
+
+
+def write_constrained(study):
+    for (variant, seed), pattern in RUNS.items():
+        write_jsonl(run_path(study / "data/predictions_constrained", variant, seed, ".jsonl"),
+                    records(CONSTRAINED.get((variant, seed), pattern)))
+
+
+def test_constrained_decoding_is_a_column_of_every_variant_and_seed(study):
+    write_constrained(study)
+    report_stage(study, "--constrained", "data/predictions_constrained", "--metrics", "metrics/study.json")
+    text = (study / "reports/post_sft.md").read_text()
+    section = text[text.index("## Constrained decoding, every variant and seed"):]
+    section = section[:section.index("\n## ")]
+    # SFT: seeds at 25% and 50% greedy, 50% and 75% constrained: +2 of 8 items under each seed.
+    assert "| SFT | 8 × 2 | 37.5% (25.0–50.0) | 62.5% (50.0–75.0) | +25.0 pts [" in section
+    assert "| Base model | 8 × 1 | 0.0% | 12.5% | +12.5 pts [" in section
+    assert "| SFT + DPO | 8 × 2 | 43.8% (37.5–50.0) | 43.8% (37.5–50.0) | +0.0 pts [+0.0, +0.0] |" in section
+    assert "Holm over these 4 comparisons" in section and "do not parse: 0 of 56" in section
+    out = json.loads((study / "metrics/study.json").read_text())
+    assert list(out) == ["test", "constrained"]
+    assert list(out["constrained"]) == ["base", "sft", "sft_dpo", "sft_rl"]
+    sft = out["constrained"]["sft"]
+    assert (sft["items"], sft["seeds"], sft["delta"], sft["greedy"], sft["constrained"]) == (8, 2, 0.25, 0.375, 0.625)
+    assert set(sft) >= {"ci95", "mde", "verdict", "p_holm", "verdict_holm", "variance"}
+    assert out["constrained"]["base"]["seeds"] == 1 and "variance" not in out["constrained"]["base"]
+
+
+def test_constrained_runs_on_other_items_are_refused(study):
+    from toolcall.report.constrained import constrained_comparisons
+
+    greedy = load_runs(study / "data/predictions", ["sft"], [0, 1])
+    other = greedy.assign(id="other_" + greedy["id"])
+    with pytest.raises(DataError, match=r"sft's constrained runs \(8 items, \['s0', 's1'\]\) are not its greedy"):
+        constrained_comparisons(greedy, other, CFG)

@@ -1,4 +1,5 @@
-"""The trainer's own pieces: completion-only loss, batching, LoRA setup, the length chosen on validation."""
+"""The trainer's own pieces: completion-only loss, batching, LoRA setup, the budget (its choice on validation
+accuracy: tests/test_selection.py)."""
 
 import math
 
@@ -115,7 +116,7 @@ def test_more_lora_layers_than_blocks_is_refused(model):
         lora.add_lora(model, cfg, seed=0)
 
 
-# ---------------------------------------------------------------- the budget and the length chosen on validation
+# ---------------------------------------------------------------- the budget
 
 
 def test_epochs_give_whole_passes_over_the_rows():
@@ -135,13 +136,9 @@ def test_a_warmup_longer_than_the_epochs_is_refused_naming_both():
         cfg.train(12)
 
 
-# Next-token rows: a shared prompt, then one repeated token. Training on TRAIN
-# makes token 50 likely after the prompt, so the loss of LIKE_TRAIN (a different
-# prompt, the same completion) falls while that of UNLIKE_TRAIN (token 60) rises.
+# Next-token rows: a shared prompt, then one repeated token.
 PROMPT = list(range(3, 23))
 TRAIN = [(PROMPT[i:] + [50] * 12, len(PROMPT) - i) for i in range(8)]
-LIKE_TRAIN = [(list(range(25, 40)) + [50] * 12, 15), (list(range(30, 42)) + [50] * 12, 12)]
-UNLIKE_TRAIN = [(PROMPT + [60] * 12, len(PROMPT)), (PROMPT[2:] + [60] * 12, len(PROMPT) - 2)]
 
 
 @pytest.fixture
@@ -160,35 +157,6 @@ def fresh(tmp_path_factory):
 def train_cfg(iters=12):
     return config(SftConfig, "sft", iters=iters, epochs=None, batch_size=2, warmup=0, steps_per_report=1,
                   learning_rate=1e-2).train(len(TRAIN))
-
-
-def weights(model):
-    return {k: v.tolist() for k, v in lora.snapshot(model)}
-
-
-def test_validation_keeps_the_lowest_loss_adapter_and_stops_after_patience(fresh):
-    model = fresh()
-    start = weights(model)
-    result = trainer.train_lora(model, TRAIN, train_cfg(), valid=UNLIKE_TRAIN, steps_per_eval=2, patience=2)
-    curve = [(h["step"], h["val_loss"]) for h in result["history"] if "val_loss" in h]
-    assert [s for s, _ in curve] == [0, 2, 4]  # step 0, then every 2 steps until 2 evaluations found no lower
-    assert curve[1][1] > curve[0][1] and curve[2][1] > curve[0][1]
-    assert result["stopped_early"] and result["last_step"] == 4
-    assert result["chosen_step"] == 0 and result["best_val_loss"] == curve[0][1]
-    assert weights(model) == start  # the step-0 adapter, not the one trained 4 steps
-
-
-def test_an_improving_validation_loss_runs_the_whole_budget_and_keeps_the_last(fresh):
-    model = fresh()
-    cfg = train_cfg(iters=6)
-    result = trainer.train_lora(model, TRAIN, cfg, valid=LIKE_TRAIN, steps_per_eval=4, patience=1)
-    curve = [(h["step"], h["val_loss"]) for h in result["history"] if "val_loss" in h]
-    assert [s for s, _ in curve] == [0, 4, 6]  # every 4 steps and after the last
-    assert curve[0][1] > curve[1][1] > curve[2][1]
-    assert not result["stopped_early"] and result["chosen_step"] == 6 == result["last_step"]
-    # The model it ends with is the one measured at step 6.
-    again = trainer.BestOnValidation(model, LIKE_TRAIN, cfg, 4, 1)(6)
-    assert abs(again - result["best_val_loss"]) < 1e-6
 
 
 def test_without_validation_the_budget_runs_to_its_end(fresh):

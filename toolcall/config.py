@@ -21,21 +21,21 @@ import dataclasses
 import typing
 
 from toolcall.errors import ConfigError
-from toolcall.sections import (LOSSES, AblationSplitConfig, DataConfig, DiversityConfig, DpoConfig, EvalConfig,
-                               ExtraDataConfig, ModelConfig, ReportConfig, RlConfig, ScaffoldConfig, SftConfig,
+from toolcall.sections import (LOSSES, AblationSplitConfig, ComposeConfig, DataConfig, DiversityConfig, DpoConfig,
+                               EvalConfig, ExtraDataConfig, ModelConfig, ReportConfig, RlConfig, ScaffoldConfig, SftConfig,
                                SplitConfig, StudyConfig, TrainConfig, ValidateConfig, epoch_steps)
 
 # The loader, and (re-exported from toolcall.sections) what it builds.
-__all__ = ["load", "from_params", "seeded", "read_section", "ConfigError", "SECTIONS", "SEEDED", "LOSSES",
-           "epoch_steps", "AblationSplitConfig", "DataConfig", "DiversityConfig", "DpoConfig", "EvalConfig",
-           "ExtraDataConfig", "ModelConfig", "ReportConfig", "RlConfig", "ScaffoldConfig", "SftConfig",
+__all__ = ["load", "from_params", "seeded", "read_section", "check_live_test", "ConfigError", "SECTIONS", "SEEDED", "LOSSES",
+           "epoch_steps", "AblationSplitConfig", "ComposeConfig", "DataConfig", "DiversityConfig", "DpoConfig",
+           "EvalConfig", "ExtraDataConfig", "ModelConfig", "ReportConfig", "RlConfig", "ScaffoldConfig", "SftConfig",
            "SplitConfig", "StudyConfig", "TrainConfig", "ValidateConfig"]
 
 # Every section ``load`` reads, by its (dotted) name in params.yaml. Not in it: [ablations.sft] and
 # [ablations.format.*], which only override [sft]'s keys (``load("sft", overrides=...)``).
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "split": SplitConfig, "validate": ValidateConfig,
-            "study": StudyConfig, "sft": SftConfig, "dpo": DpoConfig, "rl": RlConfig, "eval": EvalConfig,
-            "report": ReportConfig, "ablations.scaffold": ScaffoldConfig,
+            "compose": ComposeConfig, "study": StudyConfig, "sft": SftConfig, "dpo": DpoConfig, "rl": RlConfig,
+            "eval": EvalConfig, "report": ReportConfig, "ablations.scaffold": ScaffoldConfig,
             "ablations.unseen_tools": AblationSplitConfig, "ablations.unseen_patterns": AblationSplitConfig,
             "ablations.diversity": DiversityConfig, "ablations.extra": ExtraDataConfig}
 # The training sections, whose seed is the stage's --seed (one of study.seeds), never a params.yaml key.
@@ -144,6 +144,26 @@ def _unwrap(annotation):
     if typing.get_origin(annotation) is typing.Union and len(args) == 1:
         return args[0], True
     return annotation, False
+
+
+def check_live_test(live_test, trained, sources=None):
+    """Refuse, with a ``ConfigError`` naming the key, params that would train on the second test set.
+
+    ``live_test`` is split.live_test (the test_live side's sources); ``trained``
+    maps each key that picks training sources to its list (``{"data.extra":
+    [...]}``, ``{"ablations.extra.sources": [...]}``): none may name a live test
+    source, as a live test row must never be a training row. ``sources``, where
+    given (data.extra_files), must hold every live test source. A rule across
+    sections, so no section's ``check()`` can hold it: the stages that read
+    both keys call this.
+    """
+    if sources is not None and (unknown := [name for name in live_test if name not in sources]):
+        raise ConfigError(f"params.yaml [split].live_test={live_test}: {unknown} are not sources of data.extra_files "
+                          f"{sorted(sources)}")
+    for key, names in trained.items():
+        if both := [name for name in names if name in live_test]:
+            raise ConfigError(f"params.yaml {key}={names} trains on {both}, which split.live_test tests on: a live "
+                              f"test row is never a training row; remove them from {key} (or from split.live_test)")
 
 
 def seeded(section, seed, name):

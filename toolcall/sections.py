@@ -26,6 +26,7 @@ DATA_SOURCES = ("wheel", "hub", "local")
 MODEL_SOURCES = ("gguf_wheel", "hub", "local")
 DTYPES = ("float32", "bfloat16", "float16", "keep")
 STYLES = ("structured", "content")  # toolcall.calls.prompts.PromptFormat
+CHOSEN = ("own", "gold")  # DPO's chosen completions (toolcall/train/pairs.py)
 GREEDY = "0 is greedy: every sample the same"
 
 
@@ -81,6 +82,7 @@ class TrainConfig:
     batch_size: int
     grad_accumulation: int
     steps_per_report: int
+    max_grad_norm: Optional[float]  # optimize's gradient clipping (None: none); train_lora (mlx-lm's step) has none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +106,9 @@ class SftConfig:
     mask_prompt: bool
     style: str = one_of(*STYLES)  # the prompt's tool-call format (an ablation arm's)
     checkpoint_every: int = at_least(0, "0: never")
-    # With a validation file: its loss every steps_per_eval steps (0: only at the start and the end); the
-    # adapter kept is the lowest's; ``patience`` evaluations without a new lowest stop training.
+    # With a validation file: its greedy accuracy (toolcall/train/selection.py) every steps_per_eval steps (0: only
+    # at the start and the end); the adapter kept is the highest's; ``patience`` evaluations without a new
+    # highest stop training.
     steps_per_eval: int = at_least(0)
     patience: int = at_least(0, "0: never stop early")
     ranks: int = at_least(1)  # data-parallel processes on a CPU (toolcall/train/launch.py); 1: one plain process
@@ -144,7 +147,7 @@ class SftConfig:
                               f"epochs={self.epochs} over {n_examples} rows")
         return TrainConfig(seed=self.seed, learning_rate=self.learning_rate, warmup=self.warmup, iters=iters,
                            batch_size=self.batch_size, grad_accumulation=self.grad_accumulation,
-                           steps_per_report=self.steps_per_report)
+                           steps_per_report=self.steps_per_report, max_grad_norm=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,11 +168,17 @@ class DpoConfig(OnPolicySampling):
     seed: int = at_least(0)
     beta: float = above(0)
     loss_type: str = one_of(*LOSSES)
+    rpo_alpha: float = at_least(0, "0: plain DPO")  # weight of the chosen completions' NLL (RPO)
+    chosen: str = one_of(*CHOSEN)  # own: a passing sample of the SFT model where one exists; gold: always gold
+    eos_balance: bool  # at most as many pairs teaching against the end-of-turn as the others (pairs.balance_eos)
     learning_rate: float = between(0, 1)
+    warmup: int = at_least(0)  # steps of linear warmup before the cosine decay
+    max_grad_norm: Optional[float] = above(0)  # null: gradients not clipped
     epochs: float = above(0)  # passes over the preference pairs (their number is known only after sampling)
     batch_size: int = at_least(1)
     checkpoint_every: int = at_least(0, "0: never")
     valid_prompts: int = at_least(1)  # validation prompts whose pairs are held out, scored every steps_per_eval steps
+    # Also the steps of the greedy validation accuracy that chooses the adapter kept (and step 0).
     steps_per_eval: int = at_least(0, "0: at the end only")
     ranks: int = at_least(1)  # data-parallel processes on a CPU (toolcall/train/launch.py); 1: one plain process
 
@@ -177,10 +186,14 @@ class DpoConfig(OnPolicySampling):
         yield from _ranks_divide_batches(self)
 
     def train(self, n_pairs):
-        """DPO's optimizer loop over ``n_pairs`` pairs: ``epochs`` passes, no warmup, one batch per step."""
-        return TrainConfig(seed=self.seed, learning_rate=self.learning_rate, warmup=0,
-                           iters=epoch_steps(self.epochs, n_pairs, self.batch_size, self.ranks),
-                           batch_size=self.batch_size, grad_accumulation=1, steps_per_report=1)
+        """DPO's optimizer loop over ``n_pairs`` pairs: ``epochs`` passes, one batch per step."""
+        iters = epoch_steps(self.epochs, n_pairs, self.batch_size, self.ranks)
+        if self.warmup >= iters:  # the steps are known only once the pairs are
+            raise ConfigError(f"params.yaml [dpo]: warmup={self.warmup} must be below the {iters} steps of "
+                              f"epochs={self.epochs} over {n_pairs} pairs")
+        return TrainConfig(seed=self.seed, learning_rate=self.learning_rate, warmup=self.warmup, iters=iters,
+                           batch_size=self.batch_size, grad_accumulation=1, steps_per_report=1,
+                           max_grad_norm=self.max_grad_norm)
 
     def heldout_seed(self):
         """The held-out pairs' sampling seed: drawn from (seed, 1) by NumPy's SeedSequence.
@@ -206,6 +219,7 @@ class RlConfig(OnPolicySampling):
     reward_ast: float = above(0)
     reward_format: float = at_least(0)
     min_reward: float
+    max_grad_norm: Optional[float] = above(0)  # grpo's gradient clipping (null: none); rft's mlx-lm step has none
     ranks: int = at_least(1)  # data-parallel processes on a CPU (toolcall/train/launch.py); 1: one plain process
 
     def check(self):
@@ -228,7 +242,8 @@ class RlConfig(OnPolicySampling):
     def train(self, round_index):
         """One round's update loop: a seed of its own, no warmup (rounds are short), a report per step."""
         return TrainConfig(seed=self.round_seed(round_index), learning_rate=self.learning_rate, warmup=0,
-                           iters=self.iters, batch_size=self.batch_size, grad_accumulation=1, steps_per_report=1)
+                           iters=self.iters, batch_size=self.batch_size, grad_accumulation=1, steps_per_report=1,
+                           max_grad_norm=self.max_grad_norm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,6 +314,13 @@ class SplitConfig:
     test_per_category: int = at_least(1)
     valid_per_category: int = at_least(1)
     train_per_category: Optional[int] = at_least(1)  # null: every row not in test or validation
+    # data.extra_files sources whose rows form the second test set, test_live ([]: none); checked against
+    # [data] and [ablations.extra] by toolcall.config.check_live_test, which sees those sections too.
+    live_test: list
+
+    def check(self):
+        if not all(isinstance(name, str) for name in self.live_test) or len(set(self.live_test)) != len(self.live_test):
+            yield f"live_test={self.live_test} must be a list of distinct extra source names (data.extra_files)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,7 +328,27 @@ class ValidateConfig:
     """params.yaml [validate]."""
 
     max_seq_len: int = at_least(16)
+    live_max_seq_len: int = at_least(16)  # the live test's rows (scored only, never trained on)
     max_drop_fraction: float = between(0, 1, "[]")
+
+
+@dataclasses.dataclass(frozen=True)
+class ComposeConfig:
+    """params.yaml [compose]: training rows composed from the training side's own (toolcall/bfcl/compose.py)."""
+
+    use: bool  # the composed rows join the main study's training side (read by stage validate only)
+    seed: int = at_least(0)
+    n_parallel: int = at_least(0)
+    n_parallel_multiple: int = at_least(0)
+    n_multiple: int = at_least(0)
+    call_weights: list  # relative shares of 2, 3, 4, ... calls in the parallel kinds' rows
+
+    def check(self):
+        weights = self.call_weights
+        if (any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in weights)
+                or sum(weights) <= 0):
+            yield (f"call_weights={self.call_weights} must be a list of weights >= 0, not all 0, of 2, 3, ... "
+                   "calls per row")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,10 @@ files and the exec_* files under ``unused_datasets/``) are normalized the same w
 with ``category`` the call pattern their answers follow (what the scorer
 needs) and one more field, ``"source": "<name>"``; the paper's four files'
 rows carry no ``source``, so they are byte for byte what they were before
-extra sources existed. Extra rows only ever join the training side: the
-sources of ``data.extra`` in the main study, others in its ablation arms.
+extra sources existed. The rows of ``split.live_test``'s sources (the live_*
+files) form a second test set, test_live, and are never trained on; the
+other extra rows only ever join the training side: the sources of
+``data.extra`` in the main study, others in its ablation arms.
 """
 
 

@@ -12,11 +12,11 @@ no ablation needs to validate again.
   the call pattern is what is new (paper Table 2, "unseen patterns").
 * ``diversity_low`` / ``diversity_high``: ``budget`` training rows, all from
   simple or an equal share of each category, drawn from the main training
-  split and the extra pool (every extra source's validated rows: the paper's
-  own training rows hold fewer than 500 simple ones); both are scored on the
-  main test split (paper Table 3).
+  split and the extra pool (every extra source's validated rows but the live
+  test's, split.live_test: the paper's own training rows hold 325 simple
+  ones); both are scored on the main test split (paper Table 3).
 * ``extra_with``: the paper's training rows plus the extra pool's rows of
-  ``sources``, trained with all of [sft] (stage ablation_train_extra),
+  ``sources`` (never a live test source: the pool holds none), trained with all of [sft] (stage ablation_train_extra),
   against the main study's SFT of the first seed (the paper's rows plus
   data.extra's, same settings), both scored on the main test split.
 

@@ -21,7 +21,8 @@ from toolcall.bfcl.rows import check_rows, read_rows
 from toolcall.errors import DataError
 from toolcall.io import atomic_dir
 
-SPLITS = ("train", "valid", "test")
+# test_live: the second test set, BFCL's live_* rows (params split.live_test); absent with split.live_test [].
+SPLITS = ("train", "valid", "test", "test_live")
 COLUMNS = ("id", "category", "source", "messages", "functions", "ground_truth")  # a decoded row's key order
 JSON_COLUMNS = ("functions", "ground_truth")
 MESSAGE_KEYS = ("role", "content")
@@ -153,7 +154,7 @@ def card(splits, num_bytes):
     }
     cats = list(CATEGORIES) + sorted({r["category"] for rows in splits.values() for r in rows} - set(CATEGORIES))
     counts = {s: Counter(r["category"] for r in rows) for s, rows in splits.items()}
-    table = [f"| split | {' | '.join(cats)} | total | of them extra |", "|---" * (len(cats) + 3) + "|"]
+    table = [f"| split | {' | '.join(cats)} | total | of them from other BFCL files |", "|---" * (len(cats) + 3) + "|"]
     table += [f"| {s} | {' | '.join(str(counts[s][c]) for c in cats)} | {len(rows)} | "
               f"{sum('source' in r for r in rows)} |" for s, rows in splits.items()]
     sources = sorted(Counter(r["source"] for rows in splits.values() for r in rows if "source" in r).items())
@@ -164,7 +165,8 @@ def card(splits, num_bytes):
 
 The training, validation and test rows this project fine-tunes and scores small
 language models on, written by its `validate` stage (`data/validated/`, also as
-JSONL beside this directory).
+JSONL beside this directory). `test_live`, where present, is a second test set:
+BFCL's live files (real users' requests), none of them trained on.
 
 ## A row
 
@@ -188,11 +190,12 @@ decoded, exactly as in the JSONL files.
 [BFCL v4](https://github.com/ShishirPatil/gorilla/tree/main/berkeley-function-call-leaderboard)
 (the Berkeley Function Calling Leaderboard, Apache-2.0), its `simple_python`,
 `multiple`, `parallel` and `parallel_multiple` files{
-    "; extra training rows from " + ", ".join(f"`{s}` ({n})" for s, n in sources) if sources else ""}. The split is
+    "; rows of other BFCL files: " + ", ".join(f"`{s}` ({n})" for s, n in sources) if sources else ""}. The split is
 function-disjoint: rows that offer a function of the same name stay on one side,
-so no test or validation function is seen in training. Training and validation
-rows that do not fit the model's chat template (or its length limit) were
-dropped (`metrics/validate.json` says which and why); the test split is complete.
+so no test or validation function is seen in training, and the live test holds
+no row that offers a training or validation function. Training, validation and
+live test rows that do not fit the model's chat template (or its length limit)
+were dropped (`metrics/validate.json` says which and why); the test split is complete.
 
 ## Rows per split and category
 

@@ -37,7 +37,8 @@ def gold_calls(ground_truth):
 
 
 def is_extra(row):
-    """Whether a row comes from an extra training source (``data.extra_files``), not the paper's four files."""
+    """Whether a row comes from another BFCL file (``data.extra_files``: an extra training source, or a source
+    of the live test, ``split.live_test``), not the paper's four files."""
     return "source" in row
 
 

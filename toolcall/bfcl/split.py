@@ -5,6 +5,7 @@ import re
 from collections import Counter, defaultdict
 
 from toolcall.bfcl import CATEGORIES
+from toolcall.bfcl.rows import is_extra
 from toolcall.errors import DataError
 
 # ---------------------------------------------------------------- splitting
@@ -170,6 +171,43 @@ def split_study(rows, extra, test_per_category, valid_per_category, seed, train_
     train, valid, test = split_sides(rows, test_per_category, valid_per_category, seed, train_per_category)
     pool, dropped = add_extra(extra, valid + test)
     return train, valid, test, pool, dropped
+
+
+def live_side(live, train, valid):
+    """``(kept, dropped)``: the second test set (test_live), the ``live`` rows that offer no function of a
+    ``train`` or ``valid`` row, and the others.
+
+    Sharing a function means what it means to the split (``function_keys``: the
+    name). Both sides are fixed by then (``train`` with data.extra's rows), so
+    the direct check of ``add_extra`` keeps test_live function-disjoint from
+    them. It may share functions with the paper's test side: both are only
+    ever scored.
+    """
+    return add_extra(live, train + valid)
+
+
+def study_sides(rows, categories, use, live_test, test_per_category, valid_per_category, seed,
+                train_per_category=None):
+    """The main study's sides from every fetched row (the paper's and every extra source's, stage split).
+
+    Returns ``(sides, drawn)``: ``sides`` maps train, valid, test, extra (the
+    pool) and test_live to their rows; ``drawn`` maps extra and test_live to
+    the rows each was drawn from (the rest were dropped for offering a
+    function of another side). Only rows of ``categories`` are used. The rows
+    of the ``live_test`` sources (params split.live_test) form test_live
+    (``live_side``), never the pool, so no training side can hold one; the
+    pool's rows of the ``use`` sources (data.extra) join the training side
+    (``with_sources``), and test_live is kept apart from that side too.
+    """
+    paper = [r for r in rows if not is_extra(r)]
+    extra = [r for r in rows if is_extra(r) and r["category"] in categories]
+    drawn = {"extra": [r for r in extra if r["source"] not in live_test],
+             "test_live": [r for r in extra if r["source"] in live_test]}
+    train, valid, test, pool, _ = split_study(paper, drawn["extra"], test_per_category, valid_per_category, seed,
+                                              train_per_category)
+    train = with_sources(train, pool, use, "data.extra")
+    test_live, _ = live_side(drawn["test_live"], train, valid)
+    return {"train": train, "valid": valid, "test": test, "extra": pool, "test_live": test_live}, drawn
 
 
 def with_sources(train, pool, sources, knob):

@@ -290,17 +290,19 @@ class Constraint:
         return not allowed[quote] and allowed.any() and bool(self.decoder.after_string[allowed].all())
 
 
-def generate(model, tokenizer, prompts, *, grammars, max_tokens, batch_size, progress=None):
+def generate(model, tokenizer, prompts, *, grammars, max_tokens, batch_size, progress=None, reference=False):
     """Greedy ``generation.generate`` with prompt ``i`` held to ``grammars[i]``.
 
     Returns ``[(text, n_generated, n_finishing)]`` in input order: the text
     includes the ``n_finishing`` tokens ``Constraint.finish`` added to a
     sequence cut at ``max_tokens``; ``n_generated`` counts the model's only.
+    ``reference``: ``generation.generate``'s (mlx-lm's own decode step).
     """
     decoder = Decoder(tokenizer)
     constraints = [decoder.constraint(g) for g in grammars]
     outputs = generation.generate(model, tokenizer, prompts, max_tokens=max_tokens, batch_size=batch_size,
-                                  progress=progress, return_tokens=True, logits_processors=[[c] for c in constraints])
+                                  progress=progress, return_tokens=True, logits_processors=[[c] for c in constraints],
+                                  reference=reference)
     out = []
     for c, (_, n, tokens) in zip(constraints, outputs):
         extra = c.finish(tokens)

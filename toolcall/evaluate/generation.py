@@ -2,19 +2,23 @@
 
 Prompts go in longest first, so sequences that share a batch have similar
 lengths and the batch drains evenly; each sequence stops at its own
-end-of-turn token. Greedy by default; a temperature gives sampling (best-of-N,
-DPO negatives, RL rollouts). Per-prompt logits processors (``constrained``'s
+end-of-turn token. Greedy by default, through ``greedy.GreedyBatchGenerator``
+(mlx-lm's generator less the full-vocabulary log-softmax greedy does not need;
+``reference=True``: mlx-lm's own, the path it is checked against); a
+temperature gives sampling (best-of-N, DPO negatives, RL rollouts) through
+mlx-lm's own generator. Per-prompt logits processors (``constrained``'s
 grammars) are optional; without them the batch is sampled in one call as before.
 """
 
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
+from toolcall.evaluate.greedy import GreedyBatchGenerator
 from toolcall.progress import Progress
 
 
 def generate(model, tokenizer, prompts, *, max_tokens, batch_size, temperature=0.0,
-             seed=None, progress=None, return_tokens=False, caches=None, logits_processors=None):
+             seed=None, progress=None, return_tokens=False, caches=None, logits_processors=None, reference=False):
     """Complete each token-id prompt; return ``[(text, n_generated_tokens)]`` in input order.
 
     ``max_tokens`` and ``batch_size`` (sequences decoded side by side) have no
@@ -29,18 +33,19 @@ def generate(model, tokenizer, prompts, *, max_tokens, batch_size, temperature=0
     ``logits_processors``: per prompt, a list of mlx-lm logits processors
     (``processor(tokens, logits) -> logits``, ``tokens`` the prompt and what was
     sampled so far), e.g. ``constrained.Constraint``.
+    ``reference``: greedy decoding through mlx-lm's own ``BatchGenerator`` (the
+    log-softmax computed), the path the default one is checked against.
     """
     import mlx.core as mx
 
     if seed is not None:
         mx.random.seed(seed)
-    gen = BatchGenerator(
-        model,
-        stop_tokens=[[t] for t in tokenizer.eos_token_ids],
-        sampler=make_sampler(temp=temperature),
-        completion_batch_size=batch_size,
-        prefill_batch_size=min(batch_size, 8),
-    )
+    options = dict(stop_tokens=[[t] for t in tokenizer.eos_token_ids], completion_batch_size=batch_size,
+                   prefill_batch_size=min(batch_size, 8))
+    if temperature == 0 and not reference:
+        gen = GreedyBatchGenerator(model, **options)
+    else:
+        gen = BatchGenerator(model, sampler=make_sampler(temp=temperature), **options)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     uids = gen.insert([prompts[i] for i in order], [max_tokens] * len(order),
                       caches=[caches[i] for i in order] if caches else None,

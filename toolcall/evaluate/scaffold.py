@@ -134,12 +134,13 @@ def constrained_records(rows, outputs):
             for row, (text, n, k) in zip(rows, outputs)]
 
 
-def constrained_summary(rows, records, greedy, unconstrained):
+def constrained_summary(rows, records, greedy, unconstrained=None):
     """Metrics of constrained decoding, the paired table against the greedy records, and its guarantees.
 
     ``unconstrained``: ``[(text, n)]``, the same items decoded again without
-    the constraint in the same run (the speed baseline); how many of them equal
-    the greedy predictions shows the baseline is the greedy eval itself.
+    the constraint in the same run (the speed baseline), or None where it was
+    not run; how many of them equal the greedy predictions shows the baseline
+    is the greedy eval itself. Its keys are there only when it ran.
     """
     metrics = summarize(records)
     metrics["paired"] = table_record({r["id"]: r["valid"] for r in greedy}, {r["id"]: r["valid"] for r in records},
@@ -150,7 +151,10 @@ def constrained_summary(rows, records, greedy, unconstrained):
         "unoffered_names": sum(any(call_problem(c, row["functions"]) in UNOFFERED for c in r["calls"])
                                for row, r in zip(rows, records)),
         "generated_tokens": sum(r["generated_tokens"] for r in records),
-        "unconstrained_tokens": sum(n for _, n in unconstrained),
-        "unconstrained_same_as_greedy": sum(text == g["raw"] for (text, _), g in zip(unconstrained, greedy)),
     }
+    if unconstrained is not None:
+        metrics["constrained"] |= {
+            "unconstrained_tokens": sum(n for _, n in unconstrained),
+            "unconstrained_same_as_greedy": sum(text == g["raw"] for (text, _), g in zip(unconstrained, greedy)),
+        }
     return metrics

@@ -1,5 +1,9 @@
 """Greedy generation split over one process per core (the eval stages' fast path).
 
+Each worker decodes with the adapter fused into the weights (``fuse``) and
+greedy's own decode step (``greedy``); ``reference=True``: the adapter as
+separate LoRA layers and mlx-lm's step, the path those are checked against.
+
 MLX's CPU kernels other than matmul (softmax, SiLU, norms, cache updates) run
 on one thread, so one generating process leaves the other core idle between
 matmuls (``make bench``, ops section). Each worker process here loads the
@@ -63,7 +67,7 @@ def resolve_workers(setting, model_dir, batch_size, tokens):
 
 
 def generate_sharded(model_dir, adapter_dir, prompts, workers=None, progress=None, generator=None, per_prompt=None,
-                     **kwargs):
+                     reference=False, **kwargs):
     """``generation.generate`` over ``workers`` processes; same return value, input order.
 
     ``kwargs`` go to ``generate`` (``max_tokens``, ``batch_size``); the model is
@@ -71,12 +75,14 @@ def generate_sharded(model_dir, adapter_dir, prompts, workers=None, progress=Non
     another function with ``generate``'s signature to run instead (a module-level
     one: workers import it, e.g. ``constrained.generate``); ``per_prompt``: its
     keyword arguments that hold one entry per prompt (``{"grammars": [...]}``),
-    dealt out with the prompts.
+    dealt out with the prompts. ``reference``: load the adapter unfused and
+    pass ``reference=True`` on to ``generate`` (the path the default is checked against).
     """
     per_prompt = per_prompt or {}
     workers = max(1, min(workers or default_workers(), len(prompts)))
     if workers == 1:
-        return _generate_share(model_dir, adapter_dir, prompts, progress, {**kwargs, **per_prompt}, None, generator)
+        return _generate_share(model_dir, adapter_dir, prompts, progress, {**kwargs, **per_prompt}, None, generator,
+                               reference)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     shares = [order[j::workers] for j in range(workers)]
     # spawn, not fork: MLX's and OpenBLAS's threads do not survive a fork. A Pool,
@@ -85,7 +91,7 @@ def generate_sharded(model_dir, adapter_dir, prompts, workers=None, progress=Non
     with multiprocessing.get_context("spawn").Pool(workers, initializer=_ignore_sigint) as pool:
         results = pool.starmap(_generate_share, [
             (model_dir, adapter_dir, [prompts[i] for i in share], progress and f"{progress} {j + 1}/{workers}",
-             {**kwargs, **{k: [v[i] for i in share] for k, v in per_prompt.items()}}, 1, generator)
+             {**kwargs, **{k: [v[i] for i in share] for k, v in per_prompt.items()}}, 1, generator, reference)
             for j, share in enumerate(shares)])  # re-raises a worker's error here
     out = [None] * len(prompts)
     for share, result in zip(shares, results):
@@ -100,11 +106,13 @@ def _ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _generate_share(model_dir, adapter_dir, prompts, progress, kwargs, threads, generator):
+def _generate_share(model_dir, adapter_dir, prompts, progress, kwargs, threads, generator, reference):
     from toolcall.evaluate.generation import generate
     from toolcall.model import blas
     from toolcall.model.lora import load_model
 
-    model, tokenizer = load_model(model_dir, adapter_dir)
+    model, tokenizer = load_model(model_dir, adapter_dir, fused=not reference)
+    if reference:
+        kwargs = {**kwargs, "reference": True}
     with blas.threads(threads):
         return (generator or generate)(model, tokenizer, prompts, progress=progress, **kwargs)

@@ -20,10 +20,9 @@ template of the model directory, the one training rendered with.
 import shutil
 from pathlib import Path
 
-from mlx.utils import tree_unflatten
-
 from toolcall.errors import ModelError
 from toolcall.io import atomic_dir
+from toolcall.model.fuse import fuse_lora
 from toolcall.model.gguf import save_tokenizer, write_gguf
 
 
@@ -48,10 +47,8 @@ def fuse_adapter(model_dir, adapter_dir, out_dir):
     from mlx_lm.utils import load, save_config, save_model
 
     model, tokenizer, config = load(str(model_dir), adapter_path=str(adapter_dir), return_config=True)
-    fused = [(name, module.fuse()) for name, module in model.named_modules() if hasattr(module, "fuse")]
-    if not fused:
+    if not fuse_lora(model):
         raise ModelError(f"{adapter_dir}: no adapter layer to fuse")
-    model.update_modules(tree_unflatten(fused))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_model(out_dir, model)

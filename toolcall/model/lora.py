@@ -14,8 +14,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from toolcall.config import ConfigError
+from toolcall.errors import ModelError
 from toolcall.io import atomic_path, write_json
 from toolcall.model import kernels
+from toolcall.model.fuse import fuse_lora
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -50,15 +52,18 @@ def add_lora(model, config, seed):
     return model
 
 
-def load_model(model_dir, adapter_dir=None):
+def load_model(model_dir, adapter_dir=None, fused=False):
     """A base model (and optionally its adapter) loaded by mlx-lm, with its tokenizer.
 
     Its hot ops run on the native CPU kernels where they apply (``kernels``;
-    ``TOOLCALL_NATIVE=0``: MLX's own ops).
+    ``TOOLCALL_NATIVE=0``: MLX's own ops). ``fused``: the adapter merged into
+    the weights (``fuse.fuse_lora``), for inference only (the eval stage).
     """
     from mlx_lm import load
 
     model, tokenizer = load(str(model_dir), adapter_path=str(adapter_dir) if adapter_dir else None)
+    if fused and adapter_dir and not fuse_lora(model):
+        raise ModelError(f"{adapter_dir}: no adapter layer to fuse")
     kernels.install(model)
     return model, tokenizer
 

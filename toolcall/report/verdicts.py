@@ -7,7 +7,8 @@ from typing import Optional
 
 from toolcall.report.paired import Comparison, adjusted_verdict, family_holm
 
-VARIANT_NAMES = {"base": "Base model", "sft": "SFT", "sft_dpo": "SFT + DPO", "sft_rl": "SFT + RL"}
+VARIANT_NAMES = {"base": "Base model", "sft": "SFT", "sft_dpo": "SFT + DPO", "sft_rl": "SFT + RL",
+                 "sft_grpo": "SFT + GRPO"}
 
 
 def pct(x):

@@ -5,7 +5,9 @@ template stored in the model directory (fetch_model writes the one training
 used) and turns ``<tool_call>`` text into OpenAI ``tool_calls`` with the
 ``tool_parser_type`` stored beside it. This module only runs it as a child
 process on a free loopback port, bounded in time and always stopped, and
-asks it with the ``openai`` client.
+asks it with the ``openai`` client. ``constrained=True`` runs
+``toolcall.serve.constrained_server`` instead: the same server, with each
+request that offers tools decoded under their grammar.
 """
 
 import json
@@ -32,14 +34,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def server_command(model, adapter=None, port=8080):
-    cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
+def server_command(model, adapter=None, port=8080, constrained=False):
+    program = ["toolcall.serve.constrained_server"] if constrained else ["mlx_lm", "server"]
+    cmd = [sys.executable, "-m", *program, "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
     return cmd + (["--adapter-path", str(adapter)] if adapter else [])
 
 
 @contextmanager
-def mlx_server(model, adapter=None, log_path=None, timeout=60.0):
-    """Run ``mlx_lm.server`` on ``model`` (+ ``adapter``); yield its OpenAI base URL.
+def mlx_server(model, adapter=None, log_path=None, timeout=60.0, constrained=False):
+    """Run ``mlx_lm.server`` (``constrained``: toolcall.serve.constrained_server) on ``model`` (+ ``adapter``);
+    yield its OpenAI base URL.
 
     Output goes to ``log_path`` (a temporary file if None). The server is
     terminated on exit, killed if it does not stop within 10 s.
@@ -48,10 +52,11 @@ def mlx_server(model, adapter=None, log_path=None, timeout=60.0):
 
     port = free_port()
     env = dict(os.environ)
-    if blas.loaded_path:  # the child does not import toolcall: preload OpenBLAS the same way (toolcall/model/blas.py)
+    if blas.loaded_path:  # mlx_lm's server does not import toolcall: preload OpenBLAS as toolcall/model/blas.py does
         env["LD_PRELOAD"] = ":".join(filter(None, [blas.loaded_path, env.get("LD_PRELOAD")]))
     with (open(log_path, "w") if log_path else tempfile.NamedTemporaryFile("w+")) as log:
-        proc = subprocess.Popen(server_command(model, adapter, port), stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(server_command(model, adapter, port, constrained), stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
         try:
             _wait_healthy(proc, port, timeout, log)
             yield f"http://127.0.0.1:{port}/v1"

@@ -3,9 +3,9 @@
 A checkpoint is ``<out_dir>.checkpoint/``: the LoRA weights, the optimizer
 state (Adam moments, step count, so the learning-rate schedule continues),
 MLX's RNG key, the step, the logged history and what else the loop keeps
-(SFT: the weights of the lowest validation loss so far). It is written whole or not at
-all (``io.atomic_dir``), so a run killed at any moment leaves the previous
-checkpoint intact. It carries a fingerprint of everything the run depends on
+(the selection's evaluations and the weights of its best so far). It is
+written whole or not at all (``io.atomic_dir``), so a run killed at any
+moment leaves the previous checkpoint intact. It carries a fingerprint of everything the run depends on
 (config, training data, base weights); a rerun of the same stage with the
 same inputs resumes from it and ends with the same bytes as an uninterrupted
 run, a rerun with other inputs ignores it. The stage deletes it once its
@@ -56,10 +56,13 @@ def files_digest(directory, pattern="*.safetensors"):
     return h.hexdigest()
 
 
-def continuation_key(stage, cfg, model_dir, sft_dir, *data_files):
-    """The fingerprint of a stage that continues the SFT adapter on data files (DPO, RL)."""
+def continuation_key(stage, cfg, model_dir, sft_dir, *data_files, settings=None):
+    """The fingerprint of a stage that continues the SFT adapter on data files (DPO, RL).
+
+    ``settings``: JSON of what else the run depends on (the selection's decoding, ``ValidationSet.settings``).
+    """
     return fingerprint(stage, dataclasses.asdict(cfg), files_digest(model_dir), files_digest(sft_dir),
-                       *(files_digest(Path(f).parent, Path(f).name) for f in data_files))
+                       *(files_digest(Path(f).parent, Path(f).name) for f in data_files), settings)
 
 
 class Checkpoint:

@@ -1,181 +1,34 @@
-"""DPO on top of the SFT adapter: preference pairs from the training split, and the loss.
+"""DPO on top of the SFT adapter: the loss, the reference log-probs, the batches and the update loop.
 
-Pairs (training rows only): *chosen* is the gold calls rendered by the SFT
-template (``PromptFormat.example``), exactly the SFT target; *rejected* is one
-of the SFT model's own samples that fails the AST check (on-policy negatives,
-one pair per distinct failing sample). When every sample of a prompt is right
-there is no negative to learn from, so a controlled corruption of the gold
-calls, rendered by the same template, takes its place (see ``CORRUPTIONS``);
-each corruption is kept only if the AST check rejects it.
+The preference pairs come from ``toolcall.train.pairs``: chosen is one of the
+SFT model's own passing samples (``dpo.chosen: own``; the gold rendering where
+no sample passes, or always with ``gold``), rejected one of its failing
+samples or, where every sample passes, a corruption of the chosen calls.
 
 The loss (Rafailov et al. 2023) compares summed completion log-probs of the
 policy and of the frozen SFT reference. At step 0 policy == reference, so the
 reference log-probs are computed once before any update and no second model
 is kept. ``loss_type: ipo`` (Azar et al. 2023) regresses the margin to
 ``1 / (2 beta)``; like TRL and mlx-lm-lora it uses per-token mean log-probs,
-the scale on which that target is meant.
-"""
+the scale on which that target is meant. ``rpo_alpha`` adds that times the
+chosen completions' negative log-likelihood (RPO: Pang et al. 2024, TRL's
+``rpo_alpha``): DPO alone only widens the margin, and may do it by lowering
+the chosen completion's likelihood too; the NLL term holds the chosen one up.
 
-import copy
-import json
-from collections import Counter
+The update loop is ``trainer.optimize``: ``dpo.warmup`` steps of linear
+warmup, then cosine decay, gradients clipped to ``dpo.max_grad_norm``.
+"""
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from toolcall.bfcl.rows import gold_calls
-from toolcall.calls.scoring import check
 from toolcall.config import LOSSES
-from toolcall.evaluate.score import score_output
 from toolcall.train import launch
 from toolcall.train.batches import collate, length_buckets, shuffled
 from toolcall.train.loss import token_logps
-from toolcall.train.rollouts import completion_ids, completion_logps, sample
+from toolcall.train.rollouts import completion_logps
 from toolcall.train.trainer import optimize
-
-CORRUPTIONS = ("wrong_value", "wrong_type", "missing_required", "wrong_function", "dropped_call", "extra_call")
-
-
-# ---------------------------------------------------------------- corruptions
-
-
-def _other_value(value):
-    """A value of the same type that differs from ``value`` (also after BFCL's string standardizing)."""
-    if isinstance(value, bool):
-        return not value
-    if isinstance(value, int):
-        return value + 7
-    if isinstance(value, float):
-        return value * 2 + 1.5
-    if isinstance(value, str):
-        return value + "zq"
-    if isinstance(value, list):
-        return value + value[:1] if value else ["zq"]
-    if isinstance(value, dict) and value:
-        key = next(iter(value))
-        return {**value, key: _other_value(value[key])}
-    return None
-
-
-def _other_type(value):
-    """``value`` as another JSON type: numbers and booleans as strings, strings as a number."""
-    if isinstance(value, (bool, int, float)):
-        return json.dumps(value)
-    if isinstance(value, str):
-        return 1
-    if isinstance(value, (list, dict)):
-        return json.dumps(value)
-    return None
-
-
-def _candidates(row, calls, kind):
-    """Every way of applying corruption ``kind`` to ``calls`` (AST validity not yet checked)."""
-    offered = [f["name"] for f in row["functions"]]
-    required = {f["name"]: f["parameters"].get("required", []) for f in row["functions"]}
-    for i, call in enumerate(calls):
-        if kind in ("wrong_value", "wrong_type"):
-            change = _other_value if kind == "wrong_value" else _other_type
-            for param, value in call["arguments"].items():
-                new = change(value)
-                if new is not None:
-                    out = copy.deepcopy(calls)
-                    out[i]["arguments"][param] = new
-                    yield out
-        elif kind == "missing_required":
-            for param in required.get(call["name"], []):
-                if param in call["arguments"]:
-                    out = copy.deepcopy(calls)
-                    del out[i]["arguments"][param]
-                    yield out
-        elif kind == "wrong_function":
-            for name in offered:
-                if name != call["name"]:
-                    out = copy.deepcopy(calls)
-                    out[i]["name"] = name
-                    yield out
-        elif kind == "dropped_call" and len(calls) > 1:
-            yield calls[:i] + calls[i + 1:]
-        elif kind == "extra_call":
-            yield calls + [copy.deepcopy(call)]
-
-
-def corrupt(row, calls, kind, rng):
-    """One AST-invalid corruption of ``calls`` of the given kind, or None if none applies."""
-    options = list(_candidates(row, calls, kind))
-    for j in rng.permutation(len(options)):
-        if not check(row["functions"], options[j], row["ground_truth"], row["category"]).valid:
-            return options[j]
-    return None
-
-
-def corruption(row, calls, rng):
-    """``(kind, calls)``: a corruption of a randomly chosen applicable kind.
-
-    ``extra_call`` always applies (every category wants an exact call count),
-    so there is always one.
-    """
-    for k in rng.permutation(len(CORRUPTIONS)):
-        out = corrupt(row, calls, CORRUPTIONS[k], rng)
-        if out is not None:
-            return CORRUPTIONS[k], out
-    raise ValueError(f"{row['id']}: no corruption of the gold calls fails the AST check")
-
-
-# ---------------------------------------------------------------- pairs
-
-
-def preference_pairs(model, tokenizer, fmt, rows, cfg, seed, label):
-    """``(pairs, sample verdicts)`` from the SFT model's samples on ``rows``' prompts."""
-    prompts = [fmt.encode(fmt.prompt(r["messages"], r["functions"])) for r in rows]
-    samples = sample(model, tokenizer, prompts, cfg.samples_per_prompt, cfg.temperature, cfg.max_tokens,
-                     seed, cfg.sample_batch, label=label)
-    return build_pairs(rows, samples, fmt, np.random.default_rng(seed), cfg.max_tokens)
-
-
-def build_pairs(rows, samples, fmt, rng, max_tokens):
-    """Preference pairs from ``rows`` and the policy's ``samples`` of each.
-
-    ``samples[i]`` is ``[(text, token_ids)]`` sampled for ``rows[i]``'s prompt
-    with at most ``max_tokens`` tokens; a sample cut there is rejected as it
-    was sampled, with no end-of-turn it never produced. Returns pairs ``{"id",
-    "source", "prompt_len", "chosen", "rejected"}`` (token ids: prompt +
-    completion) and the per-row sample verdicts.
-    """
-    eos = fmt.encode(fmt.eos)
-    pairs, verdicts = [], []
-    for row, row_samples in zip(rows, samples, strict=True):
-        gold = gold_calls(row["ground_truth"])
-        chosen, prompt_len = fmt.example(row, gold)
-        chosen_text = fmt.completion(row["messages"], row["functions"], gold)
-        seen = {chosen_text}
-        rejected = []
-        for text, ids in row_samples:
-            valid = score_output(row, text)["valid"]
-            verdicts.append(valid)
-            # The stop token is not part of the sampled text; the rendered
-            # completion ends with it, so compare with it appended (a cut sample has none).
-            key = text + fmt.eos if len(ids) < max_tokens else text
-            if valid or key in seen:
-                continue
-            seen.add(key)
-            rejected.append(("on_policy", chosen[:prompt_len] + completion_ids(ids, eos, max_tokens)))
-        if not rejected:
-            kind, calls = corruption(row, gold, rng)
-            text = fmt.completion(row["messages"], row["functions"], calls)
-            if text not in seen:
-                rejected.append((f"corruption:{kind}", chosen[:prompt_len] + fmt.encode(text)))
-        for source, tokens in rejected:
-            pairs.append({"id": row["id"], "source": source, "prompt_len": prompt_len,
-                          "chosen": chosen, "rejected": tokens})
-    return pairs, verdicts
-
-
-def count_sources(pairs):
-    return dict(sorted(Counter(p["source"] for p in pairs).items()))
-
-
-# ---------------------------------------------------------------- loss
 
 
 def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid"):
@@ -198,13 +51,29 @@ def sequence_logps(token_logps, weights, loss_type):
     return total / weights.sum(-1) if loss_type == "ipo" else total
 
 
-def dpo_loss(model, tokens, positions, weights, ref, beta, loss_type):
-    """Mean preference loss of a batch whose first half are chosen rows, second half rejected."""
-    logps = sequence_logps(token_logps(model, tokens, positions), weights, loss_type)
+def chosen_nll(token_logps, weights):
+    """Per-token mean negative log-likelihood of each row's completion (RPO's term, per pair)."""
+    return -(token_logps * weights).sum(-1) / weights.sum(-1)
+
+
+def dpo_loss(model, tokens, positions, weights, ref, beta, loss_type, rpo_alpha):
+    """Mean preference loss of a batch whose first half are chosen rows, second half rejected.
+
+    Plus ``rpo_alpha`` times the chosen rows' NLL, each row's a per-token
+    mean and then averaged over the pairs (Pang et al. 2024 normalize each
+    example's NLL by its length; a mean per pair also keeps each rank's share
+    of a batch weighted by its pairs, as the preference loss is).
+    """
+    per_token = token_logps(model, tokens, positions)
+    logps = sequence_logps(per_token, weights, loss_type)
     half = logps.shape[0] // 2
     losses, chosen_r, rejected_r = preference_loss(logps[:half], logps[half:], ref[:half], ref[half:],
                                                    beta, loss_type)
-    return losses.mean(), {
+    # One mean node, used twice: mx.compile fails (IndexError) on two equal ones of which one is an output.
+    preference, nll = losses.mean(), chosen_nll(per_token[:half], weights[:half]).mean()
+    return preference + rpo_alpha * nll, {
+        "preference_loss": preference,
+        "chosen_nll": nll,
         "reward_margin": (chosen_r - rejected_r).mean(),
         "accuracy": (chosen_r > rejected_r).astype(mx.float32).mean(),
         "chosen_reward": chosen_r.mean(),
@@ -260,19 +129,21 @@ def heldout_scores(model, pairs, ref, beta, loss_type):
     return {"heldout_accuracy": float(np.mean(margin > 0)), "heldout_reward_margin": float(np.mean(margin))}
 
 
-def train(model, pairs, ref, cfg, log, checkpoint=None, heldout=None):
+def train(model, pairs, ref, cfg, log, checkpoint=None, heldout=None, selection=None):
     """``cfg.epochs`` passes of DPO steps over ``pairs`` on the LoRA parameters (``cfg``: a ``DpoConfig``).
 
     ``ref``: ``reference_logps`` of ``pairs``. ``heldout``: ``(pairs, ref)``
     not trained on, scored (``heldout_scores``) every ``cfg.steps_per_eval``
-    steps and after the last.
+    steps and after the last. ``selection`` (``selection.Selection``): the
+    greedy validation accuracy at step 0 (the SFT model) and at those steps;
+    the model ends with the weights of the best.
     """
 
     def loss(model, tokens, positions, weights, ref_logps):
-        return dpo_loss(model, tokens, positions, weights, ref_logps, cfg.beta, cfg.loss_type)
+        return dpo_loss(model, tokens, positions, weights, ref_logps, cfg.beta, cfg.loss_type, cfg.rpo_alpha)
 
     def evaluate(model):
         return heldout_scores(model, *heldout, cfg.beta, cfg.loss_type)
 
     optimize(model, cfg.train(len(pairs)), loss, pair_batches(pairs, ref, cfg.batch_size, cfg.seed), log, checkpoint,
-             evaluate=evaluate if heldout else None, every=cfg.steps_per_eval)
+             evaluate=evaluate if heldout else None, every=cfg.steps_per_eval, selection=selection)

@@ -27,7 +27,10 @@ LoRA parameters. ``rl.algo`` picks the update:
 
 The reward of each round's samples (drawn before its update) is logged to
 dvclive under ``rl/round/`` at the training step they were drawn at, beside
-the step curves, which run on across rounds.
+the step curves, which run on across rounds. Given a ``selection.Selection``,
+the policy's greedy validation accuracy is measured before round 1 (the SFT
+model, step 0) and after every round, and the run ends with the weights of
+the best.
 """
 
 import json
@@ -152,14 +155,17 @@ def _log_round(live, step, stats):
         live.next_step()
 
 
-def run(model, tokenizer, fmt, rows, cfg, live=None, checkpoint=None):
+def run(model, tokenizer, fmt, rows, cfg, live=None, checkpoint=None, selection=None):
     """``cfg.rounds`` rounds of sampling, rewarding and updating; per-round stats.
 
     Step curves go to ``live`` under ``rl/`` (rft: ``train_lora``'s loss;
     grpo: loss, KL to the reference, fraction of clipped ratios), numbered
     across rounds; each round's sample rewards under ``rl/round/``. With a
     ``checkpoint`` each finished round is saved, and a rerun resumes after it
-    (showing dvclive the finished rounds' rewards again).
+    (showing dvclive the finished rounds' rewards again). With a ``selection``
+    each round's stats add its metrics after the update, which also go to
+    ``live`` under ``rl/`` at the step the round ended at (step 0: before
+    round 1), and the model ends with the weights of its best.
     """
     eos = fmt.encode(fmt.eos)
     reference = snapshot(model)
@@ -167,6 +173,13 @@ def run(model, tokenizer, fmt, rows, cfg, live=None, checkpoint=None):
     stats = meta["extra"]["rounds"] if meta else []
     launch.agree(json.dumps(stats).encode(), "the rounds to resume after",
                  f"keep {checkpoint and checkpoint.dir} on storage every host sees, or delete it to start over")
+    if selection is not None:
+        valid_log = StepLog(live, "rl", cfg.rounds * cfg.iters)  # the evaluations, on the step curves' axis
+        if meta:
+            selection.load(meta["extra"]["selection"], meta["tensors"])
+            valid_log.replay(selection.curve)
+        else:
+            valid_log(0, selection(0))
     steps_done = 0
     for done in stats:
         _log_round(live, steps_done, done)
@@ -215,8 +228,15 @@ def run(model, tokenizer, fmt, rows, cfg, live=None, checkpoint=None):
             round_stats.update({f"final_{k}": v for k, v in log.last().items()})
         steps_done += cfg.iters if round_stats["updated"] else 0
         round_stats["train_seconds"] = round(time.perf_counter() - start, 1)
+        if selection is not None:
+            valid = selection(steps_done)
+            valid_log(steps_done, valid)
+            round_stats.update(valid)
         print(f"[rl] round {r + 1}/{cfg.rounds}: {round_stats}", flush=True)
         stats.append(round_stats)
-        if checkpoint is not None:  # each round seeds itself, so a resumed run needs only the weights
-            checkpoint.save(r + 1, model, None, [], extra={"rounds": stats})
+        if checkpoint is not None:  # each round seeds itself, so a resumed run needs only the weights (and the best)
+            extra, tensors = selection.state() if selection is not None else (None, None)
+            checkpoint.save(r + 1, model, None, [], extra={"rounds": stats, "selection": extra}, tensors=tensors)
+    if selection is not None:
+        selection.restore()
     return stats

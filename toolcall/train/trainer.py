@@ -2,14 +2,16 @@
 
 ``train_lora`` runs ``mlx_lm.tuner.trainer.train`` (compiled step, gradient
 accumulation, gradient all-reduce under ``mlx.launch``) with our completion
-loss and length-bucketed batches; given validation examples it measures their
-loss with mlx-lm's ``evaluate`` and keeps the adapter of the lowest
-(``BestOnValidation``). ``optimize`` is the same compiled Adam step written
-out, because DPO and GRPO report per-step metrics beside the loss (reward
-margin, preference accuracy, KL) and mlx-lm's step passes on only ``(loss,
-ntoks)``. Both use ``make_optimizer``'s schedule, report through
-``progress.Progress`` and dvclive, stop on a non-finite loss, and save and
-resume a ``checkpoint.Checkpoint`` when given one.
+loss and length-bucketed batches. ``optimize`` is the same compiled Adam step
+written out, because DPO and GRPO report per-step metrics beside the loss
+(reward margin, preference accuracy, KL) and mlx-lm's step passes on only
+``(loss, ntoks)``. Given a ``selection.Selection`` either one evaluates the
+model's greedy validation accuracy at step 0, every few steps and after the
+last, and ends with the weights of the best (SFT also logs the validation
+loss at those steps, and stops after the selection's patience). Both use
+``make_optimizer``'s schedule, report through ``progress.Progress`` and
+dvclive, stop on a non-finite loss, and save and resume a
+``checkpoint.Checkpoint`` (the selection's state with it) when given one.
 """
 
 import math
@@ -26,7 +28,6 @@ from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 from mlx_lm.tuner.utils import build_schedule
 
 from toolcall.errors import UserError
-from toolcall.model.lora import restore, snapshot
 from toolcall.progress import Progress
 from toolcall.train import launch
 from toolcall.train.batches import iterate_batches
@@ -89,8 +90,8 @@ class StepLog:
             self.live.next_step()
 
     def last(self, n=10):
-        """Mean over the last ``n`` rows (one step is noisy) of each value that all of them hold."""
-        tail = self.history[-n:]
+        """Mean over the last ``n`` training steps' rows (one step is noisy) of each value that all of them hold."""
+        tail = [h for h in self.history if "loss" in h][-n:]  # not step 0's evaluation-only row
         keys = [k for k in (tail[0] if tail else {}) if k != "step" and all(k in h for h in tail)]
         return {k: round(float(np.mean([h[k] for h in tail])), 4) for k in keys}
 
@@ -100,73 +101,59 @@ class StepLog:
 
 
 class _EarlyStop(Exception):
-    """Raised from a training report when the validation loss has stopped improving."""
+    """Raised from a training report when the validation accuracy has stopped improving."""
 
 
-class BestOnValidation:
-    """The validation loss at step 0, every ``every`` steps and after the last; the lowest one's weights.
+def validation_loss(model, examples, cfg):
+    """The mean completion loss of ``examples`` (each once) with mlx-lm's ``evaluate``: a cheap curve, not a choice."""
+    def batches(dataset, batch_size, max_seq_length, loop=False, comm_group=None, **_):
+        return iterate_batches(dataset, batch_size, max_seq_length, False, cfg.seed, comm_group)
+
+    value = evaluate(model, examples, min(cfg.batch_size, len(examples)), num_batches=-1, max_seq_length=None,
+                     loss=sft_loss(model), iterate_batches=batches)
+    model.train()  # evaluate() leaves it in eval mode (LoRA dropout off)
+    return value
+
+
+class _Evaluations:
+    """SFT's evaluations: at step 0, every ``every`` steps and after the last, at training reports.
 
     mlx-lm's own validation (``TrainingArgs.steps_per_eval``) runs before a
-    step, so it measures step ``it - 1`` and never the final weights; here
-    ``evaluate`` runs at training reports, after the step, where checkpoints
-    are saved too. ``patience`` (0: never) evaluations without a new lowest
-    loss stop training.
+    step, so it measures step ``it - 1`` and never the final weights; these
+    run after the step, where checkpoints are saved too. Each logs the
+    ``selection``'s metrics (which choose the adapter) and, given ``examples``,
+    their validation loss.
     """
 
-    def __init__(self, model, examples, cfg, every, patience):
-        self.model, self.examples, self.cfg = model, examples, cfg
-        self.every, self.patience = every, patience
-        self.best_step, self.best_loss, self.since_best, self.weights = None, math.inf, 0, None
+    def __init__(self, model, cfg, every, selection, examples):
+        self.model, self.cfg, self.every, self.selection, self.examples = model, cfg, every, selection, examples
 
     def due(self, step):
         return step in (0, self.cfg.iters) or (self.every > 0 and step % self.every == 0)
 
     def __call__(self, step):
-        """The validation loss of the model as it is (after ``step`` steps); keeps its weights if the lowest."""
-        def batches(dataset, batch_size, max_seq_length, loop=False, comm_group=None, **_):
-            return iterate_batches(dataset, batch_size, max_seq_length, False, self.cfg.seed, comm_group)
-
-        value = evaluate(self.model, self.examples, min(self.cfg.batch_size, len(self.examples)), num_batches=-1,
-                         max_seq_length=None, loss=sft_loss(self.model), iterate_batches=batches)
-        self.model.train()  # evaluate() leaves it in eval mode (LoRA dropout off)
-        if value < self.best_loss:
-            self.best_step, self.best_loss, self.since_best = step, value, 0
-            self.weights = snapshot(self.model)
-        else:
-            self.since_best += 1
-        return value
-
-    def exhausted(self):
-        return 0 < self.patience <= self.since_best
-
-    def state(self):
-        """What a checkpoint keeps: JSON meta and the best weights."""
-        return ({"best_step": self.best_step, "best_loss": self.best_loss, "since_best": self.since_best},
-                dict(self.weights))
-
-    def load(self, meta, weights):
-        self.best_step, self.best_loss, self.since_best = meta["best_step"], meta["best_loss"], meta["since_best"]
-        self.weights = list(weights.items())
+        metrics = {"val_loss": validation_loss(self.model, self.examples, self.cfg)} if self.examples else {}
+        return {**metrics, **self.selection(step)}
 
 
 class _Reports(TrainingCallback):
     """mlx-lm's training reports (steps counted from ``start``) into a ``StepLog``, checkpointing when due."""
 
-    def __init__(self, log, start, save, validation=None):
-        self.log, self.start, self.save, self.validation = log, start, save, validation
+    def __init__(self, log, start, save, evaluations=None):
+        self.log, self.start, self.save, self.evaluations = log, start, save, evaluations
 
     def on_train_loss_report(self, info):
         step = self.start + info["iteration"]
         metrics = {"loss": info["train_loss"], "learning_rate": info["learning_rate"]}
-        if self.validation is not None and self.validation.due(step):
-            metrics["val_loss"] = self.validation(step)
+        if self.evaluations is not None and self.evaluations.due(step):
+            metrics.update(self.evaluations(step))
         self.log(step, metrics, shown={"target_tokens_per_s": round(info["tokens_per_second"])})
         self.save(step)
-        if self.validation is not None and self.validation.exhausted():
+        if self.evaluations is not None and self.evaluations.selection.exhausted():
             raise _EarlyStop
 
 
-def _resume(model, optimizer, checkpoint, log, validation=None):
+def _resume(model, optimizer, checkpoint, log, selection=None):
     """The step to start from: a matching checkpoint's, else 0 (the same on every rank)."""
     meta = checkpoint.resume(model, optimizer) if checkpoint else None
     first = 0 if meta is None else meta["step"]
@@ -174,23 +161,23 @@ def _resume(model, optimizer, checkpoint, log, validation=None):
                  f"keep {checkpoint and checkpoint.dir} on storage every host sees, or delete it to start over")
     if meta is not None:
         log.replay(meta["history"])
-        if validation is not None:
-            validation.load(meta["extra"]["validation"], meta["tensors"])
+        if selection is not None:
+            selection.load(meta["extra"]["selection"], meta["tensors"])
     return first
 
 
-def _saver(model, optimizer, checkpoint, log, validation=None):
+def _saver(model, optimizer, checkpoint, log, selection=None):
     def save(step):
         if checkpoint is not None and checkpoint.due(step):
-            extra, tensors = validation.state() if validation is not None else (None, None)
+            extra, tensors = selection.state() if selection is not None else (None, None)
             checkpoint.save(step, model, optimizer, log.history,
-                            extra=extra and {"validation": extra}, tensors=tensors)
+                            extra=extra and {"selection": extra}, tensors=tensors)
 
     return save
 
 
-def train_lora(model, examples, cfg, live=None, prefix="train", checkpoint=None, valid=None, steps_per_eval=0,
-               patience=0, log=None):
+def train_lora(model, examples, cfg, live=None, prefix="train", checkpoint=None, selection=None, valid=None,
+               steps_per_eval=0, log=None):
     """Train the model's LoRA parameters on ``(tokens, prompt_len)`` examples; ``cfg``: a ``TrainConfig``.
 
     Returns ``{"train_seconds", "steps", "last_step", "history"}`` (``steps``
@@ -198,17 +185,19 @@ def train_lora(model, examples, cfg, live=None, prefix="train", checkpoint=None,
     the step and the mean loss since the previous report. With a ``checkpoint``
     (whose ``every`` is a multiple of ``steps_per_report`` and
     ``grad_accumulation``: saves happen at reports, between whole updates) a
-    rerun resumes where the last one saved. With ``valid`` examples (see
-    ``BestOnValidation``; ``steps_per_eval`` a multiple of the report interval)
-    the model ends with the weights of the lowest validation loss, and the
-    result adds ``chosen_step``, ``best_val_loss`` and ``stopped_early``.
+    rerun resumes where the last one saved. With a ``selection`` (see
+    ``_Evaluations``; ``steps_per_eval`` a multiple of the report interval)
+    the model ends with the weights of the best validation accuracy, training
+    stops once the selection is ``exhausted()``, and the result adds
+    ``chosen_step`` and ``stopped_early``; ``valid``: ``(tokens, prompt_len)``
+    examples whose loss is logged at the same steps (``val_loss``).
     ``log``: a ``StepLog`` to report into (default: a new one under ``prefix``).
     """
     mx.random.seed(cfg.seed)
     optimizer = make_optimizer(cfg)
     log = log if log is not None else StepLog(live, prefix, cfg.iters)
-    validation = BestOnValidation(model, valid, cfg, steps_per_eval, patience) if valid else None
-    first = _resume(model, optimizer, checkpoint, log, validation)
+    evaluations = _Evaluations(model, cfg, steps_per_eval, selection, valid) if selection is not None else None
+    first = _resume(model, optimizer, checkpoint, log, selection)
     args = TrainingArgs(
         batch_size=cfg.batch_size,
         iters=cfg.iters - first,
@@ -222,34 +211,36 @@ def train_lora(model, examples, cfg, live=None, prefix="train", checkpoint=None,
         return iterate_batches(dataset, batch_size, max_seq_length, loop, cfg.seed, comm_group, skip=first)
 
     start = time.perf_counter()
-    if validation is not None and first == 0:
-        log(0, {"val_loss": validation(0)})
-    stopped_early = validation is not None and validation.exhausted()  # a resumed run may have stopped already
+    if evaluations is not None and first == 0:
+        log(0, evaluations(0))
+    stopped_early = selection is not None and selection.exhausted()  # a resumed run may have stopped already
     if args.iters > 0 and not stopped_early:
         try:
             train(model, optimizer, examples, args=args, loss=sft_loss(model), iterate_batches=batches,
-                  training_callback=_Reports(log, first, _saver(model, optimizer, checkpoint, log, validation),
-                                             validation))
+                  training_callback=_Reports(log, first, _saver(model, optimizer, checkpoint, log, selection),
+                                             evaluations))
         except _EarlyStop:
             stopped_early = True
     last_step = max((h["step"] for h in log.history), default=0)
     result = {"train_seconds": round(time.perf_counter() - start, 1), "steps": last_step - first,
               "last_step": last_step, "history": log.history}
-    if validation is not None:
-        restore(model, validation.weights)
-        result.update(chosen_step=validation.best_step, best_val_loss=validation.best_loss,
-                      stopped_early=stopped_early)
+    if selection is not None:
+        selection.restore()
+        result.update(chosen_step=selection.chosen_step, stopped_early=stopped_early)
     return result
 
 
-def optimize(model, cfg, loss_fn, batches, log, checkpoint=None, evaluate=None, every=0):
+def optimize(model, cfg, loss_fn, batches, log, checkpoint=None, evaluate=None, every=0, selection=None):
     """``cfg.iters`` Adam steps on ``loss_fn(model, *batch) -> (loss, {name: scalar})``.
 
-    ``cfg`` is a ``TrainConfig`` (seed, learning_rate, warmup, iters); ``log``
-    (a ``StepLog``) gets plain floats after each step. With a ``checkpoint``
+    ``cfg`` is a ``TrainConfig`` (seed, learning_rate, warmup, iters,
+    max_grad_norm); ``log`` (a ``StepLog``) gets plain floats after each step,
+    with the gradient norm before clipping and the learning rate. With a ``checkpoint``
     a rerun resumes where the last one saved, skipping the batches it used.
     ``evaluate(model) -> {name: float}`` (held-out scores), when given, runs
     every ``every`` steps and after the last (``every`` 0: only then), into the same log row.
+    A ``selection`` (``selection.Selection``) runs at step 0 (a row of its
+    own) and at those steps; the model ends with the weights of its best.
     Under data-parallel ranks ``batches`` yields this rank's share of each
     batch; the gradients are averaged across the ranks before the update
     (as in mlx-lm's trainer), and ``log`` gets the loss and metrics averaged
@@ -257,8 +248,10 @@ def optimize(model, cfg, loss_fn, batches, log, checkpoint=None, evaluate=None, 
     """
     mx.random.seed(cfg.seed)
     optimizer = make_optimizer(cfg)
-    first = _resume(model, optimizer, checkpoint, log)
-    save = _saver(model, optimizer, checkpoint, log)
+    first = _resume(model, optimizer, checkpoint, log, selection)
+    save = _saver(model, optimizer, checkpoint, log, selection)
+    if selection is not None and first == 0:
+        log(0, selection(0))
     for _ in range(first):
         next(batches)
     value_and_grad = nn.value_and_grad(model, loss_fn)
@@ -267,8 +260,13 @@ def optimize(model, cfg, loss_fn, batches, log, checkpoint=None, evaluate=None, 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(*batch):
         (loss, metrics), grad = value_and_grad(model, *batch)
-        optimizer.update(model, average_gradients(grad))  # unchanged in one process
-        return loss, metrics
+        grad = average_gradients(grad)  # unchanged in one process
+        # Clipped to a global norm of max_grad_norm; None clips at infinity (a scaling by exactly 1), so
+        # the norm before clipping is logged either way.
+        grad, grad_norm = optim.clip_grad_norm(grad, math.inf if cfg.max_grad_norm is None else cfg.max_grad_norm)
+        optimizer.update(model, grad)
+        # The rate this update used (the optimizer sets it from the schedule before stepping its count).
+        return loss, {**metrics, "grad_norm": grad_norm, "learning_rate": optimizer.learning_rate}
 
     model.train()
     for it, batch in zip(range(first + 1, cfg.iters + 1), batches):
@@ -276,9 +274,14 @@ def optimize(model, cfg, loss_fn, batches, log, checkpoint=None, evaluate=None, 
         mx.eval(state, loss, metrics)
         loss, metrics = launch.mean_over_ranks((loss, metrics))
         row = {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}}
-        if evaluate is not None and (it == cfg.iters or (every > 0 and it % every == 0)):
-            row.update(evaluate(model))
-            model.train()
+        if it == cfg.iters or (every > 0 and it % every == 0):
+            if evaluate is not None:
+                row.update(evaluate(model))
+                model.train()
+            if selection is not None:
+                row.update(selection(it))
         log(it, row)
         save(it)
+    if selection is not None:
+        selection.restore()
     model.eval()
