@@ -108,6 +108,15 @@ class Interrupt(Exception):
     pass
 
 
+class Dies(StepLog):
+    """A run's log that stops the run at step 5, as a kill would (after step 4's checkpoint)."""
+
+    def __call__(self, step, metrics):
+        if step == 5:
+            raise Interrupt
+        super().__call__(step, metrics)
+
+
 def test_dpo_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, tiny):  # noqa: F811
     model, _, sft = tiny
     start = lora.snapshot(model)
@@ -119,12 +128,6 @@ def test_dpo_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, tiny)
 
     lora.restore(model, start)
     ckpt = checkpoint.Checkpoint(tmp_path / "dpo", "k", cfg.checkpoint_every)
-
-    class Dies(StepLog):
-        def __call__(self, step, metrics):
-            if step == 5:
-                raise Interrupt
-            super().__call__(step, metrics)
 
     with pytest.raises(Interrupt):
         dpo.train(model, pairs(), ref, cfg, Dies(None, "dpo", 6), ckpt)
@@ -151,12 +154,6 @@ def test_dpo_resumed_keeps_the_selections_evaluations_and_best_from_the_checkpoi
 
     lora.restore(model, start)
     ckpt = checkpoint.Checkpoint(tmp_path / "dpo", "k", cfg.checkpoint_every)
-
-    class Dies(StepLog):
-        def __call__(self, step, metrics):
-            if step == 5:
-                raise Interrupt
-            super().__call__(step, metrics)
 
     with pytest.raises(Interrupt):
         dpo.train(model, pairs(), ref, cfg, Dies(None, "dpo", 6), ckpt, selection=selection.Selection(model, valid, 0))
