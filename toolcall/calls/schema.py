@@ -39,16 +39,21 @@ def python_type(bfcl_type):
         raise ValueError(f"unsupported BFCL parameter type {bfcl_type!r}") from None
 
 
-def to_json_schema(schema):
-    """A BFCL schema (recursively) with JSON Schema type names, for what the model is shown."""
+def retyped(schema, names):
+    """``schema`` (recursively) with each ``"type"`` name found in ``names`` replaced by its value."""
     if isinstance(schema, dict):
-        out = {k: to_json_schema(v) for k, v in schema.items()}
+        out = {k: retyped(v, names) for k, v in schema.items()}
         if isinstance(schema.get("type"), str):
-            out["type"] = JSON_SCHEMA_TYPES.get(schema["type"], schema["type"])
+            out["type"] = names.get(schema["type"], schema["type"])
         return out
     if isinstance(schema, list):
-        return [to_json_schema(v) for v in schema]
+        return [retyped(v, names) for v in schema]
     return schema
+
+
+def to_json_schema(schema):
+    """A BFCL schema (recursively) with JSON Schema type names, for what the model is shown."""
+    return retyped(schema, JSON_SCHEMA_TYPES)
 
 
 def function_problem(fn):

@@ -40,6 +40,7 @@ from mlx_lm import load, server
 
 from toolcall.calls import constrained
 from toolcall.calls.prompts import PromptFormat
+from toolcall.calls.schema import retyped
 
 # The request's JSON Schema type names -> BFCL's, which the grammar reads: schema.JSON_SCHEMA_TYPES the
 # other way. "array" and "string" are BFCL names too (BFCL's "tuple" and "any" are held to the same values).
@@ -49,14 +50,7 @@ _plain_processors = server._make_logits_processors
 
 def bfcl_schema(schema):
     """A tool's JSON Schema (recursively) with BFCL's type names: ``schema.to_json_schema`` undone."""
-    if isinstance(schema, dict):
-        out = {k: bfcl_schema(v) for k, v in schema.items()}
-        if isinstance(schema.get("type"), str):
-            out["type"] = BFCL_TYPES.get(schema["type"], schema["type"])
-        return out
-    if isinstance(schema, list):
-        return [bfcl_schema(v) for v in schema]
-    return schema
+    return retyped(schema, BFCL_TYPES)
 
 
 def functions_of(tools):
