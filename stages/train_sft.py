@@ -6,7 +6,8 @@
 
 Reads params [sft] and its seed from ``--seed`` (dvc.yaml: once per seed of
 study.seeds), and with ``--valid`` [eval]'s max_tokens and batch_size. Loss
-on the completion (the calls) only when ``sft.mask_prompt``. The budget is
+on the completion (the calls) only when ``sft.mask_prompt``; the token after
+each call (another call, or the end) weighs ``sft.decision_weight``. The budget is
 ``sft.epochs`` passes over the training rows (or ``sft.iters`` steps). With
 ``--valid``, the validation rows are decoded greedily as stage eval decodes
 (toolcall/train/selection.py) at step 0, every ``sft.steps_per_eval`` steps
@@ -42,11 +43,18 @@ from toolcall.calls.prompts import PromptFormat
 from toolcall.cli import add_seed
 from toolcall import config
 from toolcall.sections import epoch_steps
-from toolcall.errors import run_stage
+from toolcall.errors import ConfigError, run_stage
 from toolcall.io import write_json, write_timings
 from toolcall.model import lora
 from toolcall.train import checkpoint, launch, selection
+from toolcall.train.loss import supports_split_head
 from toolcall.train.trainer import train_lora
+
+
+def unmasked(example):
+    """``example`` with every token after the first a target; token weights, if any, grow by 1s over the prompt."""
+    tokens, prompt_len, *weights = example
+    return (tokens, 1, *[[1.0] * (prompt_len - 1) + w for w in weights])
 
 
 def main():
@@ -68,10 +76,10 @@ def main():
     fmt = PromptFormat(tokenizer, style)
     rows = read_split(args.train)
     calls = [gold_calls(row["ground_truth"]) for row in rows]
-    examples = [fmt.example(row, c) for row, c in zip(rows, calls)]
+    examples = [fmt.example(row, c, cfg.decision_weight) for row, c in zip(rows, calls)]
     valid_rows = read_split(args.valid) if args.valid else []
     valid = [fmt.example(row, gold_calls(row["ground_truth"])) for row in valid_rows]
-    longest = max(len(t) for t, _ in examples + valid)
+    longest = max(len(ex[0]) for ex in examples + valid)
     if longest > cfg.max_seq_len:
         sys.exit(f"train_sft: an example has {longest} tokens > max_seq_len={cfg.max_seq_len}; "
                  "raise max_seq_len or drop long rows in validation rather than cut targets")
@@ -80,11 +88,13 @@ def main():
     if style != "structured":  # what this style changes, counted on the very rows trained on
         structured = PromptFormat(tokenizer)
         format_info["targets_unlike_structured"] = sum(
-            ex != structured.example(row, c) for ex, row, c in zip(examples, rows, calls))
+            ex[:2] != structured.example(row, c) for ex, row, c in zip(examples, rows, calls))
     if not cfg.mask_prompt:
-        examples = [(t, 1) for t, _ in examples]  # every token after the first is a target
-        valid = [(t, 1) for t, _ in valid]
+        examples, valid = [unmasked(ex) for ex in examples], [unmasked(ex) for ex in valid]
     train_cfg = cfg.train(len(examples))
+    if cfg.decision_weight != 1 and not supports_split_head(model):
+        raise ConfigError(f"params.yaml [sft]: decision_weight={cfg.decision_weight} needs the completion loss, "
+                          f"which model type {model.model_type!r} cannot use (mlx-lm's default loss weighs all alike)")
     lora.add_lora(model, lora.adapter_config(cfg), cfg.seed)
     print(f"{len(examples)} examples, {lora.count_trainable(model):,} trainable parameters")
     chooser = selection.on_validation(model, fmt, valid_rows, "sft valid", cfg.patience) if valid_rows else None
@@ -102,7 +112,7 @@ def main():
     if not writes:
         return
     lora.save_adapters(model, lora.adapter_config(cfg), args.out_dir)
-    n_tokens = sum(len(t) for t, _ in examples)
+    n_tokens = sum(len(ex[0]) for ex in examples)
     per_epoch = epoch_steps(1, len(examples), cfg.batch_size, cfg.ranks)  # batches.length_buckets keeps every row
     chosen = result.get("chosen_step", result["last_step"])
     losses = [h["loss"] for h in result["history"] if "loss" in h]

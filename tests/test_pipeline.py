@@ -10,6 +10,7 @@ tests/test_pipeline_reruns.py (tests/pipeline_repo.py).
 """
 
 import json
+import sys
 
 import pytest
 import yaml
@@ -78,7 +79,7 @@ def test_repro_runs_every_stage_and_writes_outputs(built):
     assert "up to date" in run("dvc status", repo)
 
 
-def test_changing_sft_reruns_the_main_study_then_only_what_else_depends_on_it(built):
+def test_changing_sft_reruns_the_main_study_then_only_what_else_depends_on_it(built, tmp_path):
     repo, _ = built
     readers = {s for s in expanded_stages(repo) if s.startswith(("ablation_repair@", "report"))}
     # `make exp`: only its targets' upstream, so of the readers just the two reports may run.
@@ -88,6 +89,16 @@ def test_changing_sft_reruns_the_main_study_then_only_what_else_depends_on_it(bu
     for s in SEEDS:  # rank 8 -> 4 halves them, in every seed's run
         assert f"metrics/train_sft/s{s}.json" in diff
     assert "trainable_parameters" in diff
+    # A sweep's table (toolcall/report/sweep.py) reads the experiment back from git, beside its baseline.
+    first = f"metrics/train_sft/s{SEEDS[0]}.json"
+    run(f"{sys.executable} -m toolcall.report.sweep --baseline HEAD --metrics {first} --out {tmp_path}/sweep", repo)
+    base, exp = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert base["name"] == "baseline" and base["settings"] == {} and exp["settings"] == {"sft.lora_rank": 4}
+    assert exp["chosen_valid_accuracy"] == json.loads((repo / first).read_text())["selection"]["chosen_valid_accuracy"]
+    paired = exp["vs_baseline"]  # on the same validation rows, each run's chosen_correct
+    assert paired["delta"] == pytest.approx(exp["chosen_valid_accuracy"] - base["chosen_valid_accuracy"], abs=1e-3)
+    assert "| `sft.lora_rank=4` |" in (tmp_path / "sweep.md").read_text()
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
     # What `make exp` left behind the new [sft] on purpose, and nothing else: the stages `dvc status`
     # calls changed, with everything DVC's own graph puts downstream of them (what an untargeted run
     # would rerun; its stages all ran in the repro above). A reader (JSON repair, the reports) may be

@@ -9,7 +9,7 @@ from tiny_model import make_tiny_model
 from toolcall.bfcl.rows import gold_calls
 from toolcall.bfcl.validate import excess_drops, validate_rows
 from toolcall.calls.parsing import parse_calls
-from toolcall.calls.prompts import PromptFormat, TOOL_TEMPLATE, template_supports_tools
+from toolcall.calls.prompts import CALL_END, PromptFormat, TOOL_TEMPLATE, template_supports_tools
 from toolcall.calls.schema import to_json_schema
 from test_data import fixture_extra, fixture_rows
 
@@ -48,6 +48,30 @@ def test_every_gold_call_round_trips_through_the_template(tokenizers, which):
         assert parse_calls(completion).calls == calls, row["id"]
         tokens, prompt_len = fmt.example(row, calls)
         assert fmt.tokenizer.decode(tokens[prompt_len:]) == completion
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_the_decision_weight_lands_on_the_token_after_each_call(tokenizers, which):
+    """sft.decision_weight: the token after each </tool_call> (another call, or the turn's end) and no other."""
+    fmt = PromptFormat(tokenizers[which])
+    for row in fixture_rows():
+        calls = gold_calls(row["ground_truth"])
+        tokens, prompt_len, weights = fmt.example(row, calls, decision_weight=3.0)
+        assert (tokens, prompt_len) == fmt.example(row, calls)  # the weights change nothing else
+        completion = tokens[prompt_len:]
+        picked = [i for i, w in enumerate(weights) if w == 3.0]
+        assert len(weights) == len(completion) and len(picked) == len(calls) and set(weights) == {1.0, 3.0}
+        for n, i in enumerate(picked):
+            assert fmt.tokenizer.decode(completion[:i]).endswith(CALL_END), row["id"]
+            rest = fmt.tokenizer.decode(completion[i:])
+            assert rest.startswith("<|im_end|>") if n == len(calls) - 1 else rest.lstrip().startswith("<tool_call>")
+
+
+def test_a_completion_without_a_closing_tag_has_no_decision_token(tokenizers):
+    fmt = PromptFormat(tokenizers[0])
+    text = "no call here<|im_end|>"
+    with pytest.raises(ValueError, match="no '</tool_call>' in the completion"):
+        fmt.decision_tokens(text, fmt.encode(text))
 
 
 def test_prompt_shows_json_schema_types_and_keeps_unicode(tokenizers):

@@ -89,13 +89,15 @@ def test_sft_keeps_the_earliest_best_accuracy_not_the_lowest_loss(tmp_path, call
     # The model ends with step 6's weights: not the last ones (the checkpoint of step 12), and as accurate.
     last = dict(mx.load(str(ckpt.dir / checkpoint.WEIGHTS)).items())
     assert any(not np.array_equal(v, np.array(last[k])) for k, v in weights(model).items())
-    assert chooser.valid.measure(model)["valid_accuracy"] == 0.5
+    assert chooser.valid.measure(model)[0]["valid_accuracy"] == 0.5
     block = chooser.summary()
     assert (block["metric"], block["steps"], block["valid_accuracy"], block["chosen_step"],
             block["chosen_valid_accuracy"], block["start_valid_accuracy"], block["valid_examples"]) == (
         "valid_accuracy", steps, accuracy, 6, 0.5, 0.0, 2)
     assert all(len(block[k]) == len(steps) for k in selection.FORMAT) and block["gold_mean_calls"][0] == 1.5
     assert block["mean_calls"][best] == 1  # WEATHER's two calls, ROME's none
+    # which of the 2 rows step 6 got right: one, as its accuracy says, and the same one again on re-measuring
+    assert block["chosen_correct"] == chooser.valid.measure(model)[1] and sorted(block["chosen_correct"]) == ["0", "1"]
     assert 0 <= min(block["share_at_max_tokens"]) and max(block["mean_answer_tokens"]) <= 256
 
 

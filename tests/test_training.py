@@ -9,7 +9,7 @@ from tiny_model import make_tiny_model
 
 from toolcall.config import ConfigError, SftConfig, epoch_steps
 from toolcall.model import lora
-from toolcall.train import batches, loss, trainer
+from toolcall.train import batches, checkpoint, loss, trainer
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,31 @@ def test_collate_points_at_every_completion_token_and_nothing_else():
         # the input at position i predicts token i+1: exactly the completion tokens
         assert [toks[i + 1] for i in picked] == toks[prompt_len:]
         assert weights[row].sum().item() == n
+
+
+def test_token_weights_make_the_completion_loss_their_weighted_mean(model):
+    import mlx.core as mx
+
+    weighted = [(t, p, [3.0 if i == 2 else 1.0 for i in range(len(t) - p)]) for t, p in EXAMPLES]
+    tokens, lengths, positions, weights = batches.collate(weighted)
+    plain = batches.collate(EXAMPLES)
+    assert all(mx.array_equal(a, b).item() for a, b in zip((tokens, lengths, positions), plain[:3]))
+    assert weights.sum().item() == plain[3].sum().item() + 2 * len(EXAMPLES)
+    ours, _ = loss.completion_loss(model, tokens, lengths, positions, weights)
+    per_token = -loss.token_logps(model, tokens, positions)  # each completion token's cross-entropy
+    assert mx.allclose(ours, (per_token * weights).sum() / weights.sum(), atol=1e-5).item()
+    assert checkpoint.examples_digest(weighted) != checkpoint.examples_digest(EXAMPLES)
+
+
+def test_an_unmasked_example_keeps_its_weights_on_the_same_tokens():
+    """sft.mask_prompt false with sft.decision_weight: the prompt becomes targets of weight 1."""
+    from stages.train_sft import unmasked
+
+    toks, prompt_len = EXAMPLES[0]
+    example = (toks, prompt_len, [3.0 if i == 2 else 1.0 for i in range(len(toks) - prompt_len)])
+    _, _, positions, weights = batches.collate([unmasked(example)])
+    heavy = [p for p, w in zip(positions[0].tolist(), weights[0].tolist()) if w == 3.0]
+    assert heavy == [prompt_len + 1] and weights[0].sum().item() == len(toks) - 1 + 2  # predicts toks[prompt_len + 2]
 
 
 def test_batches_are_seeded_and_cover_the_data():

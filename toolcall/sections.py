@@ -104,6 +104,9 @@ class SftConfig:
     lora_dropout: float = between(0, 1, "[)")
     max_seq_len: int = at_least(16)
     mask_prompt: bool
+    # The loss weight of the token after each call's closing tag (another call, or the end of the answer:
+    # PromptFormat.decision_tokens); 1: every target token alike.
+    decision_weight: float = above(0)
     style: str = one_of(*STYLES)  # the prompt's tool-call format (an ablation arm's)
     checkpoint_every: int = at_least(0, "0: never")
     # With a validation file: its greedy accuracy (toolcall/train/selection.py) every steps_per_eval steps (0: only

@@ -18,6 +18,10 @@ import json
 
 from toolcall.calls.schema import to_json_schema
 
+# What closes a call in TOOL_TEMPLATE's rendering (and in Qwen2.5-style native templates): the token after
+# it is where the model chooses between another call and the end of its answer (``decision_tokens``).
+CALL_END = "</tool_call>"
+
 TOOL_TEMPLATE = """\
 {%- if messages[0].role == 'system' %}{% set system = messages[0].content %}{% set messages = messages[1:] %}\
 {%- else %}{% set system = 'You are a helpful assistant.' %}{% endif -%}
@@ -163,12 +167,41 @@ class PromptFormat:
     def encode(self, text):
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def example(self, row, calls):
+    def example(self, row, calls, decision_weight=1.0):
         """Token ids ``(prompt + completion, prompt_length)`` for one training row.
 
         Prompt and completion are tokenized separately so the prompt tokens are
-        exactly those the model sees at generation time.
+        exactly those the model sees at generation time. With a
+        ``decision_weight`` other than 1 a third item, each completion token's
+        loss weight: ``decision_weight`` on the ``decision_tokens``, 1 elsewhere.
         """
         prompt = self.encode(self.prompt(row["messages"], row["functions"]))
-        completion = self.encode(self.completion(row["messages"], row["functions"], calls))
-        return prompt + completion, len(prompt)
+        text = self.completion(row["messages"], row["functions"], calls)
+        completion = self.encode(text)
+        if decision_weight == 1:
+            return prompt + completion, len(prompt)
+        weights = [1.0] * len(completion)
+        for i in self.decision_tokens(text, completion):
+            weights[i] = float(decision_weight)
+        return prompt + completion, len(prompt), weights
+
+    def decision_tokens(self, text, ids):
+        """Indices into ``ids`` (the tokens of completion ``text``) of the token after each ``CALL_END``.
+
+        There the model chooses between another call and the end of its answer:
+        the choice behind answering a 3-call question with 2 calls. The indices
+        are counted by tokenizing the text up to each tag, which must give a
+        prefix of ``ids`` (a token spanning the tag and what follows has no
+        position of its own: refused).
+        """
+        found, start = [], 0
+        while (end := text.find(CALL_END, start)) >= 0:
+            start = end + len(CALL_END)
+            head = self.encode(text[:start])
+            if len(head) >= len(ids) or ids[:len(head)] != head:
+                raise ValueError(f"the tokens of {text[:start][-40:]!r} are not a prefix of the completion's: "
+                                 f"a token joins {CALL_END!r} to what follows it")
+            found.append(len(head))
+        if not found:
+            raise ValueError(f"no {CALL_END!r} in the completion {text[:80]!r}: this template closes calls otherwise")
+        return found

@@ -43,7 +43,8 @@ def shuffled(buckets, seed, loop=True):
 def iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None, skip=0):
     """Batches of ``(tokens, lengths, positions, weights)`` for mlx-lm's ``trainer.train``.
 
-    ``dataset`` holds ``(token_ids, prompt_length)`` pairs (rows longer than
+    ``dataset`` holds ``(token_ids, prompt_length)`` pairs, or triples with
+    token weights (``collate``) (rows longer than
     ``max_seq_length`` are refused before training, so none is cut here).
     Signature and rank striding follow ``mlx_lm.tuner.trainer.iterate_batches``:
     under ``mlx.launch`` each rank takes every world-size-th row of a batch.
@@ -54,7 +55,7 @@ def iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=None, 
     offset, step = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
     if batch_size % step:
         raise ValueError("the batch size must be divisible by the number of workers")
-    buckets = [b[offset::step] for b in length_buckets([len(t) for t, _ in dataset], batch_size, step)]
+    buckets = [b[offset::step] for b in length_buckets([len(ex[0]) for ex in dataset], batch_size, step)]
     for n, bucket in enumerate(shuffled(buckets, seed, loop)):
         if n >= skip:
             yield collate([dataset[i] for i in bucket])
@@ -67,23 +68,25 @@ def _round_up(n, multiple):
 def collate(examples, pad_to=32):
     """Pad a list of ``(tokens, prompt_len)`` into ``(tokens, lengths, positions, weights)``.
 
+    An example may carry a third item, its completion tokens' loss weights
+    (``PromptFormat.example``'s ``decision_weight``); else each weighs 1.
     Lengths are rounded up to multiples of ``pad_to`` so the compiled step sees
     few distinct shapes.
     """
-    width = 1 + _round_up(max(len(t) for t, _ in examples), pad_to)
-    n_comp = _round_up(max(len(t) - p for t, p in examples), 8)
+    width = 1 + _round_up(max(len(ex[0]) for ex in examples), pad_to)
+    n_comp = _round_up(max(len(ex[0]) - ex[1] for ex in examples), 8)
     tokens = np.zeros((len(examples), width), np.int32)
     positions = np.zeros((len(examples), n_comp), np.int32)
     weights = np.zeros((len(examples), n_comp), np.float32)
     lengths = []
-    for row, (toks, prompt_len) in enumerate(examples):
+    for row, (toks, prompt_len, *token_weights) in enumerate(examples):
         tokens[row, : len(toks)] = toks
         # Predicting token t uses the input at t-1; completion tokens are
         # toks[prompt_len:], i.e. input positions prompt_len-1 .. len-2.
         idx = np.arange(max(prompt_len, 1) - 1, len(toks) - 1)
         positions[row, : len(idx)] = idx
         positions[row, len(idx) :] = idx[-1] if len(idx) else 0
-        weights[row, : len(idx)] = 1.0
+        weights[row, : len(idx)] = token_weights[0] if token_weights else 1.0
         lengths.append((max(prompt_len, 1), len(toks) - 1))
     return mx.array(tokens), mx.array(lengths), mx.array(positions), mx.array(weights)
 

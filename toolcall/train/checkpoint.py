@@ -38,10 +38,10 @@ def fingerprint(*parts):
 
 
 def examples_digest(examples):
-    """A digest of ``(tokens, prompt_len)`` training examples."""
+    """A digest of ``(tokens, prompt_len)`` training examples (and their token weights where they carry them)."""
     h = hashlib.sha256()
-    for tokens, prompt_len in examples:
-        h.update(json.dumps([prompt_len, list(tokens)]).encode())
+    for tokens, prompt_len, *weights in examples:
+        h.update(json.dumps([prompt_len, list(tokens), *weights]).encode())
     return h.hexdigest()
 
 

@@ -35,7 +35,8 @@ def completion_loss(model, batch, lengths, positions, weights):
     (``launch.token_mean``), so the averaged gradient is one process's.
 
     ``positions[b, j]`` is the index (into ``batch[:, :-1]``) of the j-th
-    predicted completion token of row b, ``weights`` 1 there and 0 on padding.
+    predicted completion token of row b, ``weights`` 1 there (or the token's
+    own weight: then the mean is weighted) and 0 on padding.
     """
     inputs, targets = batch[:, :-1], batch[:, 1:]
     hidden = model.model(inputs)
@@ -47,7 +48,7 @@ def completion_loss(model, batch, lengths, positions, weights):
 
 
 def full_loss(model, batch, lengths, positions, weights):
-    """mlx-lm's ``default_loss`` with our batch layout (for models we cannot split)."""
+    """mlx-lm's ``default_loss`` with our batch layout (for models we cannot split); every token weighs 1."""
     loss, ntoks = default_loss(model, batch, lengths)
     if launch.size() == 1:
         return loss, ntoks

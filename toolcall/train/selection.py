@@ -69,7 +69,8 @@ class ValidationSet:
         return out
 
     def measure(self, model):
-        """Accuracy and the ``FORMAT`` statistics of the model's greedy answers (dropout off while decoding)."""
+        """Accuracy and the ``FORMAT`` statistics of the model's greedy answers (dropout off while decoding),
+        and which rows it answered correctly: ``(metrics, "0110…")``, a character per row in file order."""
         start, training = time.perf_counter(), model.training
         model.eval()
         answers = self.answers(model)
@@ -79,6 +80,7 @@ class ValidationSet:
         tokens = np.array([n for _, n in answers])
         malformed = [(r["error_type"] or "").startswith("parse:") for r in records]  # no call could be read
         self.seconds.append(round(time.perf_counter() - start, 1))
+        correct = "".join("1" if r["valid"] else "0" for r in records)
         return {
             METRIC: round(float(np.mean([r["valid"] for r in records])), 4),
             "malformed_rate": round(float(np.mean(malformed)), 4),
@@ -86,7 +88,7 @@ class ValidationSet:
             "share_at_max_tokens": round(float(np.mean(tokens >= self.max_tokens)), 4),
             "mean_calls": round(float(np.mean([len(r["calls"]) for r in records])), 4),
             "gold_mean_calls": self.gold_mean_calls,
-        }
+        }, correct
 
 
 class Selection:
@@ -101,11 +103,13 @@ class Selection:
     def __init__(self, model, valid, patience):
         self.model, self.valid, self.patience = model, valid, patience
         self.curve = []  # {"step", METRIC, *FORMAT} per evaluation, in order
+        self.correct = []  # per evaluation: which validation rows it answered correctly (ValidationSet.measure)
         self.best, self.since_best, self.weights = None, 0, None  # best: an index into curve
 
     def __call__(self, step):
-        metrics = self.valid.measure(self.model)
+        metrics, correct = self.valid.measure(self.model)
         self.curve.append({"step": step, **metrics})
+        self.correct.append(correct)
         if self.best is None or metrics[METRIC] > self.curve[self.best][METRIC]:
             self.best, self.since_best, self.weights = len(self.curve) - 1, 0, lora.snapshot(self.model)
         else:
@@ -125,10 +129,12 @@ class Selection:
 
     def state(self):
         """What a checkpoint keeps: JSON meta and the best weights."""
-        return {"curve": self.curve, "best": self.best, "since_best": self.since_best}, dict(self.weights)
+        meta = {"curve": self.curve, "correct": self.correct, "best": self.best, "since_best": self.since_best}
+        return meta, dict(self.weights)
 
     def load(self, meta, weights):
-        self.curve, self.best, self.since_best = meta["curve"], meta["best"], meta["since_best"]
+        self.curve, self.correct, self.best, self.since_best = (meta["curve"], meta["correct"], meta["best"],
+                                                                meta["since_best"])
         self.weights = list(weights.items())
 
     def summary(self):
@@ -143,6 +149,9 @@ class Selection:
             "chosen_valid_accuracy": chosen[METRIC],
             "start_valid_accuracy": self.curve[0][METRIC],  # step 0: the model the stage started from
             **{key: [row[key] for row in self.curve] for key in FORMAT},
+            # The chosen evaluation's rows, for paired comparisons of runs on the same validation file
+            # (toolcall/report/sweep.py): "1" where the answer passed, in the file's row order.
+            "chosen_correct": self.correct[self.best],
         }
 
 
