@@ -20,13 +20,15 @@ from mlx_lm.sample_utils import make_logits_processors
 from test_dpo import fixture_rows
 from tiny_model import make_tiny_model
 from toolcall.calls.prompts import PromptFormat
-from toolcall.evaluate import generation
+from toolcall.evaluate import generation, prefix
 from toolcall.evaluate.generation import generate
 from toolcall.evaluate.greedy import GreedyBatchGenerator
 from toolcall.evaluate.kvcache import InPlaceKVCache, fill_holes
+from toolcall.evaluate import sharding
 from toolcall.evaluate.sharding import generate_sharded
 from toolcall.model import kernels, lora
 
+real_prefill = prefix.prefill
 ADAPTER = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.0}}
 
 
@@ -139,6 +141,52 @@ def test_sampling_keeps_mlx_lm_s_own_generator(tiny, monkeypatch):
     generate(model, tok, prompts[:2], max_tokens=4, batch_size=2, reference=True)
     with pytest.raises(AssertionError, match="greedy's generator"):
         generate(model, tok, prompts[:2], max_tokens=4, batch_size=2)
+
+
+def test_prompt_groups_save_the_most_prefill_and_leave_each_prompt_a_token():
+    head = list(range(100, 140))  # 40 tokens every prompt shares
+    a, b = head + list(range(60)), head + list(range(500, 560))  # two function sets of 100 tokens each
+    prompts = [a + [1, 2], b + [7], a + [3], b + [8, 9], a, [5] * 50, a + [4, 4, 4]]
+    plan = prefix.groups(prompts, min_shared=32)
+    assert sorted(i for _, members in plan for i in members) == list(range(len(prompts)))
+    # a's four (one of them a itself, which must keep its last token) and b's two, not all six at 40; [5]*50 alone
+    assert sorted((shared, sorted(m)) for shared, m in plan) == [(0, [5]), (99, [0, 2, 4, 6]), (100, [1, 3])]
+    for shared, members in plan:
+        assert members == sorted(members, key=lambda i: -len(prompts[i]))
+        assert all(prompts[i][:shared] == prompts[members[0]][:shared] and len(prompts[i]) > shared for i in members)
+
+
+def test_prompts_sharing_a_prefix_give_the_reference_with_one_prefill_a_group(tiny, monkeypatch):
+    """Questions over the same functions: each group's shared tokens are prefilled once, the outputs are the
+    reference's (with and without logits processors, rows ending at scattered steps)."""
+    base, sft, _, tok = tiny
+    fmt = PromptFormat(tok)
+    questions = ["What is the weather?", "Find it for me, please, in two steps.", "Now."]
+    prompts = [fmt.encode(fmt.prompt([{"role": "user", "content": q}], r["functions"]))
+               for r in fixture_rows()[:5] for q in questions]
+    fused, _ = lora.load_model(base, sft, fused=True)
+    unfused, _ = lora.load_model(base, sft)
+    prefills = []
+    monkeypatch.setattr(prefix, "prefill", lambda *a: prefills.append(len(a[1])) or real_prefill(*a))
+    run = dict(max_tokens=20, batch_size=4)
+    assert generate(fused, tok, prompts, **run) == generate(unfused, tok, prompts, reference=True, **run)
+    assert len(prefills) == 5 and min(prefills) >= prefix.MIN_SHARED
+    eos = min(tok.eos_token_ids)
+    for _ in range(2):
+        processors = [[EndAfter(2 + (5 * i) % 11, eos)] if i % 2 else None for i in range(len(prompts))]
+        out = generate(fused if _ else unfused, tok, prompts, logits_processors=processors, reference=not _, **run)
+        if not _:
+            reference = out
+    assert out == reference
+
+
+def test_workers_get_whole_prefix_groups_and_shares_of_like_cost():
+    prompts = [[1] * 40 + [i] for i in range(6)] + [[2] * 40 + [i] * (i + 1) for i in range(3)] + [[9] * 30, [8] * 5]
+    shares = sharding.deal(prompts, 2, share_prefixes=True)
+    # the six over [1] * 40 (the most work) to one worker; the three over [2] * 40 and both loners to the other
+    assert [sorted(share) for share in shares] == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    assert sharding.deal(prompts, 2, share_prefixes=False) == [order[0::2], order[1::2]]  # the reference's
 
 
 def test_the_eval_stage_s_sharded_path_gives_the_reference(tiny):

@@ -98,6 +98,8 @@ def test_sft_keeps_the_earliest_best_accuracy_not_the_lowest_loss(tmp_path, call
     assert block["mean_calls"][best] == 1  # WEATHER's two calls, ROME's none
     # which of the 2 rows step 6 got right: one, as its accuracy says, and the same one again on re-measuring
     assert block["chosen_correct"] == chooser.valid.measure(model)[1] and sorted(block["chosen_correct"]) == ["0", "1"]
+    by_category = {r["category"]: float(c == "1") for r, c in zip(chooser.valid.rows, block["chosen_correct"])}
+    assert block["chosen_by_category"] == by_category  # one row each here
     assert 0 <= min(block["share_at_max_tokens"]) and max(block["mean_answer_tokens"]) <= 256
 
 

@@ -8,11 +8,15 @@ end-of-turn token. Greedy by default, through ``greedy.GreedyBatchGenerator``
 temperature gives sampling (best-of-N, DPO negatives, RL rollouts) through
 mlx-lm's own generator. Per-prompt logits processors (``constrained``'s
 grammars) are optional; without them the batch is sampled in one call as before.
+On the greedy fast path prompts that begin alike (the same offered functions)
+share one prefill of their common tokens (``prefix``), their groups fed to the
+generator as its queue runs low.
 """
 
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
+from toolcall.evaluate import prefix
 from toolcall.evaluate.greedy import GreedyBatchGenerator
 from toolcall.progress import Progress
 
@@ -42,19 +46,38 @@ def generate(model, tokenizer, prompts, *, max_tokens, batch_size, temperature=0
         mx.random.seed(seed)
     options = dict(stop_tokens=[[t] for t in tokenizer.eos_token_ids], completion_batch_size=batch_size,
                    prefill_batch_size=min(batch_size, 8))
-    if temperature == 0 and not reference:
+    fast = temperature == 0 and not reference
+    if fast:
         gen = GreedyBatchGenerator(model, **options)
     else:
         gen = BatchGenerator(model, sampler=make_sampler(temp=temperature), **options)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    uids = gen.insert([prompts[i] for i in order], [max_tokens] * len(order),
-                      caches=[caches[i] for i in order] if caches else None,
-                      logits_processors=[logits_processors[i] for i in order] if logits_processors else None)
-    index = dict(zip(uids, order))
-    tokens = {uid: [] for uid in uids}
+    processors = logits_processors or [None] * len(prompts)
+    if fast and not caches:  # the fast path: shared prefixes prefilled once
+        plan = prefix.groups(prompts)
+    else:
+        plan = [(0, sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))]
+    index, tokens = {}, {}
+
+    def insert(shared, members):
+        if caches:
+            member_caches = [caches[i] for i in members]
+        else:  # one cache for the group: mlx-lm copies it into the batch's
+            member_caches = [prefix.prefill(model, prompts[members[0]][:shared], gen.prefill_step_size)] * len(
+                members) if shared else None
+        uids = gen.insert([prompts[i][shared:] for i in members], [max_tokens] * len(members), caches=member_caches,
+                          all_tokens=[prompts[i][:shared] for i in members],
+                          logits_processors=[processors[i] for i in members] if logits_processors else None)
+        index.update(zip(uids, members))
+        tokens.update((uid, []) for uid in uids)
+
+    def top_up():  # a group's prefix cache lives until its members join a batch: groups go in as the queue runs low
+        while plan and len(tokens) - done < batch_size + options["prefill_batch_size"]:
+            insert(*plan.pop(0))
+
     bar = Progress(progress, len(prompts), unit="seq") if progress else None
-    n_tokens = 0
+    n_tokens = done = 0
     try:
+        top_up()
         while responses := gen.next_generated():
             finished = 0
             for r in responses:
@@ -62,6 +85,8 @@ def generate(model, tokenizer, prompts, *, max_tokens, batch_size, temperature=0
                     tokens[r.uid].append(r.token)
                     n_tokens += 1
                 finished += r.finish_reason is not None
+            done += finished
+            top_up()
             if bar:
                 bar.update(finished, tok_per_s=round(n_tokens / bar.elapsed(), 1))
     finally:

@@ -8,8 +8,9 @@ MLX's CPU kernels other than matmul (softmax, SiLU, norms, cache updates) run
 on one thread, so one generating process leaves the other core idle between
 matmuls (``make bench``, ops section). Each worker process here loads the
 model itself and generates its share of the prompts with OpenBLAS held to one
-thread. Prompts are sorted longest first and dealt round-robin, so the shares
-cost about the same and each worker's batches hold similar lengths.
+thread. Prompts that share a prefix go to one worker whole (``deal``: it is
+prefilled once, ``prefix``), the groups dealt so the shares cost about the
+same; the reference path deals prompts longest first, round-robin.
 
 Processes, not threads: two generating threads in one process (each on its
 own MLX stream) overlapped little when measured (README, Speed). Greedy outputs do not depend on
@@ -28,9 +29,13 @@ import signal
 from pathlib import Path
 
 from toolcall import resources
+from toolcall.evaluate import prefix
 
 # A worker's interpreter with mlx and mlx-lm imported: ~0.3 GB resident (measured on Linux).
 PROCESS_BYTES = 300 * 2**20
+# What decoding one answer costs, in prompt tokens prefilled, for balancing the shares only (outputs do not
+# depend on it): ~100 tokens an answer, a row's decode step ~3 times a prefilled token's time at batch 32.
+DECODE_WEIGHT = 300
 
 
 def copy_bytes(model_dir, batch_size, tokens):
@@ -83,8 +88,7 @@ def generate_sharded(model_dir, adapter_dir, prompts, workers=None, progress=Non
     if workers == 1:
         return _generate_share(model_dir, adapter_dir, prompts, progress, {**kwargs, **per_prompt}, None, generator,
                                reference)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    shares = [order[j::workers] for j in range(workers)]
+    shares = deal(prompts, workers, share_prefixes=not reference)
     # spawn, not fork: MLX's and OpenBLAS's threads do not survive a fork. A Pool,
     # not a ProcessPoolExecutor: leaving its block terminates the workers, so
     # Ctrl-C stops the stage at once instead of waiting for every share to finish.
@@ -98,6 +102,23 @@ def generate_sharded(model_dir, adapter_dir, prompts, workers=None, progress=Non
         for i, r in zip(share, result):
             out[i] = r
     return out
+
+
+def deal(prompts, workers, share_prefixes):
+    """Each worker's prompt indices: longest first, round-robin; with ``share_prefixes`` (the fast path), whole
+    ``prefix.groups`` instead, each to the worker with the least work so far (a group split over two workers
+    would be prefilled by each). A prompt's work: the tokens it prefills, plus ``DECODE_WEIGHT`` for decoding."""
+    if not share_prefixes:
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        return [order[j::workers] for j in range(workers)]
+    shares, work = [[] for _ in range(workers)], [0] * workers
+    plan = [(shared + sum(len(prompts[i]) - shared + DECODE_WEIGHT for i in members), members)
+            for shared, members in prefix.groups(prompts)]
+    for cost, members in sorted(plan, key=lambda g: -g[0]):
+        j = work.index(min(work))
+        shares[j] += members
+        work[j] += cost
+    return shares
 
 
 def _ignore_sigint():

@@ -80,6 +80,7 @@ def row(name, rev, params, base_params, metrics):
         **{key: sel[key][at] for key in FORMAT if key in sel},
         "gold_mean_calls": sel.get("gold_mean_calls", [None])[0],
         "chosen_correct": sel.get("chosen_correct"),  # absent in runs before it was recorded: then no pairing
+        "by_category": sel.get("chosen_by_category"),
     }
 
 
@@ -124,6 +125,11 @@ def resolvable(n, alpha=0.05, power=0.8, p=0.4):
     return (norm.ppf(1 - alpha / 2) + norm.ppf(power)) * math.sqrt(2 * p * (1 - p) / n)
 
 
+def shown(value):
+    """A params value as params.yaml writes it (true, null, [1, 2]); strings bare."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def paired_cell(v):
     if v is None:
         return "–"
@@ -145,7 +151,7 @@ def markdown(rows, title, metrics_path, baseline):
              "| vs baseline (paired) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        settings = ", ".join(f"`{k}={v}`" for k, v in r["settings"].items()) or "(baseline)"
+        settings = ", ".join(f"`{k}={shown(v)}`" for k, v in r["settings"].items()) or "(baseline)"
         lo, hi = r["ci95"]
         lines.append(
             f"| {r['name']} | {settings} | {r['chosen_valid_accuracy'] * 100:.0f}% [{lo * 100:.0f}, {hi * 100:.0f}] "
@@ -157,6 +163,14 @@ def markdown(rows, title, metrics_path, baseline):
     for r in rows:
         lines.append(f"| {r['name']} | {', '.join(map(str, r['steps']))} | "
                      f"{', '.join(f'{a:.2f}' for a in r['valid_accuracy'])} |")
+    cats = next((list(r["by_category"]) for r in rows if r.get("by_category")), None)
+    if cats:  # runs recorded before chosen_by_category existed show dashes
+        lines += ["", "Validation accuracy by category at the kept step:", "",
+                  "| run | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
+        for r in rows:
+            by = r.get("by_category") or {}
+            lines.append(f"| {r['name']} | " + " | ".join(f"{by[c] * 100:.0f}%" if c in by else "–" for c in cats)
+                         + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -168,7 +182,7 @@ def plot(rows, path, title):
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for r in rows:
-        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "baseline"
+        settings = ", ".join(f"{k}={shown(v)}" for k, v in r["settings"].items()) or "baseline"
         ax.plot(r["steps"], r["valid_accuracy"], marker="o", label=settings)
     ax.set_xlabel("step")
     ax.set_ylabel(f"greedy validation accuracy ({rows[0]['valid_examples']} rows)")

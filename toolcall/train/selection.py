@@ -53,6 +53,13 @@ class ValidationSet:
         """What else the answers depend on, for a checkpoint's fingerprint (the rows are the stage's data)."""
         return {"max_tokens": self.max_tokens, "batch_size": self.batch_size}
 
+    def by_category(self, correct):
+        """``{category: accuracy}`` of a ``measure`` result's "0110…" string, categories in first-row order."""
+        rows = {}
+        for row, c in zip(self.rows, correct):
+            rows.setdefault(row["category"], []).append(c == "1")
+        return {cat: round(float(np.mean(v)), 4) for cat, v in rows.items()}
+
     def answers(self, model):
         """``[(text, n_generated_tokens)]`` of the model as it is, in row order (ranks share the work)."""
         order = sorted(range(len(self.prompts)), key=lambda i: -len(self.prompts[i]))
@@ -152,6 +159,7 @@ class Selection:
             # The chosen evaluation's rows, for paired comparisons of runs on the same validation file
             # (toolcall/report/sweep.py): "1" where the answer passed, in the file's row order.
             "chosen_correct": self.correct[self.best],
+            "chosen_by_category": self.valid.by_category(self.correct[self.best]),
         }
 
 
