@@ -22,7 +22,8 @@ from toolcall.progress import Progress
 
 
 def generate(model, tokenizer, prompts, *, max_tokens, batch_size, temperature=0.0,
-             seed=None, progress=None, return_tokens=False, caches=None, logits_processors=None, reference=False):
+             seed=None, progress=None, return_tokens=False, caches=None, logits_processors=None, reference=False,
+             share_prefixes=True):
     """Complete each token-id prompt; return ``[(text, n_generated_tokens)]`` in input order.
 
     ``max_tokens`` and ``batch_size`` (sequences decoded side by side) have no
@@ -39,6 +40,8 @@ def generate(model, tokenizer, prompts, *, max_tokens, batch_size, temperature=0
     sampled so far), e.g. ``constrained.Constraint``.
     ``reference``: greedy decoding through mlx-lm's own ``BatchGenerator`` (the
     log-softmax computed), the path the default one is checked against.
+    ``share_prefixes``: on the greedy fast path, prefill the tokens prompts share
+    once (``prefix``); False: each prompt whole (what the bench compares it to).
     """
     import mlx.core as mx
 
@@ -52,7 +55,7 @@ def generate(model, tokenizer, prompts, *, max_tokens, batch_size, temperature=0
     else:
         gen = BatchGenerator(model, sampler=make_sampler(temp=temperature), **options)
     processors = logits_processors or [None] * len(prompts)
-    if fast and not caches:  # the fast path: shared prefixes prefilled once
+    if fast and share_prefixes and not caches:  # the fast path: shared prefixes prefilled once
         plan = prefix.groups(prompts)
     else:
         plan = [(0, sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))]

@@ -88,7 +88,7 @@ def generate_sharded(model_dir, adapter_dir, prompts, workers=None, progress=Non
     if workers == 1:
         return _generate_share(model_dir, adapter_dir, prompts, progress, {**kwargs, **per_prompt}, None, generator,
                                reference)
-    shares = deal(prompts, workers, share_prefixes=not reference)
+    shares = deal(prompts, workers, share_prefixes=not reference and kwargs.get("share_prefixes", True))
     # spawn, not fork: MLX's and OpenBLAS's threads do not survive a fork. A Pool,
     # not a ProcessPoolExecutor: leaving its block terminates the workers, so
     # Ctrl-C stops the stage at once instead of waiting for every share to finish.
