@@ -1,7 +1,7 @@
-"""A sweep's table and plot: every experiment of one baseline, its params and its validation selection.
+"""A sweep's table and plot: every experiment of a baseline commit, its params and its validation selection.
 
     dvc exp run --queue -S sft.iters=600 train_sft@0     # one per setting, then: dvc queue start
-    python -m toolcall.report.sweep --baseline e0c5ba1 --metrics metrics/train_sft/s0.json \\
+    python -m toolcall.report.sweep --baseline e0c5ba1 [--baseline LATER] --metrics metrics/train_sft/s0.json \\
         --out reports/sweep_sft --title "SFT on seed 0's validation split"
 
 An experiment of `dvc exp run` is a git commit under ``refs/exps/`` whose
@@ -96,23 +96,29 @@ def versus(row, base, alpha=0.05, power=0.8):
             "mde": round(c.mde, 4), "discordant": table[1] + table[2]}
 
 
-def collect(baseline, metrics_path, names=None, cwd="."):
-    """The baseline's row, then each experiment's (those named in ``names`` when given) that has the metrics."""
-    base_params = yaml.safe_load(read_at(baseline, "params.yaml", cwd))
-    exps = experiments(baseline, cwd)
+def collect(baselines, metrics_path, names=None, cwd="."):
+    """The first baseline's row, then the experiments of each baseline in turn (those named in ``names`` when
+    given) that have the metrics; every row's settings are its params' differences from the first baseline's.
+
+    Several baselines: a sweep continued after a commit (``dvc exp run`` ties each experiment to the commit it
+    ran from); the rows of a later baseline also run that commit's code, which the report names per row.
+    """
+    first = git("rev-parse", f"{baselines[0]}^{{commit}}", cwd=cwd).strip()
+    base_params = yaml.safe_load(read_at(first, "params.yaml", cwd))
+    exps = [(name, sha, base) for base in baselines for name, sha in experiments(base, cwd)]
     if names:
-        missing = set(names) - {n for n, _ in exps}
+        missing = set(names) - {n for n, _, _ in exps}
         if missing:
-            raise ValueError(f"no experiment {sorted(missing)} of baseline {baseline} (dvc exp list --rev {baseline})")
-        exps = [(n, sha) for n, sha in exps if n in names]
+            raise ValueError(f"no experiment {sorted(missing)} of {', '.join(baselines)} (dvc exp list --rev REV)")
+        exps = [e for e in exps if e[0] in names]
     rows = []
-    for name, rev in [("baseline", git("rev-parse", baseline, cwd=cwd).strip()), *exps]:
+    for name, rev, base in [("baseline", first, baselines[0]), *exps]:
         text = read_at(rev, metrics_path, cwd)
         if text is None:
             print(f"sweep: {name} has no {metrics_path}: left out", file=sys.stderr)
             continue
         params = yaml.safe_load(read_at(rev, "params.yaml", cwd))
-        rows.append(row(name, rev, params, base_params, json.loads(text)))
+        rows.append({**row(name, rev, params, base_params, json.loads(text)), "from": base})
     for r in rows[1:]:
         r["vs_baseline"] = versus(r, rows[0]) if rows[0]["name"] == "baseline" else None
     return rows
@@ -140,8 +146,8 @@ def paired_cell(v):
 def markdown(rows, title, metrics_path, baseline):
     n = rows[0]["valid_examples"]
     lines = [f"# {title}", "",
-             f"Each row: one `dvc exp run` from baseline `{baseline}`, its settings the params that differ from "
-             f"the baseline's; accuracy is greedy on the {n} validation rows at the step selection kept "
+             f"Each row: one `dvc exp run` from the commit named beside it, its settings the params that differ "
+             f"from those of baseline `{baseline}` (the first row, that commit's own committed run); accuracy is greedy on the {n} validation rows at the step selection kept "
              f"(`{metrics_path}`, block `selection`), with its 95% Wilson interval. Two runs on these {n} "
              f"rows resolve a difference of about {resolvable(n) * 100:.0f} points (80% power, near 40%): "
              "smaller gaps are not a choice the validation split can make. Where both runs recorded which rows "
@@ -154,7 +160,7 @@ def markdown(rows, title, metrics_path, baseline):
         settings = ", ".join(f"`{k}={shown(v)}`" for k, v in r["settings"].items()) or "(baseline)"
         lo, hi = r["ci95"]
         lines.append(
-            f"| {r['name']} | {settings} | {r['chosen_valid_accuracy'] * 100:.0f}% [{lo * 100:.0f}, {hi * 100:.0f}] "
+            f"| {r['name']} (`{r['from']}`) | {settings} | {r['chosen_valid_accuracy'] * 100:.0f}% [{lo * 100:.0f}, {hi * 100:.0f}] "
             f"| {r['chosen_step']} / {r['steps_trained']} | {r.get('malformed_rate', float('nan')) * 100:.0f}% "
             f"| {r.get('mean_answer_tokens', float('nan')):.0f} | {r.get('mean_calls', float('nan')):.2f} "
             f"({r['gold_mean_calls']}) | {paired_cell(r.get('vs_baseline'))} |")
@@ -196,7 +202,9 @@ def plot(rows, path, title):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--baseline", required=True, help="the commit the experiments ran from (dvc exp show's baseline)")
+    ap.add_argument("--baseline", required=True, action="append",
+                    help="the commit the experiments ran from (dvc exp show's baseline); repeatable: the first one's "
+                         "own run is the baseline row")
     ap.add_argument("--metrics", required=True, help="the training stage's metrics file, e.g. metrics/train_sft/s0.json")
     ap.add_argument("--out", required=True, help="path without suffix: writes OUT.json, OUT.md, OUT.png")
     ap.add_argument("--title", default="Sweep on the validation split")
@@ -204,11 +212,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     rows = collect(args.baseline, args.metrics, args.exp)
     if not rows:
-        sys.exit(f"sweep: neither {args.baseline} nor any experiment of it has {args.metrics}")
-    table = {"baseline": args.baseline, "metrics": args.metrics, "rows": rows}
+        sys.exit(f"sweep: neither {args.baseline[0]} nor any experiment has {args.metrics}")
+    table = {"baselines": args.baseline, "metrics": args.metrics, "rows": rows}
     with atomic_paths([f"{args.out}.json", f"{args.out}.md", f"{args.out}.png"]) as (js, md, png):
         js.write_text(json.dumps(table, indent=1) + "\n")
-        md.write_text(markdown(rows, args.title, args.metrics, args.baseline))
+        md.write_text(markdown(rows, args.title, args.metrics, args.baseline[0]))
         plot(rows, png, args.title)
 
 
