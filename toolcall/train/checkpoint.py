@@ -91,30 +91,40 @@ class Checkpoint:
             write_json(tmp / META, {"key": self.key, "step": step, "rng": mx.random.state[0].tolist(),
                                     "history": history, "extra": extra})
 
+    def location(self):
+        """Where the checkpoint is: ``dir``; or, when a kill hit while a save swapped the new one in
+        (``io.atomic_dir`` moves the old aside first), the previous one, left as ``.<name>.*.old``."""
+        if (self.dir / META).exists():
+            return self.dir
+        aside = sorted(self.dir.parent.glob(f".{self.dir.name}.*.old"), key=lambda p: p.stat().st_mtime)
+        return next((p for p in reversed(aside) if (p / META).exists()), self.dir)
+
     def resume(self, model, optimizer):
         """Load a matching checkpoint into ``model`` and ``optimizer``; return its meta, or None.
 
         The meta's ``tensors`` holds the saved ``tensors`` (empty if none).
         """
+        where = self.location()
         try:
-            with open(self.dir / META) as f:
+            with open(where / META) as f:
                 meta = json.load(f)
         except (OSError, ValueError):
             return None
         if meta.get("key") != self.key:
             print(f"{self.dir}: made with other inputs; starting over", flush=True)
             return None
-        model.update(tree_unflatten(list(mx.load(str(self.dir / WEIGHTS)).items())))
+        model.update(tree_unflatten(list(mx.load(str(where / WEIGHTS)).items())))
         if optimizer is not None:
-            optimizer.state = tree_unflatten(list(mx.load(str(self.dir / OPTIMIZER)).items()))
+            optimizer.state = tree_unflatten(list(mx.load(str(where / OPTIMIZER)).items()))
         # MLX's key for seed s is [s >> 32, s & 0xffffffff], so reseeding with the
         # saved key's two words restores it exactly (the state cannot be assigned).
-        meta["tensors"] = mx.load(str(self.dir / TENSORS)) if (self.dir / TENSORS).exists() else {}
+        meta["tensors"] = mx.load(str(where / TENSORS)) if (where / TENSORS).exists() else {}
         hi, lo = meta["rng"]
         mx.random.seed((hi << 32) | lo)
-        print(f"{self.dir}: resuming after step {meta['step']}", flush=True)
+        print(f"{where}: resuming after step {meta['step']}", flush=True)
         return meta
 
     def clear(self):
         if launch.is_main():
-            shutil.rmtree(self.dir, ignore_errors=True)
+            for path in [self.dir, *self.dir.parent.glob(f".{self.dir.name}.*.old")]:
+                shutil.rmtree(path, ignore_errors=True)
