@@ -54,7 +54,6 @@ def generate(model, tokenizer, prompts, *, max_tokens, batch_size, temperature=0
         gen = GreedyBatchGenerator(model, **options)
     else:
         gen = BatchGenerator(model, sampler=make_sampler(temp=temperature), **options)
-    processors = logits_processors or [None] * len(prompts)
     if fast and share_prefixes and not caches:  # the fast path: shared prefixes prefilled once
         plan = prefix.groups(prompts)
     else:
@@ -69,7 +68,7 @@ def generate(model, tokenizer, prompts, *, max_tokens, batch_size, temperature=0
                 members) if shared else None
         uids = gen.insert([prompts[i][shared:] for i in members], [max_tokens] * len(members), caches=member_caches,
                           all_tokens=[prompts[i][:shared] for i in members],
-                          logits_processors=[processors[i] for i in members] if logits_processors else None)
+                          logits_processors=[logits_processors[i] for i in members] if logits_processors else None)
         index.update(zip(uids, members))
         tokens.update((uid, []) for uid in uids)
 

@@ -147,7 +147,8 @@ def markdown(rows, title, metrics_path, baseline):
     n = rows[0]["valid_examples"]
     lines = [f"# {title}", "",
              f"Each row: one `dvc exp run` from the commit named beside it, its settings the params that differ "
-             f"from those of baseline `{baseline}` (the first row, that commit's own committed run); accuracy is greedy on the {n} validation rows at the step selection kept "
+             f"from those of baseline `{baseline}` (the first row, that commit's own committed run); accuracy is "
+             f"greedy on the {n} validation rows at the step selection kept "
              f"(`{metrics_path}`, block `selection`), with its 95% Wilson interval. Two runs on these {n} "
              f"rows resolve a difference of about {resolvable(n) * 100:.0f} points (80% power, near 40%): "
              "smaller gaps are not a choice the validation split can make. Where both runs recorded which rows "
@@ -160,7 +161,8 @@ def markdown(rows, title, metrics_path, baseline):
         settings = ", ".join(f"`{k}={shown(v)}`" for k, v in r["settings"].items()) or "(baseline)"
         lo, hi = r["ci95"]
         lines.append(
-            f"| {r['name']} (`{r['from']}`) | {settings} | {r['chosen_valid_accuracy'] * 100:.0f}% [{lo * 100:.0f}, {hi * 100:.0f}] "
+            f"| {r['name']} (`{r['from']}`) | {settings} "
+            f"| {r['chosen_valid_accuracy'] * 100:.0f}% [{lo * 100:.0f}, {hi * 100:.0f}] "
             f"| {r['chosen_step']} / {r['steps_trained']} | {r.get('malformed_rate', float('nan')) * 100:.0f}% "
             f"| {r.get('mean_answer_tokens', float('nan')):.0f} | {r.get('mean_calls', float('nan')):.2f} "
             f"({r['gold_mean_calls']}) | {paired_cell(r.get('vs_baseline'))} |")
@@ -205,7 +207,8 @@ def main(argv=None):
     ap.add_argument("--baseline", required=True, action="append",
                     help="the commit the experiments ran from (dvc exp show's baseline); repeatable: the first one's "
                          "own run is the baseline row")
-    ap.add_argument("--metrics", required=True, help="the training stage's metrics file, e.g. metrics/train_sft/s0.json")
+    ap.add_argument("--metrics", required=True,
+                    help="the training stage's metrics file, e.g. metrics/train_sft/s0.json")
     ap.add_argument("--out", required=True, help="path without suffix: writes OUT.json, OUT.md, OUT.png")
     ap.add_argument("--title", default="Sweep on the validation split")
     ap.add_argument("--exp", action="append", help="only these experiments (repeatable; default: all)")
