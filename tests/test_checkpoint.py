@@ -96,6 +96,18 @@ def test_a_checkpoint_of_other_inputs_is_not_resumed(tmp_path, tiny):  # noqa: F
     assert other.resume(model, None) is None and mine.resume(model, None)["step"] == 3
 
 
+def test_a_kill_between_the_fallbacks_two_renames_resumes_the_previous_checkpoint(tmp_path, tiny):  # noqa: F811
+    # Where the system cannot exchange two paths, io.atomic_dir moves the old checkpoint
+    # aside before moving the new one in; a kill between the two leaves only the old one.
+    model, _, _ = tiny
+    ckpt = checkpoint.Checkpoint(tmp_path / "out", "key", every=1)
+    ckpt.save(3, model, None, [])
+    ckpt.dir.rename(tmp_path / ".out.checkpoint.x1y2.old")
+    assert ckpt.resume(model, None)["step"] == 3
+    ckpt.clear()
+    assert list(tmp_path.iterdir()) == []
+
+
 def pairs():
     return [{"id": str(i), "source": "on_policy", "prompt_len": 10, "chosen": list(range(3, 30 + i)),
              "rejected": list(range(3, 20 + i))} for i in range(4)]

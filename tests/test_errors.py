@@ -254,6 +254,47 @@ def test_unwritable_output_path(tmp_path, monkeypatch):
     assert old.read_text() == "old report\n"
 
 
+def _model_dir(path, text):
+    path.mkdir()
+    (path / "weights").write_text(text)
+
+
+def test_a_directory_output_is_swapped_in_with_no_instant_absent(tmp_path, monkeypatch):
+    out = tmp_path / "adapter"
+    _model_dir(out, "old")
+    # With the one-call exchange nothing is ever moved aside, so neither os.replace nor
+    # a ".old" sibling appears; the old tree goes with the temporary directory.
+    monkeypatch.setattr(io.os, "replace", lambda *a: pytest.fail("moved aside instead of exchanged"))
+    with io.atomic_dir(out) as tmp:
+        (tmp / "weights").write_text("new")
+        (tmp / "extra").write_text("only in the new tree")
+    assert sorted(p.name for p in out.iterdir()) == ["extra", "weights"]
+    assert (out / "weights").read_text() == "new" and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("how", ["no call", "refused"])
+def test_without_an_exchange_the_two_renames_still_replace_the_directory(tmp_path, monkeypatch, how):
+    out = tmp_path / "adapter"
+    _model_dir(out, "old")
+    if how == "no call":  # a C library without renameat2 / renamex_np
+        monkeypatch.setattr(io, "_EXCHANGE", None)
+    else:  # a kernel or filesystem that cannot swap: EINVAL, and the fallback runs
+        monkeypatch.setattr(io, "_EXCHANGE", lambda *a: (io.ctypes.set_errno(errno.EINVAL), -1)[1])
+    with io.atomic_dir(out) as tmp:
+        (tmp / "weights").write_text("new")
+    assert (out / "weights").read_text() == "new" and leftovers(tmp_path) == []
+
+
+def test_a_failed_exchange_is_a_write_error_and_keeps_the_old_directory(tmp_path, monkeypatch):
+    out = tmp_path / "adapter"
+    _model_dir(out, "old")
+    monkeypatch.setattr(io, "_EXCHANGE", lambda *a: (io.ctypes.set_errno(errno.EACCES), -1)[1])
+    with pytest.raises(WriteError, match=rf"^cannot write {out}: Permission denied"):
+        with io.atomic_dir(out) as tmp:
+            (tmp / "weights").write_text("new")
+    assert (out / "weights").read_text() == "old" and leftovers(tmp_path) == []
+
+
 def test_stage_output_path_that_is_not_a_directory(tmp_path):
     bfcl = write_bfcl(tmp_path / "bfcl", bfcl_rows())
     (tmp_path / "out").write_text("a file where the output directory should be")

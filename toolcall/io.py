@@ -4,10 +4,12 @@ A write that fails (disk full, no permission) or is interrupted leaves the
 file as it was before, and is reported as one ``WriteError`` naming the path.
 """
 
+import ctypes
 import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -68,8 +70,11 @@ def atomic_dir(path):
     tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes it private
     try:
         yield tmp
-        # rename(2) cannot overwrite a non-empty directory: the old one is first
-        # moved aside, and deleted once the new one is in place.
+        if path.exists() and _exchange(tmp, path):
+            return  # tmp now holds the old tree, removed below
+        # rename(2) cannot overwrite a non-empty directory: without an exchange the
+        # old one is first moved aside (for an instant nothing is at ``path``), and
+        # deleted once the new one is in place.
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
@@ -79,6 +84,33 @@ def atomic_dir(path):
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# One system call that swaps two paths, so a reader or a kill never finds ``path``
+# absent: Linux renameat2(RENAME_EXCHANGE), macOS renamex_np(RENAME_SWAP); both flags are 2.
+_AT_FDCWD = -100
+_SWAP = 2
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_EXCHANGE = getattr(_LIBC, "renameat2" if sys.platform.startswith("linux") else "renamex_np", None)
+# The kernel or filesystem that cannot swap (e.g. Linux < 3.15, some network mounts).
+_UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def _exchange(a, b):
+    """Swap paths ``a`` and ``b`` atomically: True, or False where this system cannot."""
+    if _EXCHANGE is None:
+        return False
+    a, b = os.fsencode(a), os.fsencode(b)
+    if sys.platform.startswith("linux"):
+        failed = _EXCHANGE(_AT_FDCWD, a, _AT_FDCWD, b, _SWAP)
+    else:
+        failed = _EXCHANGE(a, b, _SWAP)
+    if not failed:
+        return True
+    err = ctypes.get_errno()
+    if err in _UNSUPPORTED:
+        return False
+    raise _write_error(Path(os.fsdecode(b)), OSError(err, os.strerror(err)))
 
 
 def _move(tmp, path):

@@ -92,8 +92,9 @@ class Checkpoint:
                                     "history": history, "extra": extra})
 
     def location(self):
-        """Where the checkpoint is: ``dir``; or, when a kill hit while a save swapped the new one in
-        (``io.atomic_dir`` moves the old aside first), the previous one, left as ``.<name>.*.old``."""
+        """Where the checkpoint is: ``dir``; or, when a kill hit while a save swapped the new one in on
+        a system without an atomic exchange (``io.atomic_dir`` then moves the old aside first), the
+        previous one, left as ``.<name>.*.old``."""
         if (self.dir / META).exists():
             return self.dir
         aside = sorted(self.dir.parent.glob(f".{self.dir.name}.*.old"), key=lambda p: p.stat().st_mtime)
