@@ -156,10 +156,24 @@ void load_rows(const Dim& dim, const Rows4& a, int64_t b, const Block& blk, __m2
   }
 }
 
+// One past the last key a row sees under a bool mask; Lk when it sees none.
+// A causal mask given as an array (mlx-lm's batched KV cache makes one for
+// every prefill) hides each row's tail: about half the scores of a prefill,
+// each a head_dim-long dot product, against one byte read each here. Every
+// bit of the output stays as it was: a hidden key's score is MLX's lowest,
+// its weight an exact 0 (see first_key).
+int64_t last_key(const Mask& mask, const Shape4& sh, int64_t b, const Block& blk, int r) {
+  const bool* row = mask.b + b * mask.s[0] + blk.h[r] * mask.s[1] + blk.i[r] * mask.s[2];
+  int64_t j = sh.Lk;
+  while (j > 0 && !row[(j - 1) * mask.s[3]]) --j;
+  return j == 0 ? sh.Lk : j;
+}
+
 // Scores of a block's rows, s[r * Lk + j] = scale * q_r . k_j + mask, for
-// the n[r] keys row r sees (all Lk of them, every score at MLX's masked
-// value, when a causal row sees none), from key `lo` on (`first_key`; the
-// scores before it are left unwritten). Returns the largest n.
+// the n[r] keys row r sees (up to its last visible one under a causal or a
+// bool mask; all Lk of them, every score at MLX's masked value, when a row
+// sees none), from key `lo` on (`first_key`; the scores before it are left
+// unwritten). Returns the largest n.
 template <int C>
 int block_scores(const Dim& dim, const Shape4& sh, const Mask& mask, float scale, int64_t b, const Block& blk,
                  const __m256 (*q)[C], const float* k0, int64_t kst, float* s, int* n, int lo = 0) {
@@ -168,6 +182,7 @@ int block_scores(const Dim& dim, const Shape4& sh, const Mask& mask, float scale
   for (int r = 0; r < blk.R; ++r) {
     n[r] = sh.Lk;
     if (mask.kind == Mask::kCausal) n[r] = std::min<int64_t>(sh.Lk, blk.i[r] + sh.Lk - sh.Lq + 1);
+    if (mask.kind == Mask::kBool) n[r] = static_cast<int>(last_key(mask, sh, b, blk, r));
     none[r] = n[r] <= 0;
     if (none[r]) n[r] = sh.Lk;
     n_max = std::max(n_max, n[r]);

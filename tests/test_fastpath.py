@@ -22,7 +22,8 @@ from tiny_model import make_tiny_model
 from toolcall.calls.prompts import PromptFormat
 from toolcall.evaluate import generation, prefix
 from toolcall.evaluate.generation import generate
-from toolcall.evaluate.greedy import GreedyBatchGenerator
+from toolcall.evaluate import greedy
+from toolcall.evaluate.greedy import GreedyBatchGenerator, like_lengths
 from toolcall.evaluate.kvcache import InPlaceKVCache, fill_holes
 from toolcall.evaluate import sharding
 from toolcall.evaluate.sharding import generate_sharded
@@ -151,6 +152,8 @@ def test_prompt_groups_save_the_most_prefill_and_leave_each_prompt_a_token():
     assert sorted(i for _, members in plan for i in members) == list(range(len(prompts)))
     # a's four (one of them a itself, which must keep its last token) and b's two, not all six at 40; [5]*50 alone
     assert sorted((shared, sorted(m)) for shared, m in plan) == [(0, [5]), (99, [0, 2, 4, 6]), (100, [1, 3])]
+    # by what the longest member leaves to prefill: [5] * 50 (all 50), a + [4, 4, 4] (4 past 99), b + [8, 9] (2)
+    assert [len(prompts[m[0]]) - shared for shared, m in plan] == [50, 4, 2]
     for shared, members in plan:
         assert members == sorted(members, key=lambda i: -len(prompts[i]))
         assert all(prompts[i][:shared] == prompts[members[0]][:shared] and len(prompts[i]) > shared for i in members)
@@ -178,6 +181,33 @@ def test_prompts_sharing_a_prefix_give_the_reference_with_one_prefill_a_group(ti
         if not _:
             reference = out
     assert out == reference
+
+
+def test_like_lengths_stops_where_padding_would_cost_more_than_another_call():
+    assert like_lengths([1321, 1293, 503, 481, 481]) == 2  # 28 apart: within 12.5% of 1321; 503 is not
+    assert like_lengths([34, 27, 20, 5, 3]) == 5  # short prompts: within 32 tokens of each other
+    assert like_lengths([40, 300, 41]) == 1 and like_lengths([7]) == 1
+
+
+def test_queued_prompts_prefill_in_batches_of_like_length_with_the_reference_s_outputs(tiny, monkeypatch):
+    """Long whole prompts and short remainders after a shared prefix in one queue: no prefill batch pads a
+    prompt by more than ``like_lengths`` allows, and every output is the reference's."""
+    base, sft, _, tok = tiny
+    fmt = PromptFormat(tok)
+    questions = ["Now.", "What is the weather like today, and what will it be tomorrow where I live?" * 4]
+    prompts = [fmt.encode(fmt.prompt([{"role": "user", "content": f"{q} ({i})"}], r["functions"]))
+               for r in fixture_rows()[:4] for i, q in enumerate(questions * 2)]
+    batches = []
+    real_prompt = greedy.GreedyPromptBatch.prompt
+    monkeypatch.setattr(greedy.GreedyPromptBatch, "prompt",
+                        lambda self, t: batches.append(sorted(map(len, t))) or real_prompt(self, t))
+    fused, _ = lora.load_model(base, sft, fused=True)
+    unfused, _ = lora.load_model(base, sft)
+    run = dict(max_tokens=8, batch_size=8)
+    assert generate(fused, tok, prompts, **run) == generate(unfused, tok, prompts, reference=True, **run)
+    batches = [b for b in batches if b]
+    assert max(map(len, batches)) > 1  # like lengths still share a batch
+    assert all(b[-1] - b[0] <= max(greedy.PAD_TOKENS, greedy.PAD_SHARE * b[-1]) for b in batches)
 
 
 def test_workers_get_whole_prefix_groups_and_shares_of_like_cost():

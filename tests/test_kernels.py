@@ -125,6 +125,7 @@ ATTENTION_CASES = {
     "causal_with_cached_prefix": (1, 9, 3, 5, 12, 64, "causal"),
     "bool_mask_left_padding": (3, 9, 3, 6, 6, 64, "bool"),
     "decode_bool_mask": (3, 9, 3, 1, 45, 64, "bool"),
+    "prefill_bool_mask_over_a_cache": (3, 9, 3, 7, 19, 64, "bool"),
     "additive_mask": (2, 4, 4, 9, 9, 16, "additive"),
 }
 
@@ -155,6 +156,21 @@ def test_attention(case):
 
     close(ours(q, k, v), ref(q, k, v))
     close(grads(ours, (q, k, v), q.shape), grads(ref, (q, k, v), q.shape))
+
+
+def test_a_causal_bool_mask_gives_the_causal_mode_s_bits():
+    """mlx-lm's batched prefill passes its causal mask as a bool array: the kernel stops each row at its last
+    visible key as the causal mode does, and every bit of the output and gradients is the causal mode's."""
+    B, H, Hk, Lq, Lk, D = 2, 9, 3, 29, 40, 64  # 11 cached keys before the 29 new rows
+    q, k, v = attention_inputs(B, H, Hk, Lq, Lk, D)
+    causal = mx.arange(Lk - Lq, Lk)[:, None] >= mx.arange(Lk)[None]
+    mask = mx.broadcast_to(causal[None, None], (B, 1, Lq, Lk))
+    scale = D ** -0.5
+    as_mode, as_array = (lambda q, k, v: kernels.attention(q, k, v, scale, "causal"),
+                         lambda q, k, v: kernels.attention(q, k, v, scale, mask))
+    assert mx.array_equal(as_array(q, k, v), as_mode(q, k, v)).item()
+    for a, b in zip(grads(as_array, (q, k, v), q.shape), grads(as_mode, (q, k, v), q.shape)):
+        assert mx.array_equal(a, b).item()
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 49152), (7, 1001)])  # SmolLM2's vocabulary; an odd one

@@ -12,7 +12,8 @@ decode step at batch 32 was that logsumexp.
 batches swapped for subclasses whose decode step takes the argmax of the
 (processed) logits and reports no log-probabilities (``logprobs`` None), and
 whose KV caches let finished sequences go without copying the others
-(``kvcache``). Everything else is mlx-lm's: prefill, stop tokens, per-prompt
+(``kvcache``); its prefill batches take only queued prompts of like length
+(``like_lengths``). Everything else is mlx-lm's: prefill, stop tokens, per-prompt
 logits processors (``constrained``'s grammars mask logits, which is what the
 argmax then reads). Sampling at a temperature keeps mlx-lm's own generator
 (``generation.generate``), and so does ``generate(..., reference=True)``, the
@@ -21,6 +22,8 @@ path this one is checked against (``tests/test_fastpath.py``, ``make bench``).
 ``_step`` and ``generate`` follow mlx-lm 0.32.2's (pinned in requirements.txt)
 line for line but for the log-softmax and the cache class.
 """
+
+import itertools
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
@@ -99,6 +102,25 @@ class GreedyPromptBatch(PromptProcessingBatch):
         return generation
 
 
+# Queued prompts prefill together only while their lengths differ by at most this many tokens or this
+# share of the longest: mlx-lm right-pads a prefill batch to its longest prompt, and a padded position
+# costs what a real one does, while a batch of one more call rereads the weights (~30 tokens' work).
+PAD_TOKENS = 32
+PAD_SHARE = 0.125
+
+
+def like_lengths(lengths):
+    """How many of ``lengths`` (the queue's next prompts, in order) to prefill in one batch: the longest run
+    from the first whose longest and shortest differ by at most ``PAD_TOKENS`` or ``PAD_SHARE`` of the longest."""
+    k, hi, lo = 1, lengths[0], lengths[0]
+    for n in lengths[1:]:
+        hi, lo = max(hi, n), min(lo, n)
+        if hi - lo > max(PAD_TOKENS, PAD_SHARE * hi):
+            break
+        k += 1
+    return k
+
+
 class GreedyBatchGenerator(BatchGenerator):
     """``BatchGenerator(model, sampler=greedy, ...)`` that decodes with ``GreedyGenerationBatch``.
 
@@ -113,3 +135,13 @@ class GreedyBatchGenerator(BatchGenerator):
         # mlx-lm's batches hand their work on through these two (split, extend, generate).
         self._prompt_batch = GreedyPromptBatch.empty(self.model, self.sampler, self.prefill_step_size)
         self._generation_batch = GreedyGenerationBatch.empty(self.model, self.sampler)
+
+    def _make_batch(self, n):
+        """mlx-lm's, but of the next ``n`` queued prompts only those of like length (``like_lengths``).
+
+        With shared prefixes the queue holds whole prompts beside few-token
+        remainders: a 1,300-token prompt batched with seven 300-token ones
+        computed twice the positions it prefilled (a live test eval).
+        """
+        queued = [sum(map(len, seq[1])) for seq in itertools.islice(self._unprocessed_sequences, n)]
+        return super()._make_batch(like_lengths(queued))

@@ -42,8 +42,12 @@ def groups(prompts, min_shared=MIN_SHARED):
     programme over the cuts; a group of several shares at least
     ``min_shared``, a group of one 0). ``shared`` leaves each member at least
     one token of its own: the generator starts decoding from a prompt's last
-    token. Groups come longest member first, members longest first, as
-    ``generation.generate`` orders prompts.
+    token. Groups come by what their longest member leaves to prefill
+    (its tokens past ``shared``), most first; members longest first. mlx-lm
+    prefills the queue ``prefill_batch_size`` prompts at a time, right-padded
+    to the batch's longest: ordered by total length instead, a lone 1,900-token
+    prompt shared a batch with seven 20-token remainders, and padding was two
+    thirds of a live eval's time.
     """
     order = sorted(range(len(prompts)), key=lambda i: prompts[i])
     seq = [prompts[i] for i in order]
@@ -63,7 +67,7 @@ def groups(prompts, min_shared=MIN_SHARED):
         i, shared = cut[j]
         out.append((shared, sorted(order[i:j], key=lambda k: -len(prompts[k]))))
         j = i
-    return sorted(out, key=lambda g: -len(prompts[g[1][0]]))
+    return sorted(out, key=lambda g: -(len(prompts[g[1][0]]) - g[0]))
 
 
 def prefill(model, tokens, step):
