@@ -260,6 +260,8 @@ def targets(r):
         a = r["eval"]["fast_vs_reference"]
         t["greedy_agreement_ge_0.98"] = r["greedy_agreement_fast_vs_reference"] >= 0.98
         t["accuracy_fast_vs_reference_within_1_item"] = abs(a["correct_fast"] - a["correct_reference"]) <= 1
+    if "llamacpp_ratio" in r:
+        t["llamacpp_ratio_ge_1"] = r["llamacpp_ratio"] >= 1.0
     if "noop_repro_s" in r:
         t["noop_repro_lt_5s"] = r["noop_repro_s"] < 5
     return t

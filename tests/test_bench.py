@@ -81,6 +81,21 @@ def test_bench_writes_every_headline_key_and_a_section_alone_merges(work):
                                       "eval_fraction_of_floor_ge_0.6", "greedy_agreement_ge_0.98"}
 
 
+def test_the_llamacpp_section_times_llama_cpp_and_the_eval_stage_on_the_same_items(work):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional install (docs/performance.md)")
+    from toolcall.model.gguf import write_gguf
+
+    write_gguf(work / "tiny", work / "tiny.gguf", dtype="float32")
+    table = bench(work, "-m", "bench.llamacpp", "--gguf", work / "tiny.gguf", "--eval-items", "4")
+    r = json.loads((work / "bench.json").read_text())
+    x = r["llamacpp"]
+    assert x["items"] == 4 and x["seconds_llamacpp"] > 0 and x["seconds_ours"] > 0
+    assert x["generated_llamacpp"] >= 4 and x["generated_ours"] >= 4  # every item decoded at least a token
+    # float32 weights on both sides: llama.cpp's greedy tokens are ours on most items
+    assert x["identical"] >= 3
+    assert r["targets"]["llamacpp_ratio_ge_1"] == (r["llamacpp_ratio"] >= 1) and "llama.cpp" in table
+
+
 def test_eval_work_counts_each_pass_and_key_as_the_module_doc_says(tmp_path):
     """``floor.eval_work`` against a count pass by pass: an item cut at max_tokens samples no end-of-turn token."""
     from bench.common import model_shape
