@@ -103,7 +103,7 @@ def test_a_missing_key_is_an_error_not_a_hidden_default():
     (SftConfig, "sft", "mask_prompt", "yes", r"mask_prompt='yes': expected bool"),
     (SftConfig, "sft", "warmup", -1, r"\[sft\]: warmup=-1 must be >= 0"),
     (SftConfig, "sft", "iters", 0, r"\[sft\]: iters=0 must be >= 1"),
-    (SftConfig, "sft", "epochs", 3.0, r"\[sft\]: iters=300, epochs=3.0: set exactly one"),
+    (SftConfig, "sft", "epochs", 3.0, r"\[sft\]: iters=600, epochs=3.0: set exactly one"),
     (SftConfig, "sft", "iters", None, r"\[sft\]: iters=None, epochs=None: set exactly one"),
     (SftConfig, "sft", "steps_per_eval", 15, r"steps_per_eval=15 must be 0 \(never\) or a multiple of 10"),
     (SftConfig, "sft", "patience", -1, r"patience=-1 must be >= 0"),
