@@ -77,13 +77,23 @@ def atomic_dir(path):
         # deleted once the new one is in place.
         old = None
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=ASIDE_SUFFIX, dir=path.parent))
             os.replace(path, old)
         _move(tmp, path)
         if old:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+ASIDE_SUFFIX = ".old"
+
+
+def set_aside(path):
+    """The previous trees of directory ``path`` that ``atomic_dir``'s fallback moved aside and a kill left
+    there (``.<name>.*.old`` beside it), oldest first."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.*{ASIDE_SUFFIX}"), key=lambda p: p.stat().st_mtime)
 
 
 # One system call that swaps two paths, so a reader or a kill never finds ``path``
@@ -100,17 +110,17 @@ def _exchange(a, b):
     """Swap paths ``a`` and ``b`` atomically: True, or False where this system cannot."""
     if _EXCHANGE is None:
         return False
-    a, b = os.fsencode(a), os.fsencode(b)
+    names = os.fsencode(a), os.fsencode(b)
     if sys.platform.startswith("linux"):
-        failed = _EXCHANGE(_AT_FDCWD, a, _AT_FDCWD, b, _SWAP)
+        failed = _EXCHANGE(_AT_FDCWD, names[0], _AT_FDCWD, names[1], _SWAP)
     else:
-        failed = _EXCHANGE(a, b, _SWAP)
+        failed = _EXCHANGE(*names, _SWAP)
     if not failed:
         return True
     err = ctypes.get_errno()
     if err in _UNSUPPORTED:
         return False
-    raise _write_error(Path(os.fsdecode(b)), OSError(err, os.strerror(err)))
+    raise _write_error(Path(b), OSError(err, os.strerror(err)))
 
 
 def _move(tmp, path):

@@ -139,9 +139,9 @@ class GreedyBatchGenerator(BatchGenerator):
     def _make_batch(self, n):
         """mlx-lm's, but of the next ``n`` queued prompts only those of like length (``like_lengths``).
 
-        With shared prefixes the queue holds whole prompts beside few-token
-        remainders: a 1,300-token prompt batched with seven 300-token ones
-        computed twice the positions it prefilled (a live test eval).
+        With shared prefixes the queue holds whole prompts beside short
+        remainders: in a profile of 46 live test items one batch of 8 computed
+        8 x 1,321 positions for 5,296 prompt tokens, a third of the eval.
         """
         queued = [sum(map(len, seq[1])) for seq in itertools.islice(self._unprocessed_sequences, n)]
         return super()._make_batch(like_lengths(queued))

@@ -45,9 +45,8 @@ def groups(prompts, min_shared=MIN_SHARED):
     token. Groups come by what their longest member leaves to prefill
     (its tokens past ``shared``), most first; members longest first. mlx-lm
     prefills the queue ``prefill_batch_size`` prompts at a time, right-padded
-    to the batch's longest: ordered by total length instead, a lone 1,900-token
-    prompt shared a batch with seven 20-token remainders, and padding was two
-    thirds of a live eval's time.
+    to the batch's longest: ordered by total length instead, whole prompts
+    shared batches with short remainders (``greedy.like_lengths``).
     """
     order = sorted(range(len(prompts)), key=lambda i: prompts[i])
     seq = [prompts[i] for i in order]

@@ -23,7 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from toolcall.io import atomic_dir, write_json
+from toolcall.io import atomic_dir, set_aside, write_json
 from toolcall.train import launch
 
 META = "meta.json"
@@ -97,8 +97,7 @@ class Checkpoint:
         previous one, left as ``.<name>.*.old``."""
         if (self.dir / META).exists():
             return self.dir
-        aside = sorted(self.dir.parent.glob(f".{self.dir.name}.*.old"), key=lambda p: p.stat().st_mtime)
-        return next((p for p in reversed(aside) if (p / META).exists()), self.dir)
+        return next((p for p in reversed(set_aside(self.dir)) if (p / META).exists()), self.dir)
 
     def resume(self, model, optimizer):
         """Load a matching checkpoint into ``model`` and ``optimizer``; return its meta, or None.
@@ -127,5 +126,5 @@ class Checkpoint:
 
     def clear(self):
         if launch.is_main():
-            for path in [self.dir, *self.dir.parent.glob(f".{self.dir.name}.*.old")]:
+            for path in [self.dir, *set_aside(self.dir)]:
                 shutil.rmtree(path, ignore_errors=True)
