@@ -13,9 +13,12 @@ adapter fused into float32 weights, where the GGUF holds float16 ones (the
 export's): a few outputs may differ, counted. ``llamacpp_ratio`` = llama.cpp's
 seconds / ours (≥ 1: ours is the faster way to score); medians of
 ``--repeats``, the arms interleaved. The GGUF must be the export of
-``--adapter``'s model (``make repro``'s export stage writes both).
+``--adapter``'s model (``make export`` writes models/export/sft/ from
+models/sft/s0), or of ``--model`` itself when no adapter is given: the section
+refuses a GGUF whose last block does not match (``holds_base_weights``).
 """
 
+import json
 import os
 import statistics
 import sys
@@ -63,13 +66,34 @@ def worker(spec):
             "prompt_tokens": [len(p) for p in prompts]}
 
 
+def holds_base_weights(gguf, model_dir):
+    """Whether ``gguf`` holds ``model_dir``'s own weights (to float16): its last block's value projection,
+    which LoRA tunes (the last ``sft.lora_layers`` blocks, q and v at least), is compared."""
+    import mlx.core as mx
+
+    last = json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"] - 1
+    ours = mx.load(str(gguf))[f"blk.{last}.attn_v.weight"]
+    name = f"model.layers.{last}.self_attn.v_proj.weight"
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        weights = mx.load(str(shard))
+        if name in weights:
+            base = weights[name].astype(ours.dtype)
+            return base.shape == ours.shape and mx.array_equal(base, ours).item()
+    raise SystemExit(f"bench.llamacpp: {model_dir} has no {name}")
+
+
 def run(args, params):
+    if not Path(args.gguf).exists():
+        raise SystemExit(f"bench.llamacpp: no GGUF at {args.gguf}: run the export stage (make export)")
+    if holds_base_weights(args.gguf, args.model) != (args.adapter is None):
+        held = "--model's own weights" if args.adapter else "tuned weights, not --model's"
+        raise SystemExit(f"bench.llamacpp: {args.gguf} holds {held}, but --adapter is {args.adapter or 'not given'}: "
+                         "the GGUF must be the export of the model eval runs (e.g. --adapter models/sft/s0 "
+                         "with models/export/sft/model.gguf)")
     try:
         import llama_cpp
     except ImportError:
         raise SystemExit("bench.llamacpp: llama-cpp-python is not installed (pip install llama-cpp-python)")
-    if not Path(args.gguf).exists():
-        raise SystemExit(f"bench.llamacpp: no GGUF at {args.gguf}: run the export stage (dvc repro export)")
     from bench.eval import longest_prompt
     from toolcall.evaluate.sharding import resolve_workers
 

@@ -96,6 +96,23 @@ def test_the_llamacpp_section_times_llama_cpp_and_the_eval_stage_on_the_same_ite
     assert r["targets"]["llamacpp_ratio_ge_1"] == (r["llamacpp_ratio"] >= 1) and "llama.cpp" in table
 
 
+def test_the_llamacpp_section_refuses_a_gguf_of_another_model(work, tmp_path):
+    """No adapter given, so the GGUF must hold --model's weights: one of another model is refused before
+    anything runs (llama-cpp-python need not be installed), and --model's own passes the check."""
+    from bench.llamacpp import holds_base_weights
+    from toolcall.model.gguf import write_gguf
+
+    write_gguf(make_tiny_model(tmp_path / "other", seed=1), tmp_path / "other.gguf", dtype="float16")
+    write_gguf(work / "tiny", tmp_path / "tiny16.gguf", dtype="float16")
+    assert holds_base_weights(tmp_path / "tiny16.gguf", work / "tiny")
+    assert not holds_base_weights(tmp_path / "other.gguf", work / "tiny")
+    proc = subprocess.run([sys.executable, "-m", "bench.llamacpp", "--model", work / "tiny", "--gguf",
+                           tmp_path / "other.gguf", "--test", work / "test.jsonl", "--params", work / "params.yaml",
+                           "--out", tmp_path / "bench.json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "holds tuned weights, not --model's, but --adapter is not given" in proc.stderr
+    assert not (tmp_path / "bench.json").exists()
+
+
 def test_eval_work_counts_each_pass_and_key_as_the_module_doc_says(tmp_path):
     """``floor.eval_work`` against a count pass by pass: an item cut at max_tokens samples no end-of-turn token."""
     from bench.common import model_shape
