@@ -13,7 +13,9 @@ output lengths and the decode steps the eval ran:
   the prompt's last token: ``2 x (block + head params)`` FLOPs plus attention
   over the prompt and the tokens before it. Bytes: every decode step (a
   batched pass of one process) reads all the weights, and each pass reads
-  its row's keys and values (real positions only, no padding).
+  its row's keys and values (real positions only, no padding) as the KV cache
+  holds them: float16 on the native kernels' path (``kernels``), else the
+  weights' dtype.
 
 ``eval_floor`` prices it at the machine's ceilings: the prefill's FLOPs at
 the matmul section's GFLOP/s, plus the decode at the larger of its FLOPs at
@@ -31,7 +33,7 @@ from pathlib import Path
 
 from bench.common import model_shape
 
-# Bytes per element of a safetensors dtype (the KV cache holds the weights' dtype).
+# Bytes per element of a safetensors dtype.
 ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
 
 
@@ -44,10 +46,18 @@ def weights(model_dir):
     return sum(p.stat().st_size for p in files), ITEMSIZE[dtype]
 
 
+def kv_itemsize(weights_itemsize):
+    """Bytes per element of the KV cache the eval fills: float16 where the native kernels run (``kernels``)."""
+    from toolcall.model import kernels
+
+    return 2 if kernels.active() else weights_itemsize
+
+
 def eval_work(model_dir, prompt_tokens, generated, max_tokens, decode_steps):
     """FLOPs and bytes the eval's items need (module doc): lists per item, ``decode_steps`` summed over processes."""
     s = model_shape(model_dir)
     weight_bytes, itemsize = weights(model_dir)
+    itemsize = kv_itemsize(itemsize)
     body = s["layers"] * s["block_params"]
     head = s["vocab"] * s["hidden"]
     pair_flops = s["layers"] * 4 * s["heads"] * s["head_dim"]  # q.k and p.v of one (query, key) pair

@@ -52,13 +52,25 @@ Mask make_mask(const std::string& mode, const std::vector<mx::array>& in, int ma
 
 // Loads of chunk c of a head_dim-long vector; the last chunk may be partial.
 // Masked loads and stores only there: a masked store is slow (microcoded on
-// AMD), so a head_dim that is a multiple of 8 never uses one.
+// AMD), so a head_dim that is a multiple of 8 never uses one. Keys and values
+// may be float16 (a generation's KV cache, half the bytes to read a decode
+// step): F16C widens them to float32 exactly, so every sum is the one of the
+// float32 kernel on the same, rounded, keys and values.
 struct Dim {
   bool partial;
+  int rem;
   __m256i tail;
-  explicit Dim(int d) : partial(d % 8 != 0), tail(tail_mask(d % 8)) {}
+  explicit Dim(int d) : partial(d % 8 != 0), rem(d % 8), tail(tail_mask(d % 8)) {}
   __m256 ld(const float* p, int c, int C) const {
     return (partial && c == C - 1) ? _mm256_maskload_ps(p + 8 * c, tail) : _mm256_loadu_ps(p + 8 * c);
+  }
+  __m256 ld(const uint16_t* p, int c, int C) const {
+    if (partial && c == C - 1) {
+      alignas(16) uint16_t t[8] = {};
+      std::copy(p + 8 * c, p + 8 * c + rem, t);
+      return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
+    }
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * c)));
   }
   void st(float* p, int c, int C, __m256 v) const {
     if (partial && c == C - 1) {
@@ -83,13 +95,13 @@ struct Block {
 // out[r * ld + j] = x[r] . row_j for j in [0, n); rows at base + j * stride.
 // Two keys at a time; a partial last pair repeats its key. Every dot product
 // is summed in the same order (over chunks, then hsum8's lane tree).
-template <int C>
-void block_dots(const Dim& dim, const __m256 (*x)[C], const float* base, int64_t stride, int n, float* out,
+template <int C, class T>
+void block_dots(const Dim& dim, const __m256 (*x)[C], const T* base, int64_t stride, int n, float* out,
                 int64_t ld) {
   alignas(32) float lanes[8];
   for (int j = 0; j < n; j += 2) {
-    const float* k0 = base + j * stride;
-    const float* k1 = base + std::min(j + 1, n - 1) * stride;
+    const T* k0 = base + j * stride;
+    const T* k1 = base + std::min(j + 1, n - 1) * stride;
     __m256 acc[2 * kRows];
     for (auto& a : acc) a = _mm256_setzero_ps();
 #pragma GCC unroll 16
@@ -111,8 +123,8 @@ void block_dots(const Dim& dim, const __m256 (*x)[C], const float* base, int64_t
 
 // out[r] = sum_j w[r * ld + j] row_j over j in [0, n), in order of j; rows at
 // base + j * stride. Two chunks of head_dim at a time, for every row.
-template <int C>
-void block_wsum(const Dim& dim, const float* w, int64_t ld, const float* base, int64_t stride, int n,
+template <int C, class T>
+void block_wsum(const Dim& dim, const float* w, int64_t ld, const T* base, int64_t stride, int n,
                 __m256 (*out)[C]) {
 #pragma GCC unroll 8
   for (int c0 = 0; c0 < C; c0 += 2) {
@@ -120,7 +132,7 @@ void block_wsum(const Dim& dim, const float* w, int64_t ld, const float* base, i
     __m256 acc[kRows][2];
     for (auto& a : acc) a[0] = a[1] = _mm256_setzero_ps();
     for (int j = 0; j < n; ++j) {
-      const float* row = base + j * stride;
+      const T* row = base + j * stride;
       const __m256 a = dim.ld(row, c0, C), b = two ? dim.ld(row, c0 + 1, C) : a;
 #pragma GCC unroll 4
       for (int r = 0; r < kRows; ++r) {
@@ -174,9 +186,9 @@ int64_t last_key(const Mask& mask, const Shape4& sh, int64_t b, const Block& blk
 // bool mask; all Lk of them, every score at MLX's masked value, when a row
 // sees none), from key `lo` on (`first_key`; the scores before it are left
 // unwritten). Returns the largest n.
-template <int C>
+template <int C, class T>
 int block_scores(const Dim& dim, const Shape4& sh, const Mask& mask, float scale, int64_t b, const Block& blk,
-                 const __m256 (*q)[C], const float* k0, int64_t kst, float* s, int* n, int lo = 0) {
+                 const __m256 (*q)[C], const T* k0, int64_t kst, float* s, int* n, int lo = 0) {
   bool none[kRows] = {};
   int n_max = 0;
   for (int r = 0; r < blk.R; ++r) {
@@ -187,7 +199,7 @@ int block_scores(const Dim& dim, const Shape4& sh, const Mask& mask, float scale
     if (none[r]) n[r] = sh.Lk;
     n_max = std::max(n_max, n[r]);
   }
-  block_dots<C>(dim, q, k0 + lo * kst, kst, n_max - lo, s + lo, sh.Lk);
+  block_dots<C, T>(dim, q, k0 + lo * kst, kst, n_max - lo, s + lo, sh.Lk);
   const __m256 sv = _mm256_set1_ps(scale);
   for (int r = 0; r < blk.R; ++r) {
     float* sr = s + r * sh.Lk;
@@ -254,12 +266,13 @@ int first_key(const Mask& mask, const Shape4& sh, int64_t b, const Block& blk) {
   return static_cast<int>(lo / 8 * 8);
 }
 
-int64_t key_stride(const Rows4& k, int64_t Lk) { return Lk > 1 ? k.row(0, 0, 1) - k.row(0, 0, 0) : 0; }
+template <class T>
+int64_t key_stride(const Rows<T>& k, int64_t Lk) { return Lk > 1 ? k.row(0, 0, 1) - k.row(0, 0, 0) : 0; }
 
 int64_t blocks_per_kv_head(const Shape4& sh) { return (sh.H / sh.Hk * sh.Lq + kRows - 1) / kRows; }
 
-template <int C>
-void forward(const Shape4& sh, const Mask& mask, float scale, const Rows4& Q, const Rows4& K, const Rows4& V,
+template <int C, class T>
+void forward(const Shape4& sh, const Mask& mask, float scale, const Rows4& Q, const Rows<T>& K, const Rows<T>& V,
              float* out, float* stats) {
   const int64_t kst = key_stride(K, sh.Lk), vst = key_stride(V, sh.Lk), nb = blocks_per_kv_head(sh);
   parallel_for(sh.B * sh.Hk * nb, 1, [&](int64_t u0, int64_t u1) {
@@ -272,7 +285,7 @@ void forward(const Shape4& sh, const Mask& mask, float scale, const Rows4& Q, co
       const Block blk = block_at(sh, hk, u % nb);
       load_rows<C>(dim, Q, b, blk, q);
       const int lo = first_key(mask, sh, b, blk);
-      const int n_max = block_scores<C>(dim, sh, mask, scale, b, blk, q, K.row(b, hk, 0), kst, s.data(), n, lo);
+      const int n_max = block_scores<C, T>(dim, sh, mask, scale, b, blk, q, K.row(b, hk, 0), kst, s.data(), n, lo);
       float m[kRows], l[kRows];
       for (int r = 0; r < kRows; ++r) {
         float* sr = s.data() + r * sh.Lk;
@@ -283,7 +296,7 @@ void forward(const Shape4& sh, const Mask& mask, float scale, const Rows4& Q, co
           std::fill(sr + lo, sr + n_max, 0.0f);
         }
       }
-      block_wsum<C>(dim, s.data() + lo, sh.Lk, V.row(b, hk, lo), vst, n_max - lo, acc);
+      block_wsum<C, T>(dim, s.data() + lo, sh.Lk, V.row(b, hk, lo), vst, n_max - lo, acc);
       for (int r = 0; r < blk.R; ++r) {
         const int64_t row = (b * sh.H + blk.h[r]) * sh.Lq + blk.i[r];
         const __m256 inv = _mm256_set1_ps(1.0f / l[r]);
@@ -447,10 +460,18 @@ class Attention : public NativePrimitive {
     dispatch(stream(), in, out, [in, out, scale = scale_, mode = mode_]() mutable {
       const Shape4 sh = shape_of(in[0], in[1]);
       const Mask mask = make_mask(mode, in, 3);
-      const Rows4 Q(in[0]), K(in[1]), V(in[2]);
-      with_chunks(sh.D, [&]<int C>() {
-        forward<C>(sh, mask, scale, Q, K, V, out[0].data<float>(), out[1].data<float>());
-      });
+      const Rows4 Q(in[0]);
+      if (in[1].dtype() == mx::float16) {
+        const Rows<uint16_t> K(in[1]), V(in[2]);
+        with_chunks(sh.D, [&]<int C>() {
+          forward<C, uint16_t>(sh, mask, scale, Q, K, V, out[0].data<float>(), out[1].data<float>());
+        });
+      } else {
+        const Rows4 K(in[1]), V(in[2]);
+        with_chunks(sh.D, [&]<int C>() {
+          forward<C, float>(sh, mask, scale, Q, K, V, out[0].data<float>(), out[1].data<float>());
+        });
+      }
     });
   }
 
@@ -458,6 +479,9 @@ class Attention : public NativePrimitive {
                              const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override {
     for (int arg : argnums) {
       if (arg > 2) throw std::invalid_argument("attention: no gradient with respect to the mask");
+    }
+    if (primals[1].dtype() != mx::float32) {
+      throw std::invalid_argument("attention: gradients need float32 keys and values (float16 is for a KV cache)");
     }
     auto s = stream();
     std::vector<mx::array> inputs = primals;
@@ -481,8 +505,11 @@ class Attention : public NativePrimitive {
 
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                     const std::string& mask_mode, const std::optional<mx::array>& mask, mx::StreamOrDevice s) {
+  check_float32(q, "attention", "q");
+  if (k.dtype() != v.dtype() || (k.dtype() != mx::float32 && k.dtype() != mx::float16)) {
+    throw std::invalid_argument("attention: k and v must both be float32 or both float16");
+  }
   for (auto* a : {&q, &k, &v}) {
-    check_float32(*a, "attention", "q, k and v");
     if (a->ndim() != 4) throw std::invalid_argument("attention: q, k, v must be (batch, heads, length, head_dim)");
   }
   if (k.shape() != v.shape() || q.shape(0) != k.shape(0) || q.shape(3) != k.shape(3) ||

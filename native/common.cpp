@@ -101,28 +101,6 @@ void run_tasks(int n_tasks, const std::function<void(int)>& task) {
   p->run(n_tasks, task);
 }
 
-Rows4::Rows4(const mx::array& a) {
-  auto& st = a.strides();
-  auto& sh = a.shape();
-  if (st[3] == 1 || sh[3] == 1) {
-    base_ = a.data<float>();
-    for (int i = 0; i < 3; ++i) s_[i] = st[i];
-    return;
-  }
-  packed_.resize(a.size());
-  const float* src = a.data<float>();
-  float* dst = packed_.data();
-  for (int64_t i = 0; i < sh[0]; ++i)
-    for (int64_t j = 0; j < sh[1]; ++j)
-      for (int64_t k = 0; k < sh[2]; ++k)
-        for (int64_t l = 0; l < sh[3]; ++l)
-          *dst++ = src[i * st[0] + j * st[1] + k * st[2] + l * st[3]];
-  base_ = packed_.data();
-  s_[0] = int64_t(sh[1]) * sh[2] * sh[3];
-  s_[1] = int64_t(sh[2]) * sh[3];
-  s_[2] = sh[3];
-}
-
 void check_float32(const mx::array& a, const char* op, const char* what) {
   if (a.dtype() != mx::float32) {
     std::ostringstream msg;

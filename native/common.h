@@ -113,21 +113,41 @@ inline __m256 hsum8(const __m256* a) {
 
 // ---------------------------------------------------------------- arrays
 
-// A rank-4 float32 array as rows of its last axis, whatever its strides (a
-// transposed view, a slice of the KV cache): rows are read in place when the
-// last axis is contiguous, else from a packed copy.
-class Rows4 {
+// A rank-4 array of T (float, or uint16_t for float16's bits) as rows of its
+// last axis, whatever its strides (a transposed view, a slice of the KV
+// cache): rows are read in place when the last axis is contiguous, else from a
+// packed copy.
+template <class T>
+class Rows {
  public:
-  explicit Rows4(const mx::array& a);
-  const float* row(int64_t i, int64_t j, int64_t k) const {
-    return base_ + i * s_[0] + j * s_[1] + k * s_[2];
+  explicit Rows(const mx::array& a) {
+    auto& st = a.strides();
+    auto& sh = a.shape();
+    if (st[3] == 1 || sh[3] == 1) {
+      base_ = a.data<T>();
+      for (int i = 0; i < 3; ++i) s_[i] = st[i];
+      return;
+    }
+    packed_.resize(a.size());
+    const T* src = a.data<T>();
+    T* dst = packed_.data();
+    for (int64_t i = 0; i < sh[0]; ++i)
+      for (int64_t j = 0; j < sh[1]; ++j)
+        for (int64_t k = 0; k < sh[2]; ++k)
+          for (int64_t l = 0; l < sh[3]; ++l) *dst++ = src[i * st[0] + j * st[1] + k * st[2] + l * st[3]];
+    base_ = packed_.data();
+    s_[0] = int64_t(sh[1]) * sh[2] * sh[3];
+    s_[1] = int64_t(sh[2]) * sh[3];
+    s_[2] = sh[3];
   }
+  const T* row(int64_t i, int64_t j, int64_t k) const { return base_ + i * s_[0] + j * s_[1] + k * s_[2]; }
 
  private:
-  const float* base_;
+  const T* base_;
   int64_t s_[3];
-  std::vector<float> packed_;
+  std::vector<T> packed_;
 };
+using Rows4 = Rows<float>;
 
 // Allocate a primitive's (contiguous) output.
 inline void allocate(mx::array& out) {

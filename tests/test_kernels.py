@@ -32,8 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def ext():
     if not kernels.enabled_here():
         pytest.skip(f"the kernels are for Linux x86-64 and on ({kernels.ENV}={os.environ.get(kernels.ENV)})")
-    if not kernels._cpu_has_avx2_fma():
-        pytest.skip("this CPU lacks AVX2/FMA")
+    if not kernels._cpu_has_avx2_fma_f16c():
+        pytest.skip("this CPU lacks AVX2/FMA/F16C")
     kernels.build()  # raises BuildError with the build log's tail
     assert kernels.load() is not None
     before = kernels.set_threads(2)  # two threads even on one core: the split is what is tested
@@ -211,6 +211,24 @@ def test_same_bytes_every_call_and_any_thread_count():
 
 
 PROMPTS = ["What is the weather in Paris?", "Call the function", "The capital of France is Paris."]
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_float16_keys_and_values_give_the_float32_kernel_s_bits_on_the_same_values(case):
+    """A KV cache in float16: the kernel widens each key and value exactly, so its output is, bit for bit,
+    the float32 kernel's on those values; no gradient flows through a float16 cache."""
+    B, H, Hk, Lq, Lk, D, kind = ATTENTION_CASES[case]
+    q, k, v = attention_inputs(B, H, Hk, Lq, Lk, D)
+    mask = make_mask(kind, B, Lq, Lk)
+    k16, v16 = k.astype(mx.float16), v.astype(mx.float16)
+    half = kernels.attention(q, k16, v16, D ** -0.5, mask)
+    assert half.dtype == mx.float32
+    assert mx.array_equal(half, kernels.attention(q, k16.astype(mx.float32), v16.astype(mx.float32), D ** -0.5,
+                                                  mask)).item()
+    with pytest.raises(ValueError, match="gradients need float32 keys and values"):
+        mx.grad(lambda q: kernels.attention(q, k16, v16, D ** -0.5, mask).sum())(q)
+    with pytest.raises(ValueError, match="k and v must both be float32 or both float16"):
+        kernels.attention(q, k16, v, D ** -0.5, mask)
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,17 @@
 MLX's Linux CPU backend runs these ops on one thread and without SIMD (the
 wheel targets baseline x86-64; ``make bench``, ops section): in training,
 attention's softmax alone costs more than all the matmuls. ``native/`` holds
-them as MLX custom primitives in C++ (AVX2/FMA, one thread per usable core,
+them as MLX custom primitives in C++ (AVX2/FMA/F16C, one thread per usable core,
 with the gradients LoRA training backpropagates through). ``install(model)``
 routes a loaded mlx-lm llama model's modules through them, on Linux x86-64
-CPUs with AVX2 and FMA, when MLX's default device is the CPU, for float32
-only; everywhere else the model runs MLX's own ops unchanged. ``loss`` takes
+CPUs with AVX2, FMA and F16C, when MLX's default device is the CPU, for float32
+only; everywhere else the model runs MLX's own ops unchanged. A KV cache
+holds float16 keys and values (as llama.cpp's default cache does): a decode
+step reads the cache of every sequence in the batch, on long prompts several
+times the weights' bytes, and the attention kernel widens them to float32 as
+it reads. ``kv_cache_dtype(mx.float32)`` keeps them float32 where a cached
+forward must equal an uncached one (log-probs of sampled tokens, which the
+training step recomputes without a cache). ``loss`` takes
 its cross-entropy from ``cross_entropy`` here, on the same terms.
 ``TOOLCALL_NATIVE=0`` turns them off (the reference path).
 
@@ -20,9 +26,10 @@ The extension is built once per (sources, mlx, nanobind, Python) into
 ``$XDG_CACHE_HOME/toolcall/native/<key>/`` (default ``~/.cache``): by ``make
 env`` (``python -m toolcall.model.kernels``), else at first use. A Linux x86-64
 machine that cannot build it (no compiler, cmake or nanobind) or lacks
-AVX2/FMA gets one warning line and MLX's ops.
+AVX2/FMA/F16C gets one warning line and MLX's ops.
 """
 
+import contextlib
 import fcntl
 import hashlib
 import importlib.util
@@ -59,13 +66,13 @@ def enabled_here():
     return os.environ.get(ENV, "1") != "0" and sys.platform == "linux" and platform.machine() == "x86_64"
 
 
-def _cpu_has_avx2_fma():
+def _cpu_has_avx2_fma_f16c():
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
-                    return {"avx2", "fma"} <= flags
+                    return {"avx2", "fma", "f16c"} <= flags
     except OSError:
         pass
     return False
@@ -140,8 +147,8 @@ def load():
     _tried = True
     if not enabled_here():
         return None
-    if not _cpu_has_avx2_fma():
-        _warn("this CPU lacks AVX2/FMA")
+    if not _cpu_has_avx2_fma_f16c():
+        _warn("this CPU lacks AVX2/FMA/F16C")
         return None
     try:
         path = build()
@@ -234,6 +241,20 @@ class _MLP(llama.MLP):
         return self.down_proj(act)
 
 
+_kv_dtype = mx.float16  # what a KV cache holds on the native path (module docstring)
+
+
+@contextlib.contextmanager
+def kv_cache_dtype(dtype):
+    """KV caches filled inside the block hold ``dtype`` (mx.float32: the values of a forward without a cache)."""
+    global _kv_dtype
+    before, _kv_dtype = _kv_dtype, dtype
+    try:
+        yield
+    finally:
+        _kv_dtype = before
+
+
 class _Attention(llama.Attention):
     """mlx-lm's llama attention step for step, with the native RoPE and attention."""
 
@@ -249,7 +270,7 @@ class _Attention(llama.Attention):
         queries = rope(queries, offset, r.dims, r.base, r.scale)
         keys = rope(keys, offset, r.dims, r.base, r.scale)
         if cache is not None:
-            keys, values = cache.update_and_fetch(keys, values)
+            keys, values = cache.update_and_fetch(keys.astype(_kv_dtype), values.astype(_kv_dtype))
         out = attention(queries, keys, values, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 

@@ -15,6 +15,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from toolcall.evaluate.generation import generate
+from toolcall.model import kernels
 from toolcall.train import launch
 
 # Completions of one prompt scored per forward (no gradient); bounds memory.
@@ -99,6 +100,11 @@ def completion_logps(model, examples, temperature=1.0):
     ``temperature``), with each distinct prompt run once.
     """
     model.eval()
+    with kernels.kv_cache_dtype(mx.float32):  # the training step's forward has no cache: its values, not rounded
+        return _completion_logps(model, examples, temperature)
+
+
+def _completion_logps(model, examples, temperature):
     groups = defaultdict(list)
     for i, (tokens, prompt_len) in enumerate(examples):
         groups[tuple(tokens[:prompt_len])].append(i)
