@@ -57,19 +57,17 @@ env: $(STAMP) native
 native: $(STAMP)
 	$(PY) -m toolcall.model.kernels
 
-# --no-compile: pip would byte-compile every module of every package (torch, transformers, ...); Python
-# compiles what a process imports, on first import, a small part of it.
 $(STAMP): requirements.txt pyproject.toml
 	@$(MAKE) --no-print-directory openblas
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 $(TEST_STAMP): $(STAMP) requirements-test.txt requirements-torch.txt
-	$(PY) -m pip install -q --no-compile -r requirements-test.txt
-	$(PY) -m pip install -q --no-compile --upgrade --target $(VENV)/torch-site -r requirements-torch.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	$(PY) -m pip install -q --upgrade --target $(VENV)/torch-site -r requirements-torch.txt
 	touch $@
 
 # MLX's Linux CPU wheel ships reference BLAS; toolcall loads OpenBLAS instead
