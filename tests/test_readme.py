@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from toolcall.repo import git
 from toolcall.report import readme
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,19 +32,15 @@ def report_revision():
     uncommitted changes. A real run lands stage by stage (toolcall.chain), so the eval metrics committed
     after the report may be a newer run's until the report stages run again; the report stays what it
     was, numbers and all, and is checked against the metrics it was made from."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-    if git("status", "--porcelain", "--", readme.REPORT):
+    if git("status", "--porcelain", "--", readme.REPORT, cwd=ROOT).strip():
         return None
-    return git("log", "-1", "--format=%H", "--", readme.REPORT) or None
+    return git("log", "-1", "--format=%H", "--", readme.REPORT, cwd=ROOT).strip() or None
 
 
 def read_at(revision, path):
     if revision is None:
         return (ROOT / path).read_text()
-    return subprocess.run(["git", "show", f"{revision}:{path}"], cwd=ROOT, capture_output=True, text=True,
-                          check=True).stdout
+    return git("show", f"{revision}:{path}", cwd=ROOT)
 
 
 def test_the_report_the_readme_shows_agrees_with_the_eval_metrics_it_was_made_from():

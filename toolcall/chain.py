@@ -18,6 +18,8 @@ import sys
 from dvc.exceptions import DvcException
 from dvc.repo import Repo
 
+from toolcall.repo import git
+
 
 def git_paths(repo, stage):
     """What git holds of ``stage``: its ``cache: false`` outputs, and the .gitignore beside each cached one
@@ -33,10 +35,6 @@ def git_paths(repo, stage):
     return [o.def_path for o in outs if not o.use_cache] + sorted(ignores)
 
 
-def git(root, *args):
-    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
-
-
 def run_stage(repo, stage):
     """``dvc repro --single-item stage``, then one commit of its outputs and dvc.lock (none if nothing changed)."""
     root = repo.root_dir
@@ -44,12 +42,12 @@ def run_stage(repo, stage):
         raise SystemExit(f"chain: {stage} failed; the stages before it are committed")
     # git refuses a pathspec that matches nothing: keep what exists now or what git had
     paths = [p for p in ["dvc.lock", *git_paths(repo, stage)] if os.path.exists(os.path.join(root, p))
-             or git(root, "ls-files", "--", p)]
-    if not git(root, "status", "--porcelain", "--", *paths).strip():
+             or git("ls-files", "--", p, cwd=root)]
+    if not git("status", "--porcelain", "--", *paths, cwd=root).strip():
         print(f"chain: {stage} was up to date, nothing to commit", flush=True)
         return
-    git(root, "add", "--", *paths)
-    git(root, "commit", "-q", "-m", f"{stage}: dvc repro --single-item {stage}", "--", *paths)
+    git("add", "--", *paths, cwd=root)
+    git("commit", "-q", "-m", f"{stage}: dvc repro --single-item {stage}", "--", *paths, cwd=root)
     print(f"chain: {stage} committed", flush=True)
 
 

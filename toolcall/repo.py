@@ -2,9 +2,11 @@
 
 For what runs the repository's own scripts from outside the pipeline (the
 serving acceptance check, bench) and records how: a recorded command or path
-inside the repo is written repo-relative, so it repeats on any machine.
+inside the repo is written repo-relative, so it repeats on any machine. And
+``git``, for what reads or writes its history (the sweep report, ``chain``).
 """
 
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,3 +20,8 @@ def shown(value, root=ROOT):
         except ValueError:
             return str(value)
     return value
+
+
+def git(*args, cwd="."):
+    """``git *args`` run in ``cwd``: its stdout; a failing command raises ``CalledProcessError``."""
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout

@@ -25,15 +25,12 @@ import sys
 import yaml
 
 from toolcall.io import atomic_paths
+from toolcall.repo import git
 from toolcall.report.paired import compare_table
 from toolcall.stats import paired_table, wilson
 
 # The chosen evaluation's answer format, from the selection block's per-evaluation lists.
 FORMAT = ("malformed_rate", "mean_answer_tokens", "share_at_max_tokens", "mean_calls")
-
-
-def git(*args, cwd="."):
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
 
 
 def experiments(baseline, cwd="."):
